@@ -1,0 +1,35 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   the main job (profile the built-in GPT; the benchmark when it lands)
+#   make test   lint and the test suite
+# Both create .venv and install remat into it. torch is pinned to the CPU build on this machine's disk.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_PIN := torch==2.13.0
+
+.PHONY: demo test venv lint clean
+
+$(BIN)/activate:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/activate pyproject.toml
+	$(BIN)/pip install -q "$(TORCH_PIN)"
+	$(BIN)/pip install -q -e ".[dev]" "$(TORCH_PIN)"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(BIN)/remat env
+	$(BIN)/remat profile gpt
+	$(BIN)/remat profile gpt --strategy full
+
+lint: venv
+	$(BIN)/ruff check src tests examples
+
+test: venv lint
+	$(BIN)/python -m pytest -q -x --durations=15
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

@@ -1,0 +1,61 @@
+"""Every private or version-dependent torch API that remat uses, in one place.
+
+Each function says why it needs what it uses, so that a torch upgrade touches this file only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+# TorchDispatchMode is public in name and documented, but lives in a private module.
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# pytree is the flattening torch itself uses for op arguments and module outputs (private module,
+# stable since 1.13); it handles tuples, lists, dicts, NamedTuples and registered dataclasses.
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+__all__ = [
+    "TorchDispatchMode",
+    "flop_formula",
+    "in_backward",
+    "is_fake_tensor",
+    "tensor_version",
+    "tree_flatten",
+    "tree_unflatten",
+]
+
+
+def in_backward() -> bool:
+    """Whether the calling thread is running the autograd engine (inside ``backward()``).
+
+    torch exposes no public query; ``torch.utils.checkpoint`` itself uses
+    ``torch._C._current_graph_task_id``, which is -1 outside a graph task.
+    """
+    return torch._C._current_graph_task_id() != -1
+
+
+def tensor_version(tensor: torch.Tensor) -> int:
+    """The version counter that in-place ops bump (``Tensor._version``); used to detect in-place
+    changes to a checkpointed unit's stored inputs and to buffers during recompute."""
+    return int(tensor._version)
+
+
+def is_fake_tensor(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a ``FakeTensor`` (shapes only, no storage of its own)."""
+    from torch._subclasses.fake_tensor import FakeTensor  # private module, stable since 2.0
+
+    return isinstance(tensor, FakeTensor)
+
+
+def flop_formula(func: Any) -> Callable[..., int] | None:
+    """The FLOP formula that ``torch.utils.flop_counter`` registers for an aten op, or ``None``.
+
+    ``flop_registry`` is a module-level table of ``torch.utils.flop_counter`` (not underscored but
+    undocumented); each formula is called as ``formula(*args, **kwargs, out_val=out)``.
+    """
+    from torch.utils.flop_counter import flop_registry
+
+    return flop_registry.get(getattr(func, "overloadpacket", func))

@@ -1,0 +1,217 @@
+"""``apply_``: install a plan on a model in place, and the handle that takes it off again.
+
+Consumes a model and a :class:`~remat.plan.Plan`; produces a :class:`Handle`. Each planned unit gets
+an instance-level ``forward`` (the class's is untouched); module structure, FQNs, ``state_dict`` keys
+and ``named_parameters`` do not change, and ``Handle.remove()`` restores every ``forward`` exactly as
+it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from remat.apply.checkpoint import Region
+from remat.apply.units import UnitSpec, find_units
+from remat.plan import Action, Plan, closest_names
+
+__all__ = ["Handle", "apply_", "fingerprint"]
+
+logger = logging.getLogger(__name__)
+_MISSING = object()
+
+
+def fingerprint(model: nn.Module, units: list[str] | None = None) -> dict[str, Any]:
+    """What identifies a model for a plan: class, parameter FQNs and shapes, and the units.
+
+    Dtypes and devices are left out on purpose: a plan made on ``meta`` in bfloat16 applies to the
+    same model on CUDA in float32.
+
+    Example:
+        >>> from torch import nn
+        >>> fp = fingerprint(nn.Linear(3, 2), units=[])
+        >>> fp["model_class"], fp["parameters"], fp["num_parameters"]
+        ('Linear', {'weight': [2, 3], 'bias': [2]}, 8)
+    """
+    shapes = {name: list(p.shape) for name, p in model.named_parameters()}
+    digest = hashlib.sha256(repr(sorted(shapes.items())).encode()).hexdigest()
+    return {
+        "model_class": type(model).__name__,
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "parameters_sha256": digest,
+        "parameters": shapes,
+        "units": list(units) if units is not None else None,
+    }
+
+
+def _check_fingerprint(expected: dict[str, Any], model: nn.Module) -> None:
+    actual = fingerprint(model)
+    if (
+        expected.get("parameters_sha256") == actual["parameters_sha256"]
+        and expected.get("model_class", actual["model_class"]) == actual["model_class"]
+    ):
+        return
+    problems = []
+    if expected.get("model_class") != actual["model_class"]:
+        problems.append(f"model class {expected.get('model_class')!r} != {actual['model_class']!r}")
+    want, have = expected.get("parameters") or {}, actual["parameters"]
+    missing = [n for n in want if n not in have][:5]
+    extra = [n for n in have if n not in want][:5]
+    reshaped = [f"{n}: {want[n]} -> {have[n]}" for n in want if n in have and want[n] != have[n]]
+    if missing:
+        problems.append(f"parameters missing from the model: {missing}")
+    if extra:
+        problems.append(f"parameters the plan does not know: {extra}")
+    if reshaped:
+        problems.append(f"shapes differ: {reshaped[:5]}")
+    raise ValueError(
+        "apply_: the plan was made for another model ("
+        + "; ".join(problems or ["fingerprint"])
+        + "). Re-plan for this model, or pass check_fingerprint=False to apply it anyway."
+    )
+
+
+@dataclass(eq=False)
+class Handle:
+    """A plan installed on a model. ``remove()`` (or leaving a ``with`` block) takes it off."""
+
+    model: nn.Module
+    plan: Plan
+    units: list[str]
+    """Unit FQNs the plan was resolved against, in execution order when the plan knew it."""
+    actions: dict[str, str]
+    """Every planned module FQN -> its action (``keep`` units included)."""
+    result: Any = None
+    """The ``SolveResult`` when the plan came from the solver (``remat.auto_``)."""
+    _installed: list[tuple[nn.Module, Any]] = field(default_factory=list, repr=False)
+
+    @property
+    def active(self) -> bool:
+        return bool(self._installed)
+
+    @property
+    def checkpointed(self) -> list[str]:
+        """FQNs whose activations are recomputed."""
+        return [fqn for fqn, action in self.actions.items() if action != "keep"]
+
+    def remove(self) -> None:
+        """Restore every module's ``forward`` as it was before ``apply_``; idempotent."""
+        while self._installed:
+            module, previous = self._installed.pop()
+            if previous is _MISSING:
+                module.__dict__.pop("forward", None)
+            else:
+                module.__dict__["forward"] = previous
+
+    def __enter__(self) -> Handle:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.remove()
+
+
+def apply_(
+    model: nn.Module,
+    plan: Plan,
+    *,
+    units: UnitSpec = None,
+    check_fingerprint: bool = True,
+) -> Handle:
+    """Install ``plan`` on ``model`` in place.
+
+    Args:
+        model: any ``nn.Module``.
+        plan: the plan; its ``units`` (if recorded) are the units, else they are found with
+            ``units`` (see :func:`remat.find_units`).
+        units: how to find units when the plan does not list them.
+        check_fingerprint: refuse a plan whose fingerprint names another model.
+
+    Returns:
+        A :class:`Handle`; ``handle.remove()`` undoes everything.
+
+    Raises:
+        ValueError: a selector matches nothing (closest names listed), a unit of the plan is not in
+            the model, planned modules nest, the plan is for another model, or the model already
+            carries a plan.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(4)])
+        >>> handle = apply_(model, Plan(actions={"_default": "recompute"}))
+        >>> handle.checkpointed
+        ['0', '1', '2', '3']
+        >>> model(torch.randn(2, 8, requires_grad=True)).sum().backward()
+        >>> handle.remove()
+        >>> "forward" in model[0].__dict__
+        False
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"apply_: model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(plan, Plan):
+        raise ValueError(
+            f"apply_: plan must be a remat.Plan, got {type(plan).__name__}; load a file with"
+            " remat.Plan.load(path)"
+        )
+    modules = dict(model.named_modules())
+    if check_fingerprint and plan.fingerprint:
+        _check_fingerprint(plan.fingerprint, model)
+    if plan.units is not None:
+        unknown = [u for u in plan.units if u not in modules]
+        if unknown:
+            raise ValueError(
+                f"apply_: the plan's units {unknown[:5]} are not modules of this model; closest:"
+                f" {closest_names(unknown[0], sorted(modules))}. Re-plan for this model."
+            )
+        unit_fqns = list(plan.units)
+    else:
+        unit_fqns = find_units(model, units)
+    resolved = plan.resolve(unit_fqns, modules)
+    targets = [fqn for fqn, action in resolved.items() if action.checkpoints]
+    for fqn in targets:
+        inner = [o for o in targets if o.startswith(fqn + ".")]
+        if inner:
+            raise ValueError(
+                f"apply_: planned modules nest: {fqn!r} contains {inner[:3]}; plan one of them"
+            )
+        current = modules[fqn].__dict__.get("forward")
+        if current is not None and hasattr(current, "__remat_region__"):
+            raise ValueError(
+                f"apply_: {fqn!r} already carries a remat plan; call remove() on its handle first"
+            )
+    handle = Handle(
+        model=model,
+        plan=plan,
+        units=unit_fqns,
+        actions={fqn: str(action) for fqn, action in resolved.items()},
+    )
+    order = {fqn: i for i, fqn in enumerate(unit_fqns)}
+    regions: dict[str, list[str]] = {}
+    for fqn in targets:
+        action: Action = resolved[fqn]
+        key = f"segment:{action.label}" if action.kind == "segment" else fqn
+        regions.setdefault(key, []).append(fqn)
+    try:
+        for name, members in regions.items():
+            members.sort(key=lambda f: order.get(f, -1))
+            region = Region(name, [(fqn, modules[fqn]) for fqn in members])
+            for position, (_, module) in enumerate(region.units):
+                previous = module.__dict__.get("forward", _MISSING)
+                original = module.forward
+                module.__dict__["forward"] = region.make_forward(position, original)
+                handle._installed.append((module, previous))
+    except BaseException:
+        handle.remove()
+        raise
+    logger.info(
+        "remat: %d of %d units checkpointed in %d regions (%s)",
+        len([u for u in unit_fqns if resolved[u].checkpoints]),
+        len(unit_fqns),
+        len(regions),
+        plan.strategy,
+    )
+    return handle

@@ -1,0 +1,245 @@
+"""Non-reentrant activation checkpointing of units and segments, installed in place.
+
+A *region* is one unit (``recompute``) or consecutive units (``segment:<label>``). Each unit of a
+region gets an instance-level ``forward`` that runs the original one under saved-tensor hooks: what
+autograd would save is replaced by a small slot, and the first time backward asks for a slot, the
+region's recorded calls are replayed to produce every saved tensor again.
+
+A *frame* is one execution of a region. It records, per unit call: the original forward, its
+arguments (a unit's input that is the previous unit's output is linked, not stored, which is what makes
+a segment store only its first input), the CPU and CUDA RNG states, the autocast state, and which
+its buffers. Replay restores each of them, so dropout draws the same masks, autocast
+runs the same kernels, and BatchNorm running statistics are not updated a second time.
+
+Only the autograd graph of the original forward is used for backward; replay produces values, never
+graph edges, so gradients are those of the unplanned model, bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from remat._compat import tensor_version, tree_flatten, tree_unflatten
+
+__all__ = ["CheckpointMismatchError", "Region"]
+
+logger = logging.getLogger(__name__)
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+class CheckpointMismatchError(RuntimeError):
+    """Replay did not reproduce what the forward saved (a data-dependent or stateful unit)."""
+
+
+@dataclass
+class _Call:
+    fqn: str
+    forward: Callable[..., Any]
+    spec: Any
+    leaves: list[tuple[str, Any, Any]]
+    """Per argument leaf: ("const", value, _), ("ref", tensor, version) or ("chain", (call, leaf),
+    requires_grad)."""
+    cpu_rng: torch.Tensor | None
+    cuda_rng: dict[int, torch.Tensor]
+    autocast: list[tuple[str, bool, torch.dtype]]
+    module: nn.Module
+    saved_meta: list[tuple[torch.Size, torch.dtype]] = field(default_factory=list)
+
+
+class _Slot:
+    """What autograd holds in place of a saved tensor."""
+
+    __slots__ = ("call", "frame", "index")
+
+    def __init__(self, frame: _Frame, call: int, index: int) -> None:
+        self.frame, self.call, self.index = frame, call, index
+
+
+class _Frame:
+    def __init__(self, region: Region) -> None:
+        self.region = region
+        self.calls: list[_Call] = []
+        self.next_unit = 0
+        self.recomputed: dict[tuple[int, int], torch.Tensor] = {}
+        self._outputs: dict[int, tuple[int, int, weakref.ref[torch.Tensor]]] = {}
+
+    # ------------------------------------------------------------------------------ forward side
+    def record(
+        self, fqn: str, module: nn.Module, forward: Callable[..., Any], args: Any, kwargs: Any
+    ) -> int:
+        leaves, spec = tree_flatten((args, kwargs))
+        recorded: list[tuple[str, Any, Any]] = []
+        for leaf in leaves:
+            if not isinstance(leaf, torch.Tensor):
+                recorded.append(("const", leaf, None))
+                continue
+            link = self._outputs.get(id(leaf))
+            if link is not None and link[2]() is leaf:
+                recorded.append(("chain", (link[0], link[1]), leaf.requires_grad))
+            else:
+                recorded.append(("ref", leaf, tensor_version(leaf)))
+        cuda_devices = sorted(
+            {
+                leaf.device.index or 0
+                for leaf in leaves
+                if isinstance(leaf, torch.Tensor) and leaf.device.type == "cuda"
+            }
+            | {p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"}
+        )
+        self.calls.append(
+            _Call(
+                fqn=fqn,
+                forward=forward,
+                spec=spec,
+                leaves=recorded,
+                cpu_rng=torch.get_rng_state(),
+                cuda_rng={d: torch.cuda.get_rng_state(d) for d in cuda_devices},
+                autocast=[
+                    (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+                    for dev in _AUTOCAST_DEVICES
+                ],
+                module=module,
+            )
+        )
+        return len(self.calls) - 1
+
+    def pack_hook(self, call: int) -> Callable[[torch.Tensor], _Slot]:
+        meta = self.calls[call].saved_meta
+
+        def pack(tensor: torch.Tensor) -> _Slot:
+            meta.append((tensor.shape, tensor.dtype))
+            return _Slot(self, call, len(meta) - 1)
+
+        return pack
+
+    def record_output(self, call: int, output: Any) -> None:
+        if len(self.region.units) == 1:
+            return  # nothing can chain onto the output of a one-unit region
+        for index, leaf in enumerate(tree_flatten(output)[0]):
+            if isinstance(leaf, torch.Tensor):
+                self._outputs[id(leaf)] = (call, index, weakref.ref(leaf))
+
+    # ----------------------------------------------------------------------------- backward side
+    def unpack(self, slot: _Slot) -> torch.Tensor:
+        key = (slot.call, slot.index)
+        if key not in self.recomputed:
+            self.replay()
+        try:
+            return self.recomputed.pop(key)
+        except KeyError:
+            raise CheckpointMismatchError(
+                f"remat: replaying {self.calls[slot.call].fqn} did not produce saved tensor"
+                f" #{slot.index}; the unit saves different tensors on each run (data-dependent"
+                " control flow?). Keep this unit (action 'keep')."
+            ) from None
+
+    def replay(self) -> None:
+        """Run the recorded calls again and keep every tensor they save."""
+        outputs: list[list[Any]] = []
+        cuda_devices = sorted({d for call in self.calls for d in call.cuda_rng})
+        with ExitStack() as stack:
+            stack.enter_context(torch.random.fork_rng(devices=cuda_devices))
+            stack.enter_context(torch.enable_grad())
+            for index, call in enumerate(self.calls):
+                outputs.append(self._replay_call(index, call, outputs))
+
+    def _replay_call(self, index: int, call: _Call, outputs: list[list[Any]]) -> list[Any]:
+        leaves: list[Any] = []
+        for kind, value, extra in call.leaves:
+            if kind == "const":
+                leaves.append(value)
+            elif kind == "chain":
+                produced = outputs[value[0]][value[1]]
+                leaves.append(produced.detach().requires_grad_(extra))
+            else:
+                if tensor_version(value) != extra:
+                    raise RuntimeError(
+                        f"remat: an input of {call.fqn} was modified in place after the unit ran"
+                        " (its version counter moved), so recomputing it would give different"
+                        " values. Avoid the in-place op on the unit's input, or keep this unit."
+                    )
+                leaves.append(value.detach().requires_grad_(value.requires_grad))
+        args, kwargs = tree_unflatten(leaves, call.spec)
+        if call.cpu_rng is not None:
+            torch.set_rng_state(call.cpu_rng)
+        for device, state in call.cuda_rng.items():
+            torch.cuda.set_rng_state(state, device)
+        # Forward already updated buffers such as BatchNorm's running statistics (whose in-place
+        # update does not even bump a version counter): put them back after the replay.
+        buffers = list(call.module.buffers())
+        before = [buffer.clone() for buffer in buffers]
+        saved: list[torch.Tensor] = []
+
+        def pack(tensor: torch.Tensor) -> None:
+            saved.append(tensor.detach() if tensor.requires_grad else tensor)
+
+        with ExitStack() as stack:
+            for device, enabled, dtype in call.autocast:
+                if enabled or torch.is_autocast_enabled(device):
+                    stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
+            stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, _unreachable))
+            output = call.forward(*args, **kwargs)
+        with torch.no_grad():
+            for buffer, value in zip(buffers, before, strict=True):
+                buffer.copy_(value)  # the forward already updated it once
+        if len(saved) != len(call.saved_meta) or any(
+            tensor.shape != shape or tensor.dtype != dtype
+            for tensor, (shape, dtype) in zip(saved, call.saved_meta, strict=False)
+        ):
+            raise CheckpointMismatchError(
+                f"remat: replaying {call.fqn} saved {len(saved)} tensors, the forward saved"
+                f" {len(call.saved_meta)} (or their shapes differ); the unit is not deterministic"
+                " in what it computes (data-dependent ops such as nonzero or top-k routing?)."
+                " Keep this unit (action 'keep')."
+            )
+        for position, tensor in enumerate(saved):
+            self.recomputed[(index, position)] = tensor
+        return tree_flatten(output)[0]
+
+
+def _unreachable(_: Any) -> torch.Tensor:
+    raise AssertionError("the replay's own graph is never run backward")
+
+
+class Region:
+    """One checkpointed region: one unit, or the consecutive units of a segment."""
+
+    def __init__(self, name: str, units: Sequence[tuple[str, nn.Module]]) -> None:
+        self.name = name
+        self.units = list(units)
+        self._open: _Frame | None = None
+
+    def _frame_for(self, position: int) -> _Frame:
+        frame = self._open
+        if position == 0 or frame is None or frame.next_unit != position:
+            frame = _Frame(self)
+        frame.next_unit = position + 1
+        self._open = frame if position + 1 < len(self.units) else None
+        return frame
+
+    def make_forward(self, position: int, original: Callable[..., Any]) -> Callable[..., Any]:
+        """The instance-level forward for the unit at ``position`` of this region."""
+        fqn, module = self.units[position]
+        region = self
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if not torch.is_grad_enabled():
+                return original(*args, **kwargs)  # no_grad / inference: nothing is saved anyway
+            frame = region._frame_for(position)
+            call = frame.record(fqn, module, original, args, kwargs)
+            with torch.autograd.graph.saved_tensors_hooks(frame.pack_hook(call), frame.unpack):
+                output = original(*args, **kwargs)
+            frame.record_output(call, output)
+            return output
+
+        forward.__wrapped__ = original  # type: ignore[attr-defined]
+        forward.__remat_region__ = region  # type: ignore[attr-defined]
+        return forward

@@ -1,0 +1,1 @@
+"""The ``remat`` command line: one module per subcommand, wired together in :mod:`remat.cli.main`."""

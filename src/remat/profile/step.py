@@ -1,0 +1,114 @@
+"""One training step (forward, loss, backward, optimizer step), run the same way everywhere.
+
+Consumes a model, example inputs, an optional loss and an optimizer name; produces the loss, or, with
+:func:`measure_step`, the tracker's :class:`~remat.profile.tracker.MemoryReport` for that step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from remat.apply.units import call_model, tensors_in
+from remat.profile.tracker import MemoryReport, track_memory
+
+__all__ = ["OPTIMIZERS", "default_loss", "make_optimizer", "measure_step", "training_step"]
+
+OPTIMIZERS = ("adamw", "sgd", "none")
+LossFn = Callable[[Any], torch.Tensor]
+
+
+def make_optimizer(name: str | torch.optim.Optimizer | None, model: nn.Module) -> Any:
+    """``"adamw"`` (two states per parameter), ``"sgd"`` (none), ``"none"`` (no step), or an
+    optimizer instance passed through.
+
+    Example:
+        >>> type(make_optimizer("sgd", torch.nn.Linear(2, 2))).__name__
+        'SGD'
+    """
+    if name is None or isinstance(name, torch.optim.Optimizer):
+        return name
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=1e-3)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=1e-3)
+    if name == "none":
+        return None
+    raise ValueError(f"optimizer: got {name!r}; expected one of {', '.join(OPTIMIZERS)}")
+
+
+def default_loss(output: Any) -> torch.Tensor:
+    """The loss used when none is given: the output if it is a scalar, else the sum of the means of
+    its floating-point tensors.
+
+    Example:
+        >>> default_loss((torch.ones(2, 2), torch.zeros(3))).item()
+        1.0
+    """
+    if isinstance(output, torch.Tensor) and output.dim() == 0:
+        return output
+    floats = [t for t in tensors_in(output) if t.is_floating_point() and t.requires_grad]
+    if not floats:
+        raise ValueError(
+            "loss: the model's output holds no floating-point tensor that requires grad; pass"
+            " loss_fn= (a function from the output to a scalar loss)"
+        )
+    return sum((t.float().mean() for t in floats[1:]), floats[0].float().mean())
+
+
+def training_step(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    loss_fn: LossFn | None = None,
+    optimizer: Any = None,
+) -> torch.Tensor:
+    """Zero gradients, run forward, loss and backward, then the optimizer step if one is given.
+
+    Example:
+        >>> model = torch.nn.Linear(3, 1)
+        >>> loss = training_step(model, (torch.ones(4, 3),), optimizer=make_optimizer("sgd", model))
+        >>> loss.shape
+        torch.Size([])
+    """
+    for param in model.parameters():
+        param.grad = None
+    output = call_model(model, example_inputs)
+    loss = (loss_fn or default_loss)(output)
+    loss.backward()
+    if optimizer is not None:
+        optimizer.step()
+    return loss.detach()
+
+
+def measure_step(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    loss_fn: LossFn | None = None,
+    optimizer: str | torch.optim.Optimizer | None = "adamw",
+    time_ops: bool = False,
+) -> MemoryReport:
+    """Run one training step under the tracker and return its report.
+
+    The optimizer (if any) is created before the tracker is entered; its states are created inside
+    the step, as in the first step of training, so the step's peak includes them.
+
+    Example:
+        >>> model = torch.nn.Linear(8, 8, bias=False)
+        >>> report = measure_step(model, (torch.ones(4, 8),), optimizer="sgd")
+        >>> report.static_bytes, report.peak_by_category["gradient"]
+        (384, 256)
+    """
+    opt = make_optimizer(optimizer, model)
+    roots = [model, example_inputs] + ([opt] if opt is not None else [])
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    with track_memory(
+        *roots, device="cuda" if device.type == "cuda" else None, time_ops=time_ops
+    ) as tracker:
+        training_step(model, example_inputs, loss_fn=loss_fn, optimizer=opt)
+    return tracker.report()
