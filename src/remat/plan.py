@@ -87,7 +87,7 @@ def closest_names(name: str, candidates: Iterable[str], count: int = 5) -> list[
 
     Example:
         >>> closest_names("blocks.1O", ["blocks.10", "blocks.1", "head"], count=2)
-        ['blocks.10', 'blocks.1']
+        ['blocks.1', 'blocks.10']
     """
     candidates = list(candidates)
     close = difflib.get_close_matches(name, candidates, n=count, cutoff=0.4)

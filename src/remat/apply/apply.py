@@ -77,7 +77,17 @@ def _check_fingerprint(expected: dict[str, Any], model: nn.Module) -> None:
 
 @dataclass(eq=False)
 class Handle:
-    """A plan installed on a model. ``remove()`` (or leaving a ``with`` block) takes it off."""
+    """A plan installed on a model. ``remove()`` (or leaving a ``with`` block) takes it off.
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+        >>> with apply_(model, Plan(actions={"1": "recompute"})) as handle:
+        ...     handle.actions, handle.active
+        ({'0': 'keep', '1': 'recompute'}, True)
+        >>> handle.active
+        False
+    """
 
     model: nn.Module
     plan: Plan

@@ -20,3 +20,83 @@ def emit_json(payload: Any) -> None:
     """Write one JSON document to stdout."""
     json.dump(payload, sys.stdout, indent=2, sort_keys=False)
     sys.stdout.write("\n")
+
+
+def add_model_arguments(parser: Any) -> None:
+    """The arguments every command that builds a model shares."""
+    parser.add_argument(
+        "model",
+        metavar="MODEL",
+        help="a built-in (gpt, mlp, cnn, unet, moe) or package.module:factory returning"
+        " (model, example_inputs[, loss_fn])",
+    )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where to run: cpu, cuda, or meta (exact bytes from shapes alone, no memory used;"
+        " default: cpu)",
+    )
+    parser.add_argument("--batch", type=int, help="batch size passed to the model factory")
+    parser.add_argument("--seq", type=int, help="sequence length passed to the model factory")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="parameter and input dtype (default: float32)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="size overrides passed to the factory, e.g. --set n_layer=48 d_model=2048",
+    )
+    parser.add_argument(
+        "--units",
+        nargs="+",
+        metavar="UNIT",
+        help="what the plan may act on: class names, FQNs or re: patterns (default: the"
+        " outermost repeated blocks)",
+    )
+    parser.add_argument(
+        "--optimizer",
+        default="adamw",
+        choices=["adamw", "sgd", "none"],
+        help="optimizer whose step is part of the measured step (default: adamw)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+
+
+def load_model_from_args(args: Any) -> Any:
+    """Build the model the arguments name; mistakes in them are usage errors (exit code 2)."""
+    import torch
+
+    from remat.models.spec import load_model, parse_overrides
+
+    for flag in ("batch", "seq"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UsageError(f"--{flag}: got {value}; expected a positive integer")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UsageError(
+            f"--device: got {args.device!r}; expected cpu, cuda, cuda:N or meta"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device here; use cpu, or meta for shapes alone")
+    torch.manual_seed(args.seed)
+    try:
+        overrides = parse_overrides(args.overrides)
+        return load_model(
+            args.model,
+            device=device,
+            dtype=args.dtype,
+            batch=args.batch,
+            seq=args.seq,
+            overrides=overrides,
+        )
+    except ValueError as error:
+        raise UsageError(str(error)) from None

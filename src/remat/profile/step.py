@@ -46,7 +46,8 @@ def default_loss(output: Any) -> torch.Tensor:
     its floating-point tensors.
 
     Example:
-        >>> default_loss((torch.ones(2, 2), torch.zeros(3))).item()
+        >>> out = (torch.ones(2, 2, requires_grad=True), torch.zeros(3, requires_grad=True))
+        >>> default_loss(out).item()
         1.0
     """
     if isinstance(output, torch.Tensor) and output.dim() == 0:

@@ -62,7 +62,12 @@ _STATIC = -1
 
 @dataclass(kw_only=True)
 class ModuleStats:
-    """What one module did during the first training step inside the tracker."""
+    """What one module did during the first training step inside the tracker.
+
+    Example:
+        >>> ModuleStats(activation_bytes=96, output_bytes=32).saved_bytes
+        64
+    """
 
     calls: int = 0
     """Forward calls (recompute during backward not included)."""
@@ -85,7 +90,17 @@ class ModuleStats:
 
 @dataclass(frozen=True, kw_only=True)
 class MemoryReport:
-    """The tracker's measurements; every byte count is of live tensor storage."""
+    """The tracker's measurements; every byte count is of live tensor storage.
+
+    Example:
+        >>> import torch
+        >>> x = torch.ones(4, 4, requires_grad=True)
+        >>> with track_memory(x) as tracker:
+        ...     (x * 2).exp().sum().backward()
+        >>> report = tracker.report()
+        >>> report.static_bytes, sum(report.peak_by_category.values()) == report.peak_bytes
+        (64, True)
+    """
 
     peak_bytes: int
     """Largest number of live bytes at any point inside the tracker, static base included."""
@@ -394,9 +409,15 @@ class MemoryTracker(TorchDispatchMode):
         for leaf in tree_flatten((args, kwargs))[0]:
             if isinstance(leaf, torch.Tensor):
                 storage = self._storage(leaf)
-                if storage is not None and id(storage) not in self._live:
-                    category = "parameter" if isinstance(leaf, torch.nn.Parameter) else "input"
-                    self._add_static(leaf, category)
+                if storage is None or id(storage) in self._live:
+                    continue
+                if phase == "optimizer" and not isinstance(leaf, torch.nn.Parameter):
+                    # Optimizers create step counters without an aten op (torch.tensor(0.0)): they
+                    # are new, not part of the static base.
+                    self._new_storage(storage, phase, fqn, "optimizer_state")
+                    continue
+                category = "parameter" if isinstance(leaf, torch.nn.Parameter) else "input"
+                self._add_static(leaf, category)
         grew = False
         for leaf in tree_flatten(out)[0]:
             if not isinstance(leaf, torch.Tensor):
@@ -406,14 +427,7 @@ class MemoryTracker(TorchDispatchMode):
                 continue
             info = self._live.get(id(storage))
             if info is None:
-                info = _Storage(
-                    self._size(storage), storage.device.type, 0, phase, self._segment, fqn
-                )
-                self._event += 1
-                info.created_at = self._event
-                self._track(storage, info)
-                self.current_bytes += info.nbytes
-                grew = grew or info.nbytes > 0
+                grew = self._new_storage(storage, phase, fqn) > 0 or grew
             else:
                 size = self._size(storage)
                 if size != info.nbytes:  # resized in place (resize_, out= variants)
@@ -424,6 +438,17 @@ class MemoryTracker(TorchDispatchMode):
             self._on_growth(phase, fqn)
         if self._segment == 0:
             self._account_op(func, args, kwargs, out, phase, fqn, elapsed_ms)
+
+    def _new_storage(
+        self, storage: torch.UntypedStorage, phase: str, fqn: str, category: str | None = None
+    ) -> int:
+        info = _Storage(self._size(storage), storage.device.type, 0, phase, self._segment, fqn)
+        info.category = category
+        self._event += 1
+        info.created_at = self._event
+        self._track(storage, info)
+        self.current_bytes += info.nbytes
+        return info.nbytes
 
     def _on_growth(self, phase: str, fqn: str) -> None:
         current = self.current_bytes

@@ -52,7 +52,7 @@ def baseline_plan(strategy: str, units: Sequence[str]) -> Plan:
         >>> baseline_plan("every_n:2", units).actions
         {'blocks.1': Action(kind='recompute', label=None), 'blocks.3': Action(kind='recompute', label=None)}
         >>> [str(a) for a in baseline_plan("sqrt_n", units).actions.values()]
-        ['segment:0', 'segment:0', 'segment:0']
+        ['segment:0', 'segment:0']
     """
     kind, argument = parse_strategy(strategy)
     units = list(units)
