@@ -51,6 +51,8 @@ class _Call:
     cuda_rng: dict[int, torch.Tensor]
     autocast: list[tuple[str, bool, torch.dtype]]
     module: nn.Module
+    buffers_before: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    """Buffers the forward changed in place (version bumped), with their values before it."""
     saved_meta: list[tuple[torch.Size, torch.dtype]] = field(default_factory=list)
 
 
@@ -69,7 +71,7 @@ class _Frame:
         self.calls: list[_Call] = []
         self.next_unit = 0
         self.recomputed: dict[tuple[int, int], torch.Tensor] = {}
-        self._outputs: dict[int, tuple[int, int, weakref.ref[torch.Tensor]]] = {}
+        self._outputs: dict[int, tuple[int, int, weakref.ref[torch.Tensor], int]] = {}
 
     # ------------------------------------------------------------------------------ forward side
     def record(
@@ -82,7 +84,7 @@ class _Frame:
                 recorded.append(("const", leaf, None))
                 continue
             link = self._outputs.get(id(leaf))
-            if link is not None and link[2]() is leaf:
+            if link is not None and link[2]() is leaf and tensor_version(leaf) == link[3]:
                 recorded.append(("chain", (link[0], link[1]), leaf.requires_grad))
             else:
                 recorded.append(("ref", leaf, tensor_version(leaf)))
@@ -125,7 +127,7 @@ class _Frame:
             return  # nothing can chain onto the output of a one-unit region
         for index, leaf in enumerate(tree_flatten(output)[0]):
             if isinstance(leaf, torch.Tensor):
-                self._outputs[id(leaf)] = (call, index, weakref.ref(leaf))
+                self._outputs[id(leaf)] = (call, index, weakref.ref(leaf), tensor_version(leaf))
 
     # ----------------------------------------------------------------------------- backward side
     def unpack(self, slot: _Slot) -> torch.Tensor:
@@ -162,7 +164,8 @@ class _Frame:
             else:
                 if tensor_version(value) != extra:
                     raise RuntimeError(
-                        f"remat: an input of {call.fqn} was modified in place after the unit ran"
+                        f"remat: an input of {call.fqn} was modified in place during or after its"
+                        " forward"
                         " (its version counter moved), so recomputing it would give different"
                         " values. Avoid the in-place op on the unit's input, or keep this unit."
                     )
@@ -176,6 +179,9 @@ class _Frame:
         # update does not even bump a version counter): put them back after the replay.
         buffers = list(call.module.buffers())
         before = [buffer.clone() for buffer in buffers]
+        with torch.no_grad():
+            for buffer, value in call.buffers_before:
+                buffer.copy_(value)  # the unit read these before updating them: replay the same
         saved: list[torch.Tensor] = []
 
         def pack(tensor: torch.Tensor) -> None:
@@ -216,6 +222,18 @@ class Region:
         self.name = name
         self.units = list(units)
         self._open: _Frame | None = None
+        # Per unit: None until its first call, then the buffers its forward updates in place.
+        self._mutating: list[list[torch.Tensor] | None] = [None] * len(self.units)
+
+    def watched_buffers(self, position: int) -> list[torch.Tensor]:
+        """Buffers to snapshot before the unit's forward: all of them on the first call (to learn
+        which change), then only those that did."""
+        known = self._mutating[position]
+        return list(self.units[position][1].buffers()) if known is None else known
+
+    def learn_buffers(self, position: int, changed: list[torch.Tensor]) -> None:
+        if self._mutating[position] is None:
+            self._mutating[position] = changed
 
     def _frame_for(self, position: int) -> _Frame:
         frame = self._open
@@ -235,8 +253,13 @@ class Region:
                 return original(*args, **kwargs)  # no_grad / inference: nothing is saved anyway
             frame = region._frame_for(position)
             call = frame.record(fqn, module, original, args, kwargs)
+            watched = region.watched_buffers(position)
+            before = [(b, tensor_version(b), b.clone()) for b in watched]
             with torch.autograd.graph.saved_tensors_hooks(frame.pack_hook(call), frame.unpack):
                 output = original(*args, **kwargs)
+            changed = [(b, old) for b, version, old in before if tensor_version(b) != version]
+            region.learn_buffers(position, [b for b, _ in changed])
+            frame.calls[call].buffers_before = changed
             frame.record_output(call, output)
             return output
 

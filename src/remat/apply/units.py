@@ -56,9 +56,9 @@ def _default_units(model: nn.Module) -> list[str]:
         for unit in units:
             parent_name = unit.rpartition(".")[0]
             parent = modules.get(parent_name)
-            if parent_name and isinstance(parent, nn.Sequential | nn.ModuleList):
+            if isinstance(parent, nn.Sequential | nn.ModuleList):
                 for child_name, child in parent.named_children():
-                    full = f"{parent_name}.{child_name}"
+                    full = f"{parent_name}.{child_name}" if parent_name else child_name
                     if any(True for _ in child.children()):
                         extra.add(full)
         units = _outermost(n for n, _ in named if n in set(units) | extra)

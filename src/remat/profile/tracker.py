@@ -128,6 +128,17 @@ class MemoryReport:
         return data
 
 
+@dataclass
+class Mark:
+    """An interval of the tracked run, from one ``mark()`` to the next."""
+
+    label: Any
+    start_bytes: int
+    """Live bytes when the interval began."""
+    peak_bytes: int
+    """Largest live total inside the interval (at least ``start_bytes``)."""
+
+
 @dataclass(eq=False)
 class _Storage:
     nbytes: int
@@ -191,6 +202,7 @@ class MemoryTracker(TorchDispatchMode):
         self._active = False
         self._report: MemoryReport | None = None
         self._param_ids: set[int] = set()
+        self.marks: list[Mark] = []
 
     # ----------------------------------------------------------------------------- entry / exit
     def __enter__(self) -> MemoryTracker:
@@ -279,6 +291,9 @@ class MemoryTracker(TorchDispatchMode):
         for phases in self._module_peaks.values():
             for phase in phases:
                 phases[phase] += info.nbytes
+        for mark in self.marks:
+            mark.start_bytes += info.nbytes
+            mark.peak_bytes += info.nbytes
 
     def _track(self, storage: torch.UntypedStorage, info: _Storage) -> None:
         key = id(storage)
@@ -450,8 +465,15 @@ class MemoryTracker(TorchDispatchMode):
         self.current_bytes += info.nbytes
         return info.nbytes
 
+    def mark(self, label: Any) -> None:
+        """Start a new interval called ``label``; its live bytes at the start and its peak are
+        recorded in ``marks`` (the profiler marks unit boundaries with it)."""
+        self.marks.append(Mark(label, self.current_bytes, self.current_bytes))
+
     def _on_growth(self, phase: str, fqn: str) -> None:
         current = self.current_bytes
+        if self.marks and current > self.marks[-1].peak_bytes:
+            self.marks[-1].peak_bytes = current
         if current > self.peak_bytes:
             self.peak_bytes = current
             self._peak_event = self._event
