@@ -7,7 +7,7 @@ renaming nothing and undoably. Importing remat does not initialise CUDA.
 
 from remat.apply import Handle, apply_, execution_order, find_units, fingerprint
 from remat.plan import Action, Plan
-from remat.profile import MemoryReport, ModuleStats, track_memory
+from remat.profiling import MemoryReport, ModuleStats, track_memory
 from remat.solve import baseline_plan
 
 __all__ = [

@@ -65,11 +65,14 @@ def format_bytes(num_bytes: float) -> str:
     sign = "-" if num_bytes < 0 else ""
     value = float(abs(num_bytes))
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            if unit == "B":
-                return f"{sign}{int(value)} B"
-            digits = 2 if value < 10 else 1 if value < 100 else 0
-            return f"{sign}{value:.{digits}f} {unit}"
+        if unit == "B" and value < 1024:
+            return f"{sign}{int(value)} B"
+        digits = 2 if value < 10 else 1 if value < 100 else 0
+        text = f"{value:.{digits}f}"
+        if float(text) < 1024 or unit == "TiB":
+            if len(text.replace(".", "").lstrip("0")) > 3 and "." in text:  # 9.999 -> "10.00"
+                text = f"{value:.{digits - 1}f}"
+            return f"{sign}{text} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
 

@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import remat
 from remat import Plan, apply_, baseline_plan, find_units
 from remat.models import BuiltModel, build_builtin
-from remat.profile.step import training_step
+from remat.profiling.step import training_step
 
 # ------------------------------------------------------------------------------------ helpers
 

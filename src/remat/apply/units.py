@@ -70,7 +70,15 @@ def _default_units(model: nn.Module) -> list[str]:
 def _matcher(spec: Any, model: nn.Module) -> Callable[[nn.Module, str], bool]:
     if callable(spec) and not isinstance(spec, type):
         return spec
-    items = [spec] if isinstance(spec, str | type) else list(spec)
+    if isinstance(spec, str | type):
+        items = [spec]
+    elif isinstance(spec, list | tuple | set | frozenset):
+        items = list(spec)
+    else:
+        raise ValueError(
+            f"units: got {spec!r}; expected class names, classes, FQNs, 're:' patterns (a string or"
+            " a list) or a (module, fqn) -> bool filter"
+        )
     names = {n for n, _ in model.named_modules()}
     classes = {type(m).__name__ for _, m in model.named_modules()}
     tests: list[Callable[[nn.Module, str], bool]] = []

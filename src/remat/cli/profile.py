@@ -57,9 +57,7 @@ def _rows(model: nn.Module, units: list[str]) -> list[str]:
             continue
         parent = name.rpartition(".")[0]
         parent_module = model.get_submodule(parent) if parent else model
-        top_level = not parent or (
-            isinstance(parent_module, containers) and "." not in parent
-        )
+        top_level = not parent or (isinstance(parent_module, containers) and "." not in parent)
         if name in unit_set or (top_level and not isinstance(module, containers)):
             rows.append(name)
     return rows
@@ -69,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import remat
-    from remat.profile.step import measure_step, training_step
+    from remat.profiling.step import measure_step, training_step
 
     try:
         remat.solve.parse_strategy(args.strategy)
@@ -148,9 +146,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_human(payload: dict[str, Any], rows: list[dict[str, Any]], report: Any) -> None:
-    size = ", ".join(
-        f"{k} {payload[k]}" for k in ("batch", "seq") if payload[k] is not None
-    )
+    size = ", ".join(f"{k} {payload[k]}" for k in ("batch", "seq") if payload[k] is not None)
     print(
         f"{payload['model']} on {payload['device']} ({payload['dtype']}{', ' + size if size else ''}),"
         f" strategy {payload['strategy']}, optimizer {payload['optimizer']}"
@@ -161,13 +157,26 @@ def _print_human(payload: dict[str, Any], rows: list[dict[str, Any]], report: An
         f" reached in {payload['peak_phase']}{where}"
     )
     print(f"static:    {format_bytes(payload['static_bytes'])} (parameters, buffers, inputs)")
-    print("at the peak: " + ", ".join(
-        f"{name} {format_bytes(value)}"
-        for name, value in payload["peak_by_category"].items()
-        if value
-    ))
+    print(
+        "at the peak: "
+        + ", ".join(
+            f"{name} {format_bytes(value)}"
+            for name, value in payload["peak_by_category"].items()
+            if value
+        )
+    )
     print()
-    header = ("module", "class", "action", "saved", "output", "fwd GFLOP", "bwd GFLOP", "fwd", "bwd")
+    header = (
+        "module",
+        "class",
+        "action",
+        "saved",
+        "output",
+        "fwd GFLOP",
+        "bwd GFLOP",
+        "fwd",
+        "bwd",
+    )
     table = [header]
     for row in rows:
         table.append(

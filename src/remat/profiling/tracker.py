@@ -507,15 +507,20 @@ class MemoryTracker(TorchDispatchMode):
     def _category(self, info: _Storage) -> str:
         if info.category is not None:
             return info.category
-        if info.phase == "forward":
-            end = self._segment_end.get(info.segment)
-            if info.died_at is None or end is None or info.died_at > end:
-                return "activation"
+        if info.phase == "forward" and self._alive_at_forward_end(info):
+            return "activation"
         return "transient"
+
+    def _alive_at_forward_end(self, info: _Storage) -> bool:
+        """Whether a storage outlived the forward it was created in (a forward with no backward
+        yet ends when the report is made)."""
+        end = self._segment_end.get(info.segment)
+        if end is None:
+            return info.died_at is None
+        return info.died_at is None or info.died_at > end
 
     def _make_report(self) -> MemoryReport:
         by_category = dict.fromkeys(CATEGORIES, 0)
-        first_end = self._segment_end.get(0)
         activation: dict[str, int] = defaultdict(int)
         for info in self._all:
             alive_at_peak = info.created_at <= self._peak_event and (
@@ -527,7 +532,7 @@ class MemoryTracker(TorchDispatchMode):
                 info.created_at != _STATIC
                 and info.segment == 0
                 and info.phase == "forward"
-                and (info.died_at is None or first_end is None or info.died_at > first_end)
+                and self._alive_at_forward_end(info)
             ):
                 for name in self._ancestors_of(info.fqn):
                     activation[name] += info.nbytes

@@ -1,7 +1,7 @@
 """One training step (forward, loss, backward, optimizer step), run the same way everywhere.
 
 Consumes a model, example inputs, an optional loss and an optimizer name; produces the loss, or, with
-:func:`measure_step`, the tracker's :class:`~remat.profile.tracker.MemoryReport` for that step.
+:func:`measure_step`, the tracker's :class:`~remat.profiling.tracker.MemoryReport` for that step.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from remat.apply.units import call_model, tensors_in
-from remat.profile.tracker import MemoryReport, track_memory
+from remat.profiling.tracker import MemoryReport, track_memory
 
 __all__ = ["OPTIMIZERS", "default_loss", "make_optimizer", "measure_step", "training_step"]
 
