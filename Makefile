@@ -26,7 +26,8 @@ demo: venv
 	$(BIN)/remat profile gpt --strategy full
 
 lint: venv
-	$(BIN)/ruff check src tests examples
+	$(BIN)/ruff check src tests scripts benchmarks
+	$(BIN)/ruff format --check src tests scripts benchmarks
 
 test: venv lint
 	$(BIN)/python -m pytest -q -x --durations=15

@@ -25,8 +25,19 @@ import torch
 
 from remat.cli.main import main as remat_main
 
-ARGV = ["profile", "gpt", "--device", "meta", "--seq", "2048", "--json",
-        "--set", "n_layer=48", "d_model=2048", "n_head=16"]
+ARGV = [
+    "profile",
+    "gpt",
+    "--device",
+    "meta",
+    "--seq",
+    "2048",
+    "--json",
+    "--set",
+    "n_layer=48",
+    "d_model=2048",
+    "n_head=16",
+]
 LIMIT_S = 60.0
 
 
