@@ -25,7 +25,6 @@ forward FLOPs where no time was measured (``meta``). Imports no torch.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -51,43 +50,43 @@ FORMAT_VERSION = 1
 
 @dataclass(kw_only=True)
 class UnitProfile:
-    """One unit's measurements (bytes are live tensor storage; see the module docstring)."""
+    """One unit's measurements. Bytes are live tensor storage; each ``*_need_*`` figure is a peak
+    minus the live total when the unit's forward started, in the run named (see the module
+    docstring)."""
 
     fqn: str
     class_name: str = ""
     input_bytes: int = 0
     """Bytes of the unit's input tensors (what a checkpoint of it stores)."""
     output_bytes: int = 0
-    saved_bytes: int = 0
-    """Activation bytes the unit keeps for backward besides its outputs."""
     keep_bytes: int = 0
-    """Retention after its forward when kept."""
+    """What the unit adds to the live total, from its forward's start to the next unit's, when kept."""
     recompute_bytes: int = 0
-    """Retention after its forward when recomputed."""
-    skip_outputs: list[list[int]] = field(default_factory=list)
-    """[index of the last unit that reads it, bytes] for each output that a later, non-adjacent
-    unit reads (skip connections): the parent holds it for that unit, so a segment that ends
-    before the reader cannot drop it."""
-
-    def skip_bytes(self, beyond: int) -> int:
-        """Bytes of skip outputs read by a unit after index ``beyond``."""
-        return sum(nbytes for reader, nbytes in self.skip_outputs if reader > beyond)
-
+    """The same when recomputed (its output, mostly)."""
+    inner_bytes: int = 0
+    """The same inside a segment (its output is not stored; skips the parent holds are)."""
+    keep_forward_only_bytes: int = 0
+    """Part of ``keep_bytes`` that dies when the model's forward returns (held by the parent only,
+    such as skip tensors in a list): it counts in forward moments, not in backward ones."""
+    recompute_forward_only_bytes: int = 0
+    inner_forward_only_bytes: int = 0
+    input_freed_bytes: int = 0
+    """Inside a segment, bytes of its input from the previous unit that died during its forward; a
+    segment that starts with this unit stores that input instead."""
     forward_need_keep_bytes: int = 0
+    """Peak from its forward's start to the next unit's (the last unit: to its backward), kept."""
     forward_need_recompute_bytes: int = 0
-    gap_need_bytes: int = 0
-    """Need of the interval after its forward (parent code, or the head and loss after the last
-    unit), relative to the retention of the units up to and including this one."""
-    backward_need_keep_bytes: int = 0
-    backward_need_recompute_bytes: int = 0
-    backward_start_recompute_bytes: int = 0
-    """Live bytes when its backward starts under recompute, less the earlier units' retention."""
+    forward_need_inner_bytes: int = 0
     forward_excess_bytes: int = 0
-    """Largest rise of live bytes during its forward (what replaying it needs on top)."""
+    """Peak of its own forward alone, kept (what replaying it adds)."""
+    backward_need_keep_bytes: int | None = None
+    """Peak of its backward, kept (``None``: no backward ran through it)."""
+    backward_need_recompute_bytes: int | None = None
+    backward_start_recompute_bytes: int | None = None
+    """Live total when its backward starts, recomputed (before the replay)."""
     forward_ms: float | None = None
     backward_ms: float | None = None
     forward_flops: int = 0
-    backward_flops: int = 0
 
     def recompute_cost(self, time_source: str) -> float:
         """What recomputing this unit costs: ms, or FLOPs when no time was measured."""
@@ -109,6 +108,11 @@ class Profile:
     units: list[UnitProfile]
     static_bytes: int
     """Parameters, buffers, inputs, gradients and optimizer state."""
+    base_bytes: int = 0
+    """Live total when the first unit's forward starts (the same under every plan)."""
+    end_need_bytes: int = 0
+    """Peak after the model's forward returns (loss, its backward, the head's backward), less the
+    base and the retention that outlives the forward, with every unit kept."""
     fixed_peak_bytes: int
     """Largest live total in parts of the step no plan changes (before the first unit, the
     optimizer step)."""
@@ -197,72 +201,107 @@ class Block:
 
 @dataclass(frozen=True, kw_only=True)
 class BlockCost:
-    """A block as the solver sees it: live total ``retention_before + need_bytes`` at its worst
-    moment, ``delta_bytes`` more retained after it, ``cost`` to recompute it."""
+    """A block as the solver sees it. With ``T`` the retention of the blocks before it and ``P``
+    the part of ``T`` that outlives the forward, its worst forward moment is ``base + T +
+    forward_need_bytes`` and its worst backward moment ``base + P + backward_need_bytes``; it adds
+    ``delta_bytes`` to ``T`` (``persistent_delta_bytes`` to ``P``) and costs ``cost``."""
 
-    need_bytes: int
+    forward_need_bytes: int
+    backward_need_bytes: int
     delta_bytes: int
+    persistent_delta_bytes: int
     cost: float
-    where: str
+    forward_where: str
+    backward_where: str
+
+
+def _worst(candidates: dict[str, float | None]) -> tuple[int, str]:
+    known = {k: v for k, v in candidates.items() if v is not None}
+    if not known:
+        return 0, "nothing"
+    where = max(known, key=known.__getitem__)
+    return int(known[where]), where
 
 
 def block_cost(profile: Profile, block: Block) -> BlockCost:
-    """The need, retention and recompute cost of one block (see the module docstring)."""
+    """The needs, retention and recompute cost of one block (see the module docstring).
+
+    Example:
+        >>> profile = example_profile()
+        >>> cost = block_cost(profile, Block("replay", 0, 1))
+        >>> cost.forward_need_bytes, cost.backward_need_bytes, cost.delta_bytes, cost.cost
+        (70, 330, 10, 2.0)
+    """
     units = profile.units
-    if block.kind == "keep":
-        unit = units[block.start]
-        candidates = {
-            f"forward of {unit.fqn}": unit.forward_need_keep_bytes,
-            f"backward of {unit.fqn}": unit.backward_need_keep_bytes,
-            f"after {unit.fqn}": unit.keep_bytes + unit.gap_need_bytes,
-        }
-        where = max(candidates, key=candidates.__getitem__)
-        return BlockCost(
-            need_bytes=candidates[where], delta_bytes=unit.keep_bytes, cost=0.0, where=where
-        )
     start, end = block.start, block.end
-    candidates: dict[str, int] = {}
-    # Outputs of the segment's units that the parent holds for units after the segment.
-    skipped = sum(units[j].skip_bytes(end) for j in range(start, end))
+    if block.kind == "keep" or start == end:
+        unit = units[start]
+        keep = block.kind == "keep"
+        fwd, fwd_where = _worst(
+            {
+                f"forward of {unit.fqn}": unit.forward_need_keep_bytes
+                if keep
+                else unit.forward_need_recompute_bytes
+            }
+        )
+        bwd, bwd_where = _worst(
+            {
+                f"backward of {unit.fqn}": unit.backward_need_keep_bytes
+                if keep
+                else unit.backward_need_recompute_bytes
+            }
+        )
+        delta = unit.keep_bytes if keep else unit.recompute_bytes
+        only = unit.keep_forward_only_bytes if keep else unit.recompute_forward_only_bytes
+        cost = 0.0 if keep else unit.recompute_cost(profile.time_source)
+        return BlockCost(
+            forward_need_bytes=fwd,
+            backward_need_bytes=bwd,
+            delta_bytes=delta,
+            persistent_delta_bytes=delta - only,
+            cost=cost,
+            forward_where=fwd_where,
+            backward_where=bwd_where,
+        )
+    # A segment. Forward: each unit runs as inside a segment; the segment stores its first input.
+    forward: dict[str, float | None] = {}
+    held = persistent = units[start].input_freed_bytes
     for j in range(start, end + 1):
-        unit = units[j]
-        before = units[j - 1].recompute_bytes if j > start else 0
-        held = sum(units[t].skip_bytes(end) for t in range(start, max(j - 1, start)))
-        candidates[f"forward of {unit.fqn}"] = held + before + unit.forward_need_recompute_bytes
+        forward[f"forward of {units[j].fqn}"] = held + units[j].forward_need_inner_bytes
+        held += units[j].inner_bytes
         if j < end:
-            held = sum(units[t].skip_bytes(end) for t in range(start, j))
-            candidates[f"after {unit.fqn}"] = held + unit.recompute_bytes + unit.gap_need_bytes
+            persistent += units[j].inner_bytes - units[j].inner_forward_only_bytes
     last = units[end]
-    candidates[f"after {last.fqn}"] = skipped + last.recompute_bytes + last.gap_need_bytes
-    replayed = 0  # keep-retention of the segment's units replayed so far
-    for k in range(start, end):
-        unit = units[k]
-        candidates[f"replay of {unit.fqn}"] = (
-            skipped + last.backward_start_recompute_bytes + replayed + unit.forward_excess_bytes
-        )
-        replayed += unit.keep_bytes
-    candidates[f"backward of {last.fqn}"] = skipped + replayed + last.backward_need_recompute_bytes
+    # Backward: the last unit's backward replays the whole segment, then each unit's backward runs
+    # as if it had been kept. Replayed units hold what they would hold if kept.
+    backward: dict[str, float | None] = {}
     replayed = 0
-    for k in range(start, end):
+    for k in range(start, end + 1):
         unit = units[k]
-        candidates[f"backward of {unit.fqn}"] = max(
-            candidates.get(f"backward of {unit.fqn}", -math.inf),
-            replayed + unit.backward_need_keep_bytes + _skips_after(units, k, end),
-        )
-        replayed += unit.keep_bytes
-    where = max(candidates, key=candidates.__getitem__)
+        if k < end and last.backward_start_recompute_bytes is not None:
+            backward[f"replay of {unit.fqn}"] = (
+                persistent
+                + last.backward_start_recompute_bytes
+                + replayed
+                + unit.forward_excess_bytes
+            )
+        need = last.backward_need_recompute_bytes if k == end else unit.backward_need_keep_bytes
+        if need is not None:
+            backward[f"backward of {unit.fqn}"] = replayed + need
+        replayed += unit.keep_bytes - unit.keep_forward_only_bytes
+    fwd, fwd_where = _worst(forward)
+    bwd, bwd_where = _worst(backward)
     cost = sum(units[j].recompute_cost(profile.time_source) for j in range(start, end + 1))
+    persistent_delta = persistent + last.inner_bytes - last.inner_forward_only_bytes
     return BlockCost(
-        need_bytes=int(candidates[where]),
-        delta_bytes=skipped + last.recompute_bytes,
+        forward_need_bytes=fwd,
+        backward_need_bytes=bwd,
+        delta_bytes=held,
+        persistent_delta_bytes=persistent_delta,
         cost=cost,
-        where=where,
+        forward_where=fwd_where,
+        backward_where=bwd_where,
     )
-
-
-def _skips_after(units: Sequence[UnitProfile], k: int, end: int) -> int:
-    """Skip outputs of the segment's units k+1..end-1, still held while unit k runs backward."""
-    return sum(units[j].skip_bytes(end) for j in range(k + 1, end))
 
 
 def blocks_of(profile: Profile, plan: Plan) -> list[Block]:
@@ -312,15 +351,22 @@ class Simulation:
 
 def evaluate_blocks(profile: Profile, blocks: Sequence[Block]) -> Simulation:
     """Simulate a sequence of blocks covering the units in order."""
-    retention = 0
+    total = persistent = 0
     peak, where = profile.fixed_peak_bytes, "fixed"
     cost = 0.0
     for block in blocks:
         bc = block_cost(profile, block)
-        if retention + bc.need_bytes > peak:
-            peak, where = retention + bc.need_bytes, bc.where
-        retention += bc.delta_bytes
+        for value, at in (
+            (total + bc.forward_need_bytes, bc.forward_where),
+            (persistent + bc.backward_need_bytes, bc.backward_where),
+        ):
+            if profile.base_bytes + value > peak:
+                peak, where = profile.base_bytes + value, at
+        total += bc.delta_bytes
+        persistent += bc.persistent_delta_bytes
         cost += bc.cost
+    if profile.base_bytes + persistent + profile.end_need_bytes > peak:
+        peak, where = profile.base_bytes + persistent + profile.end_need_bytes, "loss and head"
     step_ms = overhead = None
     if profile.time_source == "measured" and profile.step_ms:
         step_ms = profile.step_ms + cost
@@ -350,17 +396,24 @@ def example_profile(num_units: int = 4) -> Profile:
             fqn=f"b.{i}",
             keep_bytes=100,
             recompute_bytes=10,
-            forward_need_keep_bytes=1150,
-            forward_need_recompute_bytes=1150,
-            gap_need_bytes=1020,
-            backward_need_keep_bytes=1120,
-            backward_need_recompute_bytes=1230,
-            backward_start_recompute_bytes=1020,
-            forward_excess_bytes=50,
+            inner_bytes=0,
+            input_freed_bytes=10,
+            forward_need_keep_bytes=150,
+            forward_need_recompute_bytes=60,
+            forward_need_inner_bytes=60,
+            forward_excess_bytes=140,
+            backward_need_keep_bytes=120,
+            backward_need_recompute_bytes=230,
+            backward_start_recompute_bytes=20,
             forward_ms=1.0,
         )
         for i in range(num_units)
     ]
     return Profile(
-        units=units, static_bytes=1000, fixed_peak_bytes=1000, peak_bytes=1450, step_ms=8.0
+        units=units,
+        static_bytes=1000,
+        base_bytes=1000,
+        fixed_peak_bytes=1000,
+        peak_bytes=1450,
+        step_ms=8.0,
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,7 @@ from remat._compat import in_backward
 from remat.apply.apply import apply_, fingerprint
 from remat.apply.units import UnitSpec, call_model, execution_order, find_units, tensors_in
 from remat.cost.model import Profile, UnitProfile
+from remat.plan import Plan
 from remat.profiling.step import OPTIMIZERS, default_loss, make_optimizer, training_step
 from remat.profiling.tracker import Mark, track_memory
 from remat.solve.baselines import baseline_plan
@@ -47,6 +49,7 @@ class _UnitMarks:
         self.handles: list[Any] = []
         self.outputs: dict[int, set[int]] = {}
         self.inputs: dict[int, list[tuple[int, int]]] = {}
+        self.last_inputs: list[torch.Tensor] = []
         for index, module in enumerate(modules):
             self.handles.append(module.register_forward_pre_hook(self._pre(index)))
             self.handles.append(module.register_forward_hook(self._post(index)))
@@ -55,10 +58,12 @@ class _UnitMarks:
         def hook(module: nn.Module, args: Any) -> None:
             if in_backward():
                 return
-            self.on_event(("forward", index))
+            self.last_inputs = tensors_in(args)
             self.inputs[index] = [
-                (id(t.untyped_storage()), t.untyped_storage().nbytes()) for t in tensors_in(args)
+                (id(t.untyped_storage()), t.untyped_storage().nbytes()) for t in self.last_inputs
             ]
+            self.on_event(("forward", index))
+            self.last_inputs = []
 
         return hook
 
@@ -88,14 +93,39 @@ def _tracked_step(
     loss_fn: Callable[[Any], torch.Tensor],
     optimizer: str,
     unit_modules: list[nn.Module],
-) -> tuple[int, int, list[Mark], _UnitMarks]:
+) -> tuple[int, list[Mark], _UnitMarks, dict[int, int], list[int]]:
+    """One training step under the tracker with unit boundaries marked.
+
+    Returns the peak, the marks, the unit hooks (inputs and outputs seen), per unit the bytes of
+    its inputs produced by the previous unit that died before the next unit's forward, and per
+    unit the forward-only bytes (see ``_forward_only``).
+    """
     opt = make_optimizer(optimizer, model)
     for param in model.parameters():
         param.grad = None
     roots = [model, example_inputs] + ([opt] if opt is not None else [])
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    freed: dict[int, int] = {}
+    last = len(unit_modules) - 1
+    watching: dict[int, list[tuple[Any, int]]] = {}
     with track_memory(*roots, device="cuda" if device.type == "cuda" else None) as tracker:
-        marks = _UnitMarks(unit_modules, tracker.mark)
+
+        def on_event(label: tuple[str, int]) -> None:
+            kind, index = label
+            done = index - 1 if kind == "forward" else index if kind == "after" else None
+            if done is not None and (kind == "forward" or done == last) and done in watching:
+                freed[done] = sum(n for ref, n in watching.pop(done) if ref() is None)
+            tracker.mark(label)
+            if kind == "forward" and index > 0:
+                chain = marks.outputs.get(index - 1, set())
+                watching[index] = [
+                    (weakref.ref(t.untyped_storage()), t.untyped_storage().nbytes())
+                    for t in marks.last_inputs
+                    if id(t.untyped_storage()) in chain
+                ]
+
+        marks = _UnitMarks(unit_modules, on_event)
+        marks.handles.append(model.register_forward_hook(lambda *_: tracker.mark(("end", -1))))
         handle = None
         if opt is not None:
             handle = opt.register_step_pre_hook(lambda *_: tracker.mark(("optimizer", -1)))
@@ -106,26 +136,39 @@ def _tracked_step(
             marks.remove()
             if handle is not None:
                 handle.remove()
-    report = tracker.report()
-    static = report.static_bytes + report.peak_by_category["gradient"]
-    state = 0
-    if opt is not None:
-        state = sum(
-            v.untyped_storage().nbytes()
-            for s in opt.state.values()
-            for v in s.values()
-            if isinstance(v, torch.Tensor)
-        )
     for param in model.parameters():
         param.grad = None
-    return report.peak_bytes, static + state, tracker.marks, marks
+    forward_only = _forward_only(tracker, len(unit_modules))
+    return tracker.peak_bytes, tracker.marks, marks, freed, forward_only
+
+
+def _forward_only(tracker: Any, n: int) -> list[int]:
+    """Per unit, bytes created between its forward's start and the next unit's that were alive
+    then but died before the model's forward returned (held by the parent only, such as a list of
+    skip tensors): they count against forward moments, not backward ones."""
+    events = {tuple(m.label): m.event for m in tracker.marks}
+    end = events.get(("end", -1))
+    bounds = [events.get(("forward", j)) for j in range(n)] + [events.get(("after", n - 1))]
+    result = [0] * n
+    if end is None or any(b is None for b in bounds):
+        return result
+    for created, died, nbytes in tracker.lifetimes():
+        # Deaths inside a later unit's interval are already in that unit's retention; only those
+        # between the last unit's end and the forward's return are forward-only.
+        if died is None or died > end or died <= bounds[-1] or created >= bounds[-1]:
+            continue
+        for j in range(n):
+            if bounds[j] <= created < bounds[j + 1]:
+                result[j] += nbytes
+                break
+    return result
 
 
 def _intervals(marks: list[Mark], num_units: int) -> dict[tuple[str, int], Mark]:
     found: dict[tuple[str, int], Mark] = {}
     for mark in marks:
         key = tuple(mark.label)
-        if key in found and key[0] != "start":
+        if key in found and key[0] not in ("start", "end"):
             raise ValueError(
                 f"profile: unit #{key[1]} ran its {key[0]} twice in one step; a unit must run once"
                 " per step. Pass units= naming modules that run once (a module called twice"
@@ -243,79 +286,97 @@ def profile(
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     n = len(unit_fqns)
 
-    runs = {}
-    for strategy in ("none", "full"):
-        with apply_(model, baseline_plan(strategy, unit_fqns)):
-            peak, _, marks, unit_marks = _tracked_step(
-                model, example_inputs, loss_fn, optimizer, unit_modules
-            )
-        runs[strategy] = (peak, _intervals(marks, n), marks, unit_marks)
-    none_peak, none, none_marks, none_units = runs["none"]
-    full_peak, full, full_marks, _ = runs["full"]
-
-    def retention(run: dict[tuple[str, int], Mark], i: int) -> int:
-        return run[("after", i)].start_bytes - run[("forward", i)].start_bytes
-
-    keep = [retention(none, i) for i in range(n)]
-    rec = [retention(full, i) for i in range(n)]
-    prefix_keep = [sum(keep[:i]) for i in range(n + 1)]
-    prefix_rec = [sum(rec[:i]) for i in range(n + 1)]
-    missing = Mark(None, 0, 0)
-    # Intervals outside every unit's reach: before the first unit, and the optimizer step.
+    # Three tracked steps: every unit kept (K), every unit recomputed (R), and all units in one
+    # segment (S), which shows what a unit leaves alive when it is inside a segment.
+    plans = {
+        "K": baseline_plan("none", unit_fqns),
+        "R": baseline_plan("full", unit_fqns),
+        "S": Plan(actions=dict.fromkeys(unit_fqns, "segment:all"), units=unit_fqns),
+    }
+    runs: dict[str, Any] = {}
+    for key, plan in plans.items():
+        if key == "S" and n < 2:
+            runs["S"] = runs["R"]
+            continue
+        with apply_(model, plan):
+            runs[key] = _tracked_step(model, example_inputs, loss_fn, optimizer, unit_modules)
+    none_peak, _, k_units, _, fo_k = runs["K"]
+    full_peak, _, _, _, fo_r = runs["R"]
+    _, _, _, s_freed, fo_s = runs["S"]
+    K, R, S = (_intervals(runs[x][1], n) for x in "KRS")
     fixed = max(
-        [m.peak_bytes for m in none_marks if m.label[0] in ("start", "optimizer")]
-        + [m.peak_bytes for m in full_marks if m.label[0] in ("start", "optimizer")]
+        m.peak_bytes for x in "KRS" for m in runs[x][1] if m.label[0] in ("start", "optimizer")
     )
-    # Ops after the last backward mark (unit 0's backward, then the context before the units)
-    # belong to unit 0's backward interval; both measured runs are equal there but for unit 0.
+    base = K[("forward", 0)].start_bytes
 
-    none_report_units = _unit_sizes(none_units, n)
-    times = (None, [None] * n, [None] * n)
+    def starts(run: dict[tuple[str, int], Mark]) -> list[int]:
+        """Live bytes when each unit's forward starts, and when the last one's forward ends."""
+        return [run[("forward", j)].start_bytes for j in range(n)] + [
+            run[("after", n - 1)].start_bytes
+        ]
+
+    def forward_peaks(run: dict[tuple[str, int], Mark]) -> list[int]:
+        """Peak from each unit's forward start to the next unit's (the last: to the model's end)."""
+        return [max(run[("forward", j)].peak_bytes, run[("after", j)].peak_bytes) for j in range(n)]
+
+    def persistent(starts_: list[int], forward_only: list[int]) -> list[int]:
+        """Live bytes at each unit's start that outlive the forward (relative to the base)."""
+        return [starts_[j] - base - sum(forward_only[:j]) for j in range(n + 1)]
+
+    LK, LR, LS = starts(K), starts(R), starts(S)
+    PK, PR, PS = forward_peaks(K), forward_peaks(R), forward_peaks(S)
+    QK, QR = persistent(LK, fo_k), persistent(LR, fo_r)
+    missing = Mark(None, 0, 0)
+    end_mark = K.get(("end", -1))
+    end_need = end_mark.peak_bytes - base - QK[n] if end_mark is not None else 0
+
+    none_report_units = _unit_sizes(k_units, n)
+    times: tuple[Any, list[Any], list[Any]] = (None, [None] * n, [None] * n)
     if device.type != "meta" and repeats > 0:
         times = _time_steps(
             model, example_inputs, loss_fn, optimizer, unit_modules, device, warmup, repeats
         )
-    flops = _forward_flops(model, example_inputs, loss_fn, unit_modules)
-    cross = _cross_unit(none_units, unit_fqns)
-    skips = _skip_outputs(cross, unit_fqns)
-    for link in cross:
-        del link["storage"]
+    flops = _forward_flops(model, example_inputs, unit_modules)
+    cross = _cross_unit(k_units, unit_fqns)
     units_out = []
-    for i, fqn in enumerate(unit_fqns):
-        input_bytes, output_bytes = none_report_units[i]
+    for j, fqn in enumerate(unit_fqns):
+        input_bytes, output_bytes = none_report_units[j]
+        k_bwd, r_bwd = K.get(("backward", j), missing), R.get(("backward", j), missing)
         units_out.append(
             UnitProfile(
                 fqn=fqn,
-                class_name=type(unit_modules[i]).__name__,
+                class_name=type(unit_modules[j]).__name__,
                 input_bytes=input_bytes,
                 output_bytes=output_bytes,
-                saved_bytes=max(keep[i] - rec[i], 0),
-                keep_bytes=keep[i],
-                skip_outputs=skips[i],
-                recompute_bytes=rec[i],
-                forward_need_keep_bytes=none[("forward", i)].peak_bytes - prefix_keep[i],
-                forward_need_recompute_bytes=full[("forward", i)].peak_bytes - prefix_rec[i],
-                gap_need_bytes=max(
-                    none[("after", i)].peak_bytes - prefix_keep[i + 1],
-                    full[("after", i)].peak_bytes - prefix_rec[i + 1],
+                keep_bytes=LK[j + 1] - LK[j],
+                recompute_bytes=LR[j + 1] - LR[j],
+                inner_bytes=LS[j + 1] - LS[j],
+                keep_forward_only_bytes=fo_k[j],
+                recompute_forward_only_bytes=fo_r[j],
+                inner_forward_only_bytes=fo_s[j],
+                input_freed_bytes=s_freed.get(j, 0),
+                forward_need_keep_bytes=PK[j] - LK[j],
+                forward_need_recompute_bytes=PR[j] - LR[j],
+                forward_need_inner_bytes=PS[j] - LS[j],
+                forward_excess_bytes=K[("forward", j)].peak_bytes - LK[j],
+                backward_need_keep_bytes=k_bwd.peak_bytes - base - QK[j] if k_bwd.label else None,
+                backward_need_recompute_bytes=(
+                    r_bwd.peak_bytes - base - QR[j] if r_bwd.label else None
                 ),
-                backward_need_keep_bytes=none.get(("backward", i), missing).peak_bytes
-                - prefix_keep[i],
-                backward_need_recompute_bytes=full.get(("backward", i), missing).peak_bytes
-                - prefix_rec[i],
-                backward_start_recompute_bytes=full.get(("backward", i), missing).start_bytes
-                - prefix_rec[i],
-                forward_excess_bytes=none[("forward", i)].peak_bytes
-                - none[("forward", i)].start_bytes,
-                forward_ms=times[1][i],
-                backward_ms=times[2][i],
-                forward_flops=flops[i],
+                backward_start_recompute_bytes=(
+                    r_bwd.start_bytes - base - QR[j] if r_bwd.label else None
+                ),
+                forward_ms=times[1][j],
+                backward_ms=times[2][j],
+                forward_flops=flops[j],
             )
         )
-    static_bytes = runs["none"][0] and _static_bytes(model, example_inputs, optimizer)
+    static_bytes = _static_bytes(model, example_inputs, optimizer)
     return Profile(
         units=units_out,
         static_bytes=static_bytes,
+        base_bytes=base,
+        end_need_bytes=end_need,
         fixed_peak_bytes=fixed,
         peak_bytes=none_peak,
         full_peak_bytes=full_peak,
@@ -377,10 +438,7 @@ def _static_bytes(model: nn.Module, example_inputs: Any, optimizer: str) -> int:
 
 
 def _forward_flops(
-    model: nn.Module,
-    example_inputs: Any,
-    loss_fn: Callable[[Any], torch.Tensor],
-    unit_modules: list[nn.Module],
+    model: nn.Module, example_inputs: Any, unit_modules: list[nn.Module]
 ) -> list[int]:
     """Forward FLOPs per unit from one forward under the tracker (no backward)."""
     names = {id(m): f"unit{i}" for i, m in enumerate(unit_modules)}

@@ -137,6 +137,8 @@ class Mark:
     """Live bytes when the interval began."""
     peak_bytes: int
     """Largest live total inside the interval (at least ``start_bytes``)."""
+    event: int = 0
+    """The tracker's event counter when the interval began (see ``lifetimes``)."""
 
 
 @dataclass(eq=False)
@@ -468,7 +470,12 @@ class MemoryTracker(TorchDispatchMode):
     def mark(self, label: Any) -> None:
         """Start a new interval called ``label``; its live bytes at the start and its peak are
         recorded in ``marks`` (the profiler marks unit boundaries with it)."""
-        self.marks.append(Mark(label, self.current_bytes, self.current_bytes))
+        self.marks.append(Mark(label, self.current_bytes, self.current_bytes, self._event))
+
+    def lifetimes(self) -> list[tuple[int, int | None, int]]:
+        """(creation event, death event or None if alive, bytes) of every storage created inside.
+        Events count allocations and frees; compare them with ``Mark.event``."""
+        return [(i.created_at, i.died_at, i.nbytes) for i in self._all if i.created_at != _STATIC]
 
     def _on_growth(self, phase: str, fqn: str) -> None:
         current = self.current_bytes
