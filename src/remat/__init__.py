@@ -1,26 +1,39 @@
 """remat: fit PyTorch training into a memory budget by recomputing activations.
 
-Measure what each unit of a model holds for backward (:func:`track_memory`), plan which units to
-recompute (:class:`Plan`, baseline strategies), and install the plan in place (:func:`apply_`),
-renaming nothing and undoably. Importing remat does not initialise CUDA.
+Measure what each unit of a model holds for backward (:func:`track_memory`, :func:`profile`),
+solve for the cheapest plan that fits a budget (:func:`solve`), install it in place
+(:func:`apply_`), renaming nothing and undoably, or do all three with :func:`auto_`. Importing remat
+does not initialise CUDA.
 """
 
 from remat.apply import Handle, apply_, execution_order, find_units, fingerprint
+from remat.auto import InfeasibleBudgetError, auto_
+from remat.cost import Profile, UnitProfile, simulate
 from remat.plan import Action, Plan
 from remat.profiling import MemoryReport, ModuleStats, track_memory
-from remat.solve import baseline_plan
+from remat.profiling.profiler import profile
+from remat.solve import Budget, SolveResult, baseline_plan, solve
 
 __all__ = [
     "Action",
+    "Budget",
     "Handle",
+    "InfeasibleBudgetError",
     "MemoryReport",
     "ModuleStats",
     "Plan",
+    "Profile",
+    "SolveResult",
+    "UnitProfile",
     "apply_",
+    "auto_",
     "baseline_plan",
     "execution_order",
     "find_units",
     "fingerprint",
+    "profile",
+    "simulate",
+    "solve",
     "track_memory",
 ]
 __version__ = "0.1.0"

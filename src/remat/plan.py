@@ -9,7 +9,11 @@ Actions (this module imports no torch):
 - ``keep``: nothing changes;
 - ``recompute``: full activation checkpointing of the unit (non-reentrant);
 - ``segment:<label>``: consecutive units with the same label are checkpointed as one region, whose
-  only stored input is the first unit's.
+  only stored input is the first unit's; its backward replays the region once, keeping what every
+  unit saves (as ``torch.utils.checkpoint.checkpoint_sequential`` does);
+- ``nested:<label>``: the same region, but its backward first replays it keeping only each unit's
+  input, then replays each unit again just before its own backward: less memory than ``segment``
+  (one unit's activations at a time), at one more forward of the inner units.
 
 Plans round-trip through JSON with a ``format_version`` and may carry the fingerprint of the model
 they were made for, the budget they were solved for, and the predicted peak and overhead.
@@ -32,13 +36,14 @@ __all__ = ["FORMAT_VERSION", "Action", "Plan", "closest_names"]
 FORMAT_VERSION = 1
 DEFAULT = "_default"
 REGEX_PREFIX = "re:"
-ACTION_KINDS = ("keep", "recompute", "segment")
+ACTION_KINDS = ("keep", "recompute", "segment", "nested")
+_GROUPS = ("segment", "nested")
 _LABEL = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
 @dataclass(frozen=True)
 class Action:
-    """One unit's action: ``keep``, ``recompute`` or ``segment`` with a label.
+    """One unit's action: ``keep``, ``recompute``, or ``segment`` / ``nested`` with a label.
 
     Example:
         >>> Action.parse("segment:0"), str(Action.parse("recompute"))
@@ -51,12 +56,13 @@ class Action:
     def __post_init__(self) -> None:
         if self.kind not in ACTION_KINDS:
             raise ValueError(
-                f"action: got {self.kind!r}; expected one of keep, recompute, segment:<label>"
+                f"action: got {self.kind!r}; expected one of keep, recompute, segment:<label>,"
+                " nested:<label>"
             )
-        if (self.kind == "segment") != (self.label is not None):
+        if (self.kind in _GROUPS) != (self.label is not None):
             raise ValueError(
-                f"action {self.kind!r}: a label goes with segment only (segment:<label>), got label"
-                f" {self.label!r}"
+                f"action {self.kind!r}: a label goes with segment and nested only"
+                f" (segment:<label>), got label {self.label!r}"
             )
         if self.label is not None and not _LABEL.match(self.label):
             raise ValueError(
@@ -65,7 +71,7 @@ class Action:
 
     @classmethod
     def parse(cls, text: str | Action) -> Action:
-        """Parse ``keep``, ``recompute`` or ``segment:<label>``."""
+        """Parse ``keep``, ``recompute``, ``segment:<label>`` or ``nested:<label>``."""
         if isinstance(text, Action):
             return text
         if not isinstance(text, str):
@@ -302,19 +308,19 @@ def _preview(names: Sequence[str], count: int = 6) -> str:
 def _check_segments(resolved: Mapping[str, Action], units: list[str]) -> None:
     positions: dict[str, list[int]] = {}
     for fqn, action in resolved.items():
-        if action.kind != "segment":
+        if action.kind not in _GROUPS:
             continue
         if fqn not in units:
             raise ValueError(
                 f"plan: {fqn!r} is given {action} but is not a unit; segments group units only."
                 " Use 'recompute' for a single module, or pass it in units=."
             )
-        positions.setdefault(action.label or "", []).append(units.index(fqn))
+        positions.setdefault(str(action), []).append(units.index(fqn))
     for label, indices in positions.items():
         indices.sort()
         if indices != list(range(indices[0], indices[0] + len(indices))):
             members = [units[i] for i in indices]
             raise ValueError(
-                f"plan: segment {label!r} groups units that are not consecutive in execution order"
+                f"plan: {label!r} groups units that are not consecutive in execution order"
                 f" ({members}); give each run of consecutive units its own label"
             )

@@ -203,12 +203,14 @@ def apply_(
     regions: dict[str, list[str]] = {}
     for fqn in targets:
         action: Action = resolved[fqn]
-        key = f"segment:{action.label}" if action.kind == "segment" else fqn
+        key = str(action) if action.label is not None else fqn
         regions.setdefault(key, []).append(fqn)
     try:
         for name, members in regions.items():
             members.sort(key=lambda f: order.get(f, -1))
-            region = Region(name, [(fqn, modules[fqn]) for fqn in members])
+            region = Region(
+                name, [(fqn, modules[fqn]) for fqn in members], nested=name.startswith("nested:")
+            )
             for position, (_, module) in enumerate(region.units):
                 previous = module.__dict__.get("forward", _MISSING)
                 original = module.forward

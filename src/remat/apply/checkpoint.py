@@ -71,6 +71,8 @@ class _Frame:
         self.calls: list[_Call] = []
         self.next_unit = 0
         self.recomputed: dict[tuple[int, int], torch.Tensor] = {}
+        # Nested regions: each call's output leaves from a replay that kept nothing else.
+        self._boundaries: list[list[Any]] | None = None
         self._outputs: dict[int, tuple[int, int, weakref.ref[torch.Tensor], int]] = {}
 
     # ------------------------------------------------------------------------------ forward side
@@ -133,7 +135,10 @@ class _Frame:
     def unpack(self, slot: _Slot) -> torch.Tensor:
         key = (slot.call, slot.index)
         if key not in self.recomputed:
-            self.replay()
+            if self.region.nested and len(self.calls) > 1:
+                self.replay_one(slot.call)
+            else:
+                self.replay()
         try:
             return self.recomputed.pop(key)
         except KeyError:
@@ -153,7 +158,29 @@ class _Frame:
             for index, call in enumerate(self.calls):
                 outputs.append(self._replay_call(index, call, outputs))
 
-    def _replay_call(self, index: int, call: _Call, outputs: list[list[Any]]) -> list[Any]:
+    def replay_one(self, index: int) -> None:
+        """Nested regions: replay call ``index`` alone from its inputs, keeping what it saves.
+
+        The first time, the calls before the last are replayed without autograd, keeping only
+        their outputs (the inputs of the calls after them).
+        """
+        cuda_devices = sorted({d for call in self.calls for d in call.cuda_rng})
+        with ExitStack() as stack:
+            stack.enter_context(torch.random.fork_rng(devices=cuda_devices))
+            if self._boundaries is None:
+                boundaries: list[list[Any]] = []
+                with torch.no_grad():
+                    for position, call in enumerate(self.calls[:-1]):
+                        boundaries.append(
+                            self._replay_call(position, call, boundaries, keep_saved=False)
+                        )
+                self._boundaries = boundaries
+            stack.enter_context(torch.enable_grad())
+            self._replay_call(index, self.calls[index], self._boundaries)
+
+    def _replay_call(
+        self, index: int, call: _Call, outputs: list[list[Any]], keep_saved: bool = True
+    ) -> list[Any]:
         leaves: list[Any] = []
         for kind, value, extra in call.leaves:
             if kind == "const":
@@ -196,6 +223,8 @@ class _Frame:
         with torch.no_grad():
             for buffer, value in zip(buffers, before, strict=True):
                 buffer.copy_(value)  # the forward already updated it once
+        if not keep_saved:
+            return tree_flatten(output)[0]
         if len(saved) != len(call.saved_meta) or any(
             tensor.shape != shape or tensor.dtype != dtype
             for tensor, (shape, dtype) in zip(saved, call.saved_meta, strict=False)
@@ -218,9 +247,12 @@ def _unreachable(_: Any) -> torch.Tensor:
 class Region:
     """One checkpointed region: one unit, or the consecutive units of a segment."""
 
-    def __init__(self, name: str, units: Sequence[tuple[str, nn.Module]]) -> None:
+    def __init__(
+        self, name: str, units: Sequence[tuple[str, nn.Module]], *, nested: bool = False
+    ) -> None:
         self.name = name
         self.units = list(units)
+        self.nested = nested
         self._open: _Frame | None = None
         # Per unit: None until its first call, then the buffers its forward updates in place.
         self._mutating: list[list[torch.Tensor] | None] = [None] * len(self.units)

@@ -14,6 +14,7 @@ from remat.cli._common import (
     emit_json,
     load_model_from_args,
 )
+from remat.solve.baselines import parse_strategy
 from remat.units import format_bytes, format_ms
 
 FORMAT_VERSION = 1
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from remat.profiling.step import measure_step, training_step
 
     try:
-        remat.solve.parse_strategy(args.strategy)
+        parse_strategy(args.strategy)
     except ValueError as error:
         raise UsageError(str(error)) from None
     built = load_model_from_args(args)

@@ -184,8 +184,9 @@ class Profile:
 
 @dataclass(frozen=True)
 class Block:
-    """A run of the plan: ``keep`` (one unit) or ``replay`` (units ``start..end`` checkpointed
-    together; ``start == end`` is plain recompute)."""
+    """A run of the plan: ``keep`` (one unit), ``replay`` (units ``start..end`` checkpointed
+    together; ``start == end`` is plain recompute) or ``nested`` (the same, with each unit
+    replayed again before its own backward)."""
 
     kind: str
     start: int
@@ -196,7 +197,7 @@ class Block:
             return f"keep {fqns[self.start]}"
         if self.start == self.end:
             return f"recompute {fqns[self.start]}"
-        return f"segment {fqns[self.start]}..{fqns[self.end]}"
+        return f"{'segment' if self.kind == 'replay' else 'nested'} {fqns[self.start]}..{fqns[self.end]}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -272,9 +273,41 @@ def block_cost(profile: Profile, block: Block) -> BlockCost:
         if j < end:
             persistent += units[j].inner_bytes - units[j].inner_forward_only_bytes
     last = units[end]
+    backward: dict[str, float | None] = {}
+    cost_of = [units[j].recompute_cost(profile.time_source) for j in range(start, end + 1)]
+    if block.kind == "nested":
+        # Backward: the units before the last are replayed without autograd, keeping only their
+        # outputs (the boundaries); then each unit is replayed alone before its backward, as if
+        # recomputed, while every boundary stays stored.
+        boundaries = 0
+        for m in range(start, end):
+            unit = units[m]
+            if last.backward_start_recompute_bytes is not None:
+                backward[f"replay of {unit.fqn}"] = (
+                    persistent
+                    + last.backward_start_recompute_bytes
+                    + boundaries
+                    + unit.forward_need_recompute_bytes
+                )
+            boundaries += unit.recompute_bytes
+        for k in range(start, end + 1):
+            need = units[k].backward_need_recompute_bytes
+            if need is not None:
+                backward[f"backward of {units[k].fqn}"] = boundaries + need
+        fwd, fwd_where = _worst(forward)
+        bwd, bwd_where = _worst(backward)
+        cost = 2 * sum(cost_of[:-1]) + cost_of[-1]
+        return BlockCost(
+            forward_need_bytes=fwd,
+            backward_need_bytes=bwd,
+            delta_bytes=held,
+            persistent_delta_bytes=persistent + last.inner_bytes - last.inner_forward_only_bytes,
+            cost=cost,
+            forward_where=fwd_where,
+            backward_where=bwd_where,
+        )
     # Backward: the last unit's backward replays the whole segment, then each unit's backward runs
     # as if it had been kept. Replayed units hold what they would hold if kept.
-    backward: dict[str, float | None] = {}
     replayed = 0
     for k in range(start, end + 1):
         unit = units[k]
@@ -291,7 +324,7 @@ def block_cost(profile: Profile, block: Block) -> BlockCost:
         replayed += unit.keep_bytes - unit.keep_forward_only_bytes
     fwd, fwd_where = _worst(forward)
     bwd, bwd_where = _worst(backward)
-    cost = sum(units[j].recompute_cost(profile.time_source) for j in range(start, end + 1))
+    cost = sum(cost_of)
     persistent_delta = persistent + last.inner_bytes - last.inner_forward_only_bytes
     return BlockCost(
         forward_need_bytes=fwd,
@@ -329,7 +362,8 @@ def blocks_of(profile: Profile, plan: Plan) -> list[Block]:
             end = index
             while end + 1 < len(fqns) and actions[fqns[end + 1]] == action:
                 end += 1
-            blocks.append(Block("replay", index, end))
+            kind = "nested" if action.kind == "nested" and end > index else "replay"
+            blocks.append(Block(kind, index, end))
             index = end + 1
     return blocks
 

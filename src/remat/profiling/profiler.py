@@ -27,7 +27,13 @@ from remat.apply.apply import apply_, fingerprint
 from remat.apply.units import UnitSpec, call_model, execution_order, find_units, tensors_in
 from remat.cost.model import Profile, UnitProfile
 from remat.plan import Plan
-from remat.profiling.step import OPTIMIZERS, default_loss, make_optimizer, training_step
+from remat.profiling.step import (
+    OPTIMIZERS,
+    default_loss,
+    make_optimizer,
+    preserved_state,
+    training_step,
+)
 from remat.profiling.tracker import Mark, track_memory
 from remat.solve.baselines import baseline_plan
 
@@ -251,6 +257,7 @@ def profile(
     units: UnitSpec = None,
     warmup: int = 1,
     repeats: int = 3,
+    progress: Callable[[str], None] | None = None,
 ) -> Profile:
     """Measure a model's training step for the planner.
 
@@ -262,6 +269,7 @@ def profile(
         optimizer: ``"adamw"``, ``"sgd"`` or ``"none"``: whose step (and state) is part of the step.
         units: what plans may act on (see :func:`remat.find_units`).
         warmup, repeats: untimed and timed steps for the medians (real devices only).
+        progress: called with a line of text as each measured step starts.
 
     Returns:
         A :class:`~remat.cost.model.Profile`; units are in execution order.
@@ -294,12 +302,22 @@ def profile(
         "S": Plan(actions=dict.fromkeys(unit_fqns, "segment:all"), units=unit_fqns),
     }
     runs: dict[str, Any] = {}
-    for key, plan in plans.items():
-        if key == "S" and n < 2:
-            runs["S"] = runs["R"]
-            continue
-        with apply_(model, plan):
-            runs[key] = _tracked_step(model, example_inputs, loss_fn, optimizer, unit_modules)
+    say = progress or (lambda text: logger.info("%s", text))
+    names = {"K": "every unit kept", "R": "every unit recomputed", "S": "one segment"}
+    times: tuple[Any, list[Any], list[Any]] = (None, [None] * n, [None] * n)
+    with preserved_state(model):  # profiling runs optimizer steps; it must not train the model
+        for number, (key, plan) in enumerate(plans.items(), start=1):
+            say(f"profile: tracked step {number}/3 ({names[key]})")
+            if key == "S" and n < 2:
+                runs["S"] = runs["R"]
+                continue
+            with apply_(model, plan):
+                runs[key] = _tracked_step(model, example_inputs, loss_fn, optimizer, unit_modules)
+        if device.type != "meta" and repeats > 0:
+            say(f"profile: timing {warmup} warm-up and {repeats} measured steps")
+            times = _time_steps(
+                model, example_inputs, loss_fn, optimizer, unit_modules, device, warmup, repeats
+            )
     none_peak, _, k_units, _, fo_k = runs["K"]
     full_peak, _, _, _, fo_r = runs["R"]
     _, _, _, s_freed, fo_s = runs["S"]
@@ -331,11 +349,6 @@ def profile(
     end_need = end_mark.peak_bytes - base - QK[n] if end_mark is not None else 0
 
     none_report_units = _unit_sizes(k_units, n)
-    times: tuple[Any, list[Any], list[Any]] = (None, [None] * n, [None] * n)
-    if device.type != "meta" and repeats > 0:
-        times = _time_steps(
-            model, example_inputs, loss_fn, optimizer, unit_modules, device, warmup, repeats
-        )
     flops = _forward_flops(model, example_inputs, unit_modules)
     cross = _cross_unit(k_units, unit_fqns)
     units_out = []

@@ -6,7 +6,8 @@ Consumes a model, example inputs, an optional loss and an optimizer name; produc
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -86,6 +87,32 @@ def training_step(
     return loss.detach()
 
 
+@contextmanager
+def preserved_state(model: nn.Module) -> Iterator[None]:
+    """Put the model's parameters, buffers and gradients back as they were on exit, so that
+    measuring or profiling training steps does not train the model.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 2)
+        >>> before = model.weight.detach().clone()
+        >>> with preserved_state(model):
+        ...     _ = training_step(model, (torch.ones(1, 2),), optimizer=make_optimizer("sgd", model))
+        >>> torch.equal(model.weight, before), model.weight.grad is None
+        (True, True)
+    """
+    tensors = [*model.parameters(), *model.buffers()]
+    saved = [t.detach().clone() for t in tensors]
+    grads = [p.grad for p in model.parameters()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for tensor, value in zip(tensors, saved, strict=True):
+                tensor.copy_(value)
+        for param, grad in zip(model.parameters(), grads, strict=True):
+            param.grad = grad
+
+
 def measure_step(
     model: nn.Module,
     example_inputs: Any,
@@ -97,7 +124,8 @@ def measure_step(
     """Run one training step under the tracker and return its report.
 
     The optimizer (if any) is created before the tracker is entered; its states are created inside
-    the step, as in the first step of training, so the step's peak includes them.
+    the step, as in the first step of training, so the step's peak includes them. The model's
+    parameters, buffers and gradients are put back afterwards: measuring does not train it.
 
     Example:
         >>> model = torch.nn.Linear(8, 8, bias=False)
@@ -108,8 +136,11 @@ def measure_step(
     opt = make_optimizer(optimizer, model)
     roots = [model, example_inputs] + ([opt] if opt is not None else [])
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    with track_memory(
-        *roots, device="cuda" if device.type == "cuda" else None, time_ops=time_ops
-    ) as tracker:
+    with (
+        preserved_state(model),
+        track_memory(
+            *roots, device="cuda" if device.type == "cuda" else None, time_ops=time_ops
+        ) as tracker,
+    ):
         training_step(model, example_inputs, loss_fn=loss_fn, optimizer=opt)
     return tracker.report()

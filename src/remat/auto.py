@@ -1,0 +1,149 @@
+"""``remat.auto_``: profile, solve, apply, and check by measurement that the plan fits.
+
+The closed loop: after solving, the plan is applied and one training step is measured with the
+tracker. If the measured peak exceeds the budget, the budget handed to the solver is lowered by the
+amount of the misprediction and the solve repeats, so a plan that says it fits, fits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from remat.apply.apply import Handle, apply_
+from remat.apply.units import UnitSpec
+from remat.cost.model import Profile
+from remat.profiling.profiler import profile
+from remat.profiling.step import measure_step
+from remat.solve.budget import Budget
+from remat.solve.solver import INFEASIBLE, SolveResult, solve
+
+__all__ = ["InfeasibleBudgetError", "auto_", "solve_measured"]
+
+logger = logging.getLogger(__name__)
+
+
+class InfeasibleBudgetError(ValueError):
+    """No plan fits the budget; ``result.min_peak_bytes`` is the least achievable peak."""
+
+    def __init__(self, result: SolveResult) -> None:
+        self.result = result
+        super().__init__(
+            f"budget: no plan fits {result.budget_bytes:,} bytes; the least achievable peak is"
+            f" {result.min_peak_bytes:,} bytes (at {result.where}). Raise the budget to at least"
+            f" that, or reduce the batch, sequence or model size."
+        )
+
+
+def solve_measured(
+    model: nn.Module,
+    example_inputs: Any,
+    prof: Profile,
+    budget: int | str | Budget,
+    *,
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    optimizer: str = "adamw",
+    max_iterations: int = 3,
+) -> SolveResult:
+    """Solve, then measure the plan's peak on the model and re-solve tighter while it does not fit.
+
+    Returns the last result with ``measured_peak_bytes`` and ``iterations`` set; its status is
+    ``INFEASIBLE`` when no plan fits, or when the measured peak still exceeds the budget after
+    ``max_iterations`` solves (a note says so).
+    """
+    parsed = Budget.parse(budget)
+    result = solve(prof, parsed)
+    budget_bytes = result.budget_bytes
+    target = budget_bytes
+    for iteration in range(1, max_iterations + 1):
+        if result.status == INFEASIBLE:
+            return dataclasses.replace(result, budget_bytes=budget_bytes, iterations=iteration)
+        with apply_(model, result.plan):
+            measured = measure_step(
+                model, example_inputs, loss_fn=loss_fn, optimizer=optimizer
+            ).peak_bytes
+        for param in model.parameters():
+            param.grad = None
+        result = dataclasses.replace(
+            result, budget_bytes=budget_bytes, measured_peak_bytes=measured, iterations=iteration
+        )
+        if measured <= budget_bytes:
+            return result
+        miss = measured - result.predicted_peak_bytes
+        logger.warning(
+            "remat: measured peak %d exceeds the budget %d (predicted %d); solving again",
+            measured,
+            budget_bytes,
+            result.predicted_peak_bytes,
+        )
+        target -= max(miss, measured - budget_bytes, 1)
+        result = solve(prof, target)
+    return dataclasses.replace(
+        result,
+        status=INFEASIBLE,
+        budget_bytes=budget_bytes,
+        notes=[
+            *result.notes,
+            f"measured peak still above the budget after {max_iterations} solves",
+        ],
+    )
+
+
+def auto_(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    budget: int | str | Budget,
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    optimizer: str = "adamw",
+    units: UnitSpec = None,
+) -> Handle:
+    """Profile the model, solve for the cheapest plan within ``budget``, apply it in place.
+
+    Args:
+        model: the model, on the device it trains on.
+        example_inputs: one batch (tuple of positional arguments, dict of keyword arguments).
+        budget: bytes, ``"22GiB"`` / ``"22GB"``, ``"60%"`` of the activation memory, or ``"min"``.
+        loss_fn: output -> scalar loss (default: the output if scalar, else the mean of its floats).
+        optimizer: whose step counts in the peak: ``"adamw"``, ``"sgd"`` or ``"none"``.
+        units: what the plan may act on (see :func:`remat.find_units`).
+
+    Returns:
+        The :class:`~remat.apply.apply.Handle`; ``handle.result`` is the
+        :class:`~remat.solve.solver.SolveResult` (predicted and measured peak, overhead).
+
+    Raises:
+        InfeasibleBudgetError: no plan fits (a ``ValueError`` naming the least achievable peak).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(*[nn.Sequential(nn.Linear(64, 64), nn.GELU()) for _ in range(6)])
+        >>> x = (torch.randn(32, 64),)
+        >>> handle = auto_(model, x, budget="min", optimizer="sgd")
+        >>> handle.result.measured_peak_bytes <= handle.result.budget_bytes
+        True
+        >>> handle.remove()
+    """
+    prof = profile(model, example_inputs, loss_fn=loss_fn, optimizer=optimizer, units=units)
+    result = solve_measured(
+        model, example_inputs, prof, budget, loss_fn=loss_fn, optimizer=optimizer
+    )
+    if result.status == INFEASIBLE:
+        raise InfeasibleBudgetError(result)
+    handle = apply_(model, result.plan)
+    handle.result = result
+    logger.info(
+        "remat: %s plan, predicted peak %d (measured %s) within %d bytes, overhead %s",
+        result.status,
+        result.predicted_peak_bytes,
+        result.measured_peak_bytes,
+        result.budget_bytes,
+        result.predicted_overhead,
+    )
+    return handle

@@ -1,0 +1,226 @@
+"""``remat plan``: profile a model, solve for a budget (or simulate a baseline), and show the plan."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from remat.cli._common import (
+    EXIT_INFEASIBLE,
+    EXIT_OK,
+    UsageError,
+    add_model_arguments,
+    emit_json,
+    load_model_from_args,
+)
+from remat.solve.baselines import parse_strategy
+from remat.units import format_bytes, format_ms
+
+FORMAT_VERSION = 1
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "plan",
+        help="find the cheapest checkpointing plan that fits a memory budget",
+        description="Profile the model (three tracked steps and timed steps on real devices; shapes"
+        " alone on meta), then solve for the plan with the least recompute time whose predicted"
+        " peak fits --budget, and measure that plan's peak to confirm it (re-solving tighter if"
+        " it does not fit). With a baseline --strategy, predict and measure that plan instead."
+        " Exit code 3 when no plan fits: the message names the least achievable peak.",
+    )
+    add_model_arguments(parser)
+    parser.add_argument(
+        "--budget",
+        help="memory budget: 22GiB (binary), 22GB (decimal), bytes, 60%% (static memory plus that"
+        " share of the unplanned step's activation memory), or min (the least achievable peak);"
+        " required with --strategy auto",
+    )
+    parser.add_argument(
+        "--strategy",
+        default="auto",
+        help="auto (solve; default), or a baseline: none, full, every_n:K, sqrt_n",
+    )
+    parser.add_argument("--out", metavar="PATH", help="write the plan as JSON here")
+    parser.add_argument(
+        "--no-measure",
+        action="store_true",
+        help="skip the closed loop that measures the chosen plan's peak",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.set_defaults(func=run)
+
+
+def _progress(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def run(args: argparse.Namespace) -> int:
+    import remat
+    from remat.auto import solve_measured
+    from remat.profiling.step import measure_step
+
+    budget = None
+    if args.budget is not None:
+        try:
+            budget = remat.Budget.parse(args.budget)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+    if args.strategy != "auto":
+        try:
+            parse_strategy(args.strategy)
+        except ValueError as error:
+            raise UsageError(f"{error}, or auto") from None
+    elif budget is None:
+        raise UsageError("--budget is required with --strategy auto (e.g. --budget 60%)")
+    built = load_model_from_args(args)
+    try:
+        units = remat.find_units(built.model, args.units)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    prof = remat.profile(
+        built.model,
+        built.example_inputs,
+        loss_fn=built.loss_fn,
+        optimizer=args.optimizer,
+        units=units,
+        progress=None if args.json else _progress,
+    )
+    measure = not args.no_measure
+    if args.strategy == "auto":
+        if measure:
+            result = solve_measured(
+                built.model,
+                built.example_inputs,
+                prof,
+                budget,
+                loss_fn=built.loss_fn,
+                optimizer=args.optimizer,
+            )
+        else:
+            result = remat.solve(prof, budget)
+        plan = result.plan
+        status, budget_bytes = result.status, result.budget_bytes
+        predicted, overhead = result.predicted_peak_bytes, result.predicted_overhead
+        step_ms, lower, measured = (
+            result.predicted_step_ms,
+            result.lower_bound,
+            result.measured_peak_bytes,
+        )
+        min_peak, where, cost = result.min_peak_bytes, result.where, result.cost
+    else:
+        plan = remat.baseline_plan(args.strategy, prof.unit_fqns)
+        plan.fingerprint = prof.fingerprint
+        sim = remat.simulate(prof, plan)
+        predicted, overhead, step_ms, where, cost = (
+            sim.peak_bytes,
+            sim.overhead,
+            sim.step_ms,
+            sim.where,
+            sim.recompute_cost,
+        )
+        # What an optimal plan costs at the same peak: how far this baseline is from optimal.
+        best = remat.solve(prof, predicted)
+        lower, min_peak = best.cost, best.min_peak_bytes
+        budget_bytes = (
+            budget.resolve(
+                static_bytes=prof.static_bytes, peak_bytes=prof.peak_bytes, min_peak_bytes=min_peak
+            )
+            if budget is not None
+            else None
+        )
+        status = "FITS" if budget_bytes is None or predicted <= budget_bytes else "OVER_BUDGET"
+        measured = None
+        if measure:
+            with remat.apply_(built.model, plan):
+                measured = measure_step(
+                    built.model,
+                    built.example_inputs,
+                    loss_fn=built.loss_fn,
+                    optimizer=args.optimizer,
+                ).peak_bytes
+        plan.budget_bytes, plan.predicted_peak_bytes, plan.predicted_overhead = (
+            budget_bytes,
+            predicted,
+            overhead,
+        )
+    if args.out:
+        plan.save(args.out)
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "model": args.model,
+        "device": args.device,
+        "strategy": args.strategy,
+        "status": status,
+        "budget": args.budget,
+        "budget_bytes": budget_bytes,
+        "predicted_peak_bytes": predicted,
+        "measured_peak_bytes": measured,
+        "predicted_step_ms": step_ms,
+        "predicted_overhead": overhead,
+        "recompute_cost": cost,
+        "lower_bound": lower,
+        "cost_unit": "ms" if prof.time_source == "measured" else "forward FLOPs",
+        "min_peak_bytes": min_peak,
+        "unplanned_peak_bytes": prof.peak_bytes,
+        "static_bytes": prof.static_bytes,
+        "peak_at": where,
+        "plan": plan.to_dict(),
+        "out": args.out,
+    }
+    if args.json:
+        emit_json(payload)
+    else:
+        _print_human(payload, prof, plan)
+    if status == "INFEASIBLE":
+        sys.stderr.write(
+            f"remat plan: no plan fits {budget_bytes:,} bytes; the least feasible budget is"
+            f" {min_peak:,} bytes ({format_bytes(min_peak)}): use --budget {min_peak} or more\n"
+        )
+        return EXIT_INFEASIBLE
+    return EXIT_OK
+
+
+def _print_human(payload: dict[str, Any], prof: Any, plan: Any) -> None:
+    print(
+        f"{payload['model']} on {payload['device']}: {len(prof.units)} units, unplanned peak"
+        f" {format_bytes(payload['unplanned_peak_bytes'])}, static"
+        f" {format_bytes(payload['static_bytes'])}"
+    )
+    if payload["budget_bytes"] is not None:
+        print(
+            f"budget {payload['budget']} -> {payload['budget_bytes']:,} bytes"
+            f" ({format_bytes(payload['budget_bytes'])})"
+        )
+    print()
+    width = max(len(u.fqn) for u in prof.units)
+    for unit in prof.units:
+        action = str(plan.action_for(unit.fqn))
+        print(
+            f"  {unit.fqn.ljust(width)}  {action:<14} keeps {format_bytes(unit.keep_bytes):>10}"
+            f"  forward {format_ms(unit.forward_ms)}"
+        )
+    print()
+    measured = payload["measured_peak_bytes"]
+    print(f"status:         {payload['status']}")
+    print(
+        f"predicted peak: {format_bytes(payload['predicted_peak_bytes'])}"
+        f" ({payload['predicted_peak_bytes']:,} bytes, at {payload['peak_at']})"
+    )
+    if measured is not None:
+        print(f"measured peak:  {format_bytes(measured)} ({measured:,} bytes)")
+    if payload["predicted_overhead"] is not None:
+        print(
+            f"overhead:       {payload['predicted_overhead']:.3f}x step time (predicted,"
+            f" {format_ms(payload['predicted_step_ms'])} per step)"
+        )
+    unit = payload["cost_unit"]
+    print(
+        f"recompute:      {payload['recompute_cost']:.4g} {unit}; lower bound"
+        f" {payload['lower_bound']:.4g} {unit}"
+    )
+    print(f"least peak any plan reaches: {format_bytes(payload['min_peak_bytes'])}")
+    if payload["out"]:
+        print(f"plan written to {payload['out']}")

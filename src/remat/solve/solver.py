@@ -1,0 +1,338 @@
+"""The exact chain solver: the plan with the least recompute cost whose predicted peak fits a budget.
+
+Consumes a :class:`~remat.cost.model.Profile` and a budget; produces a :class:`SolveResult`. Imports
+no torch: it runs in milliseconds on synthetic profiles.
+
+The plan is a sequence of blocks over the units in execution order: a kept unit, a recomputed unit,
+or a segment of consecutive units replayed once (what ``sqrt(n)`` strategies use; Chen et al. 2016).
+A block's worst moments are affine in the retention of the blocks before it (see
+:mod:`remat.cost.model`), so a dynamic program over the units whose state is that retention is
+exact: at each unit it keeps the Pareto set of (retention, retention outliving the forward, cost)
+reachable within the budget, as Rotor's program over discretised memory (Beaumont et al. 2019,
+arXiv 1911.13214) does for its chains, here without discretising, and with one choice more per unit.
+The least achievable peak (for ``min`` and ``INFEASIBLE``) comes from the same program minimising
+the peak instead of the cost.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from remat.cost.model import Block, BlockCost, Profile, block_cost, evaluate_blocks
+from remat.plan import Plan
+from remat.solve.budget import Budget
+
+__all__ = ["FEASIBLE", "INFEASIBLE", "OPTIMAL", "SolveResult", "plan_from_blocks", "solve"]
+
+OPTIMAL = "OPTIMAL"
+"""The plan has the least recompute cost of all plans that fit (under the profile's model)."""
+FEASIBLE = "FEASIBLE"
+"""The plan fits; segments were capped in length, so a cheaper plan may exist (see lower_bound)."""
+INFEASIBLE = "INFEASIBLE"
+"""No plan fits; ``min_peak_bytes`` is the least any plan reaches, and ``plan`` reaches it."""
+ACTIONS = ("keep", "recompute", "segment", "nested")
+EXACT_UP_TO_UNITS = 64
+
+
+@dataclass(frozen=True, kw_only=True)
+class SolveResult:
+    """What :func:`solve` found.
+
+    Example:
+        >>> from remat.cost.model import example_profile
+        >>> result = solve(example_profile(), 1300)
+        >>> result.status, result.predicted_peak_bytes <= 1300, result.lower_bound <= result.cost
+        ('OPTIMAL', True, True)
+    """
+
+    status: str
+    """``OPTIMAL``, ``FEASIBLE`` or ``INFEASIBLE``."""
+    plan: Plan
+    """The plan (for ``INFEASIBLE``: the plan with the least peak)."""
+    budget_bytes: int
+    predicted_peak_bytes: int
+    predicted_step_ms: float | None
+    predicted_overhead: float | None
+    cost: float
+    """Recompute cost: ms, or forward FLOPs when the profile has no times."""
+    lower_bound: float
+    """No plan that fits costs less than this."""
+    min_peak_bytes: int
+    """The least peak any plan reaches."""
+    solve_time_s: float
+    where: str = ""
+    """The moment of the predicted peak."""
+    notes: list[str] = field(default_factory=list)
+    measured_peak_bytes: int | None = None
+    """The plan's peak as the tracker measured it (set by the closed loop of ``remat.auto_``)."""
+    iterations: int = 1
+    """Solves the closed loop needed until the measured peak fitted."""
+
+    @property
+    def fits(self) -> bool:
+        return self.status != INFEASIBLE
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "budget_bytes": self.budget_bytes,
+            "predicted_peak_bytes": self.predicted_peak_bytes,
+            "predicted_step_ms": self.predicted_step_ms,
+            "predicted_overhead": self.predicted_overhead,
+            "cost": self.cost,
+            "lower_bound": self.lower_bound,
+            "min_peak_bytes": self.min_peak_bytes,
+            "solve_time_s": self.solve_time_s,
+            "where": self.where,
+            "notes": self.notes,
+            "measured_peak_bytes": self.measured_peak_bytes,
+            "iterations": self.iterations,
+            "plan": self.plan.to_dict(),
+        }
+
+
+def _candidate_blocks(
+    profile: Profile, actions: Sequence[str], max_segment: int
+) -> list[list[tuple[Block, BlockCost]]]:
+    n = len(profile.units)
+    starts: list[list[tuple[Block, BlockCost]]] = [[] for _ in range(n)]
+    for i in range(n):
+        options = []
+        if "keep" in actions:
+            options.append(Block("keep", i, i))
+        if "recompute" in actions:
+            options.append(Block("replay", i, i))
+        for kind, allowed in (("replay", "segment"), ("nested", "nested")):
+            if allowed in actions:
+                options += [Block(kind, i, e) for e in range(i + 1, min(n, i + max_segment))]
+        starts[i] = [(block, block_cost(profile, block)) for block in options]
+    return starts
+
+
+def _pareto(points: list[tuple[Any, ...]], dims: int) -> list[tuple[Any, ...]]:
+    """Points not dominated in their first ``dims`` coordinates (all lower or equal)."""
+    points.sort(key=lambda p: p[:dims])
+    kept: list[tuple[Any, ...]] = []
+    for point in points:
+        if not any(all(k[d] <= point[d] for d in range(dims)) for k in kept):
+            kept.append(point)
+    return kept
+
+
+def _run(
+    profile: Profile,
+    starts: list[list[tuple[Block, BlockCost]]],
+    budget_bytes: float,
+    minimise_peak: bool,
+) -> tuple[float, int, list[Block]] | None:
+    """The dynamic program. Returns (cost, peak, blocks) of the best plan, or None if none fits.
+
+    States are (total retention, persistent retention, objective, other, blocks); the objective is
+    the cost (the peak so far breaks ties) or, with ``minimise_peak``, the peak so far.
+    """
+    n = len(profile.units)
+    base = profile.base_bytes
+    states: list[list[tuple[Any, ...]]] = [[] for _ in range(n + 1)]
+    fixed = profile.fixed_peak_bytes
+    states[0] = [(0, 0, fixed, 0.0, ()) if minimise_peak else (0, 0, 0.0, fixed, ())]
+    for i in range(n):
+        frontier = _pareto(states[i], 3)
+        states[i] = []
+        for total, persistent, first, second, blocks in frontier:
+            cost, peak = (second, first) if minimise_peak else (first, second)
+            for block, bc in starts[i]:
+                moment = max(
+                    base + total + bc.forward_need_bytes, base + persistent + bc.backward_need_bytes
+                )
+                if moment > budget_bytes:
+                    continue
+                new_peak = max(peak, moment)
+                new_cost = cost + bc.cost
+                objective = (new_peak, new_cost) if minimise_peak else (new_cost, new_peak)
+                states[block.end + 1].append(
+                    (
+                        total + bc.delta_bytes,
+                        persistent + bc.persistent_delta_bytes,
+                        *objective,
+                        (*blocks, block),
+                    )
+                )
+    best = None
+    for _total, persistent, first, second, blocks in states[n]:
+        cost, peak = (second, first) if minimise_peak else (first, second)
+        peak = max(peak, base + persistent + profile.end_need_bytes)
+        if peak > budget_bytes:
+            continue
+        key = (peak, cost) if minimise_peak else (cost, peak)
+        if best is None or key < best[0]:
+            best = (key, cost, peak, list(blocks))
+    if best is None:
+        return None
+    return best[1], best[2], best[3]
+
+
+def plan_from_blocks(profile: Profile, blocks: Sequence[Block], **fields_: Any) -> Plan:
+    """The plan that a sequence of blocks describes: one action per unit.
+
+    Example:
+        >>> from remat.cost.model import example_profile
+        >>> blocks = [Block("keep", 0, 0), Block("replay", 1, 1), Block("replay", 2, 3)]
+        >>> plan_from_blocks(example_profile(), blocks).to_dict()["actions"]
+        {'b.0': 'keep', 'b.1': 'recompute', 'b.2': 'segment:2', 'b.3': 'segment:2'}
+    """
+    fqns = profile.unit_fqns
+    actions: dict[str, str] = {}
+    for block in blocks:
+        if block.kind == "keep":
+            actions[fqns[block.start]] = "keep"
+        elif block.start == block.end:
+            actions[fqns[block.start]] = "recompute"
+        else:
+            kind = "nested" if block.kind == "nested" else "segment"
+            for j in range(block.start, block.end + 1):
+                actions[fqns[j]] = f"{kind}:{block.start}"
+    return Plan(actions=actions, units=list(fqns), fingerprint=profile.fingerprint, **fields_)
+
+
+def _lower_bound(profile: Profile, budget_bytes: int) -> float:
+    """A relaxation: at each unit's forward, the retention of the units before it must fit; each
+    unit can shed (keep - least retention) at its recompute cost, fractionally."""
+    units = profile.units
+    best = 0.0
+    for i, unit in enumerate(units):
+        least_need = min(
+            unit.forward_need_keep_bytes,
+            unit.forward_need_recompute_bytes,
+            unit.forward_need_inner_bytes,
+        )
+        room = budget_bytes - profile.base_bytes - least_need
+        offers = []
+        kept = 0
+        for earlier in units[:i]:
+            kept += earlier.keep_bytes
+            saving = earlier.keep_bytes - min(earlier.recompute_bytes, earlier.inner_bytes)
+            if saving > 0:
+                offers.append((earlier.recompute_cost(profile.time_source) / saving, saving))
+        excess = kept - room
+        cost = 0.0
+        for ratio, saving in sorted(offers):
+            if excess <= 0:
+                break
+            take = min(saving, excess)
+            cost += ratio * take
+            excess -= take
+        if excess <= 0:
+            best = max(best, cost)
+    return best
+
+
+def solve(
+    profile: Profile,
+    budget: int | str | Budget,
+    *,
+    actions: Sequence[str] = ACTIONS,
+    max_segment: int | None = None,
+) -> SolveResult:
+    """The plan with the least recompute cost whose predicted peak is within ``budget``.
+
+    Args:
+        profile: from :func:`remat.profile` (or :meth:`Profile.load`-ed JSON).
+        budget: bytes, ``"22GiB"``, ``"60%"`` or ``"min"`` (see :class:`Budget`).
+        actions: what plans may use: ``keep``, ``recompute``, ``segment``.
+        max_segment: longest segment considered; default: all (exact) up to 64 units, else
+            ``max(16, 2 * ceil(sqrt(n)))``, which keeps 96 units well under a second.
+
+    Returns:
+        A :class:`SolveResult`; ``INFEASIBLE`` (never an exception) when no plan fits, with the
+        least achievable peak.
+
+    Raises:
+        ValueError: a malformed budget or an unknown action.
+
+    Example:
+        >>> from remat.cost.model import example_profile
+        >>> result = solve(example_profile(), "min")
+        >>> result.status, result.predicted_peak_bytes == result.min_peak_bytes
+        ('OPTIMAL', True)
+        >>> solve(example_profile(), 1000).status
+        'INFEASIBLE'
+    """
+    started = time.perf_counter()
+    unknown = [a for a in actions if a not in ACTIONS]
+    if unknown or "keep" not in actions:
+        raise ValueError(
+            f"actions: got {list(actions)}; expected a subset of {list(ACTIONS)} that includes keep"
+        )
+    parsed = Budget.parse(budget)
+    n = len(profile.units)
+    exact = max_segment is None and n <= EXACT_UP_TO_UNITS
+    if max_segment is None:
+        max_segment = n if exact else max(16, 2 * math.ceil(math.sqrt(n)))
+    if max_segment < 1:
+        raise ValueError(f"max_segment: got {max_segment}; expected an integer >= 1")
+    starts = _candidate_blocks(profile, actions, max_segment)
+    least = _run(profile, starts, math.inf, minimise_peak=True)
+    assert least is not None, "keeping every unit is always a plan"
+    min_cost_at_least, min_peak, least_blocks = least
+    budget_bytes = parsed.resolve(
+        static_bytes=profile.static_bytes, peak_bytes=profile.peak_bytes, min_peak_bytes=min_peak
+    )
+    meta = {"budget_bytes": budget_bytes, "strategy": "auto"}
+    if budget_bytes < min_peak:
+        cheapest = _run(profile, starts, min_peak, minimise_peak=False)
+        assert cheapest is not None, "a plan reaches the least peak"
+        min_cost_at_least, _, least_blocks = cheapest
+        sim = evaluate_blocks(profile, least_blocks)
+        return SolveResult(
+            status=INFEASIBLE,
+            plan=plan_from_blocks(
+                profile,
+                least_blocks,
+                predicted_peak_bytes=min_peak,
+                predicted_overhead=sim.overhead,
+                **meta,
+            ),
+            budget_bytes=budget_bytes,
+            predicted_peak_bytes=min_peak,
+            predicted_step_ms=sim.step_ms,
+            predicted_overhead=sim.overhead,
+            cost=min_cost_at_least,
+            lower_bound=min_cost_at_least,
+            min_peak_bytes=min_peak,
+            solve_time_s=time.perf_counter() - started,
+            where=sim.where,
+            notes=[
+                f"no plan fits {budget_bytes:,} bytes; the least achievable peak is"
+                f" {min_peak:,} bytes (at {sim.where})"
+            ],
+        )
+    found = _run(profile, starts, budget_bytes, minimise_peak=False)
+    assert found is not None, "the least-peak plan fits, so the program finds one"
+    cost, _peak, blocks = found
+    sim = evaluate_blocks(profile, blocks)
+    assert sim.peak_bytes <= budget_bytes, (sim.peak_bytes, budget_bytes)
+    lower = cost if exact else min(cost, _lower_bound(profile, budget_bytes))
+    return SolveResult(
+        status=OPTIMAL if exact else FEASIBLE,
+        plan=plan_from_blocks(
+            profile,
+            blocks,
+            predicted_peak_bytes=sim.peak_bytes,
+            predicted_overhead=sim.overhead,
+            **meta,
+        ),
+        budget_bytes=budget_bytes,
+        predicted_peak_bytes=sim.peak_bytes,
+        predicted_step_ms=sim.step_ms,
+        predicted_overhead=sim.overhead,
+        cost=cost,
+        lower_bound=lower,
+        min_peak_bytes=min_peak,
+        solve_time_s=time.perf_counter() - started,
+        where=sim.where,
+        notes=[] if exact else [f"segments capped at {max_segment} units (n = {n})"],
+    )

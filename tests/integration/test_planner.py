@@ -1,0 +1,185 @@
+"""The planner end to end: profile -> solve -> apply -> measure, on the built-in models.
+
+Predictions are checked against the tracker's measurement of the same plan (CPU, float32). Timing
+claims (overhead within 10% of predicted, 96 units solved in under a second) are benchmarks, not
+tests: see benchmarks/planner.py and benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import remat
+from remat.cli.main import main
+from remat.models import build_builtin
+from remat.profiling.step import measure_step
+from remat.solve.solver import INFEASIBLE, OPTIMAL
+
+SIZES = {
+    "gpt": {"n_layer": 6, "d_model": 64, "n_head": 4, "seq": 64, "batch": 4, "vocab": 256},
+    "mlp": {"batch": 64, "width": 128, "n_blocks": 6},
+    "cnn": {"batch": 8, "image_size": 16},
+    "unet": {"batch": 2, "image_size": 32},
+    "moe": {"batch": 2, "seq": 32, "d_model": 64, "n_layer": 4},
+}
+BASELINES = ["none", "full", "every_n:2", "sqrt_n"]
+BUDGETS = ["80%", "60%", "40%", "25%"]
+
+
+def _build(name: str, device: str = "cpu", **extra: object) -> remat.models.BuiltModel:
+    torch.manual_seed(0)
+    with torch.device(device):
+        return build_builtin(name, **{**SIZES[name], **extra})
+
+
+def _measure(built: remat.models.BuiltModel, plan: remat.Plan) -> int:
+    with remat.apply_(built.model, plan):
+        torch.manual_seed(1)
+        return measure_step(built.model, built.example_inputs, loss_fn=built.loss_fn).peak_bytes
+
+
+@pytest.fixture(scope="module")
+def profiles() -> dict[str, tuple[remat.models.BuiltModel, remat.Profile]]:
+    found = {}
+    for name in SIZES:
+        built = _build(name)
+        found[name] = (built, remat.profile(built.model, built.example_inputs,
+                                            loss_fn=built.loss_fn, repeats=0))
+    return found
+
+
+@pytest.mark.parametrize("name", list(SIZES))
+def test_prediction_matches_measurement_for_baselines_and_solver_plans(
+    name: str, profiles: dict
+) -> None:
+    built, prof = profiles[name]
+    plans = {s: remat.baseline_plan(s, prof.unit_fqns) for s in BASELINES}
+    for budget in BUDGETS:
+        plans[f"remat:{budget}"] = remat.solve(prof, budget).plan
+    for label, plan in plans.items():
+        predicted = remat.simulate(prof, plan).peak_bytes
+        measured = _measure(built, plan)
+        assert predicted == pytest.approx(measured, rel=0.02), (
+            f"{name} {label}: predicted {predicted:,} measured {measured:,}"
+        )
+
+
+@pytest.mark.parametrize("name", ["gpt", "cnn", "unet"])
+def test_every_solver_plan_fits_its_budget_when_measured(name: str, profiles: dict) -> None:
+    built, prof = profiles[name]
+    for budget in [*BUDGETS, "min"]:
+        result = remat.solve(prof, budget)
+        if result.status == INFEASIBLE:
+            assert result.min_peak_bytes > result.budget_bytes
+            continue
+        assert _measure(built, result.plan) <= result.budget_bytes, (name, budget)
+
+
+def test_recompute_cost_falls_as_the_budget_grows(profiles: dict) -> None:
+    _, prof = profiles["gpt"]
+    costs = [remat.solve(prof, f"{p}%").cost for p in (25, 40, 60, 80, 100)]
+    assert costs == sorted(costs, reverse=True)
+    assert costs[-1] == 0  # the unplanned step fits 100%
+
+
+def test_sqrt_n_regime_on_a_24_layer_gpt() -> None:
+    # Budgets below what `full` reaches need nested segments (a block's activations are ~40x its
+    # input, so one-level segments never pay off); shapes alone (meta) are exact and fast.
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        built = build_builtin("gpt", n_layer=24, seq=512, dropout=0.0)
+    prof = remat.profile(built.model, built.example_inputs, loss_fn=built.loss_fn)
+    assert prof.time_source == "flops"
+    full_peak = prof.full_peak_bytes
+    assert full_peak is not None
+    min_peak = remat.solve(prof, "min").min_peak_bytes
+    assert min_peak < full_peak, "segments reach below every-unit checkpointing"
+    for fraction in (0.25, 0.5, 0.75):
+        budget = int(min_peak + fraction * (full_peak - min_peak))
+        result = remat.solve(prof, budget)
+        assert result.status == OPTIMAL
+        kinds = {a.kind for a in result.plan.actions.values()}
+        assert "nested" in kinds
+        assert _measure(built, result.plan) <= budget
+
+
+def test_auto_applies_a_plan_that_fits_and_keeps_gradients() -> None:
+    reference = _build("gpt")
+    torch.manual_seed(1)
+    remat.profiling.step.training_step(reference.model, reference.example_inputs,
+                                       loss_fn=reference.loss_fn)
+    built = _build("gpt")
+    handle = remat.auto_(built.model, built.example_inputs, budget="40%", loss_fn=built.loss_fn)
+    result = handle.result
+    assert result.measured_peak_bytes <= result.budget_bytes
+    assert result.predicted_overhead is not None and result.predicted_overhead > 1
+    assert handle.checkpointed
+    torch.manual_seed(1)
+    remat.profiling.step.training_step(built.model, built.example_inputs, loss_fn=built.loss_fn)
+    for (n, a), (_, b) in zip(reference.model.named_parameters(), built.model.named_parameters(),
+                              strict=True):
+        assert torch.equal(a.grad, b.grad), n
+    handle.remove()
+
+
+def test_auto_raises_when_no_plan_fits() -> None:
+    built = _build("mlp")
+    with pytest.raises(remat.InfeasibleBudgetError, match="least achievable peak") as info:
+        remat.auto_(built.model, built.example_inputs, budget=1000)
+    assert info.value.result.min_peak_bytes > 1000
+
+
+def test_profile_round_trips_through_json(profiles: dict) -> None:
+    _, prof = profiles["unet"]
+    again = remat.Profile.from_json(prof.to_json())
+    assert again == prof
+    assert prof.cross_unit, "the U-Net's skip tensors live across units"
+
+
+TINY = ["--set", "n_layer=4", "d_model=64", "n_head=4", "vocab=256", "--seq", "64", "--batch", "4"]
+
+
+def test_cli_plan_json_and_verify(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "plan.json"
+    assert main(["plan", "gpt", *TINY, "--budget", "50%", "--out", str(out), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    for key in ("status", "budget_bytes", "predicted_peak_bytes", "predicted_overhead", "plan"):
+        assert key in data
+    assert data["status"] == "OPTIMAL"
+    assert data["measured_peak_bytes"] <= data["budget_bytes"]
+    assert remat.Plan.load(out).units == data["plan"]["units"]
+    assert main(["verify", "gpt", *TINY, "--plan", str(out), "--json"]) == 0
+    verdict = json.loads(capsys.readouterr().out)
+    assert verdict["grads_equal"] and verdict["buffers_equal"]
+    assert verdict["measured_peak_bytes"] < verdict["unplanned_peak_bytes"]
+
+
+def test_cli_plan_baseline_strategy(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "gpt", *TINY, "--strategy", "sqrt_n", "--device", "meta", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["predicted_peak_bytes"] == data["measured_peak_bytes"]
+    assert data["lower_bound"] <= data["recompute_cost"]
+
+
+def test_cli_infeasible_budget_exits_3(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "gpt", *TINY, "--device", "meta", "--budget", "1MiB"]) == 3
+    err = capsys.readouterr().err
+    assert "least feasible budget" in err and "--budget" in err
+
+
+@pytest.mark.parametrize("budget", ["12 XB", "-1", "150%", "abc", "0%"])
+def test_cli_malformed_budget_exits_2(budget: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["plan", "gpt", "--budget", budget])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "22GiB" in err and "%" in err and "min" in err  # the accepted forms are listed
+
+
+def test_cli_plan_needs_a_budget_for_auto(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["plan", "gpt"])
+    assert info.value.code == 2
