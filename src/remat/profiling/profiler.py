@@ -53,7 +53,7 @@ class _UnitMarks:
     def __init__(self, modules: list[nn.Module], on_event: Callable[[tuple[str, int]], None]):
         self.on_event = on_event
         self.handles: list[Any] = []
-        self.outputs: dict[int, set[int]] = {}
+        self.outputs: dict[int, dict[int, int]] = {}
         self.inputs: dict[int, list[tuple[int, int]]] = {}
         self.last_inputs: list[torch.Tensor] = []
         for index, module in enumerate(modules):
@@ -79,7 +79,9 @@ class _UnitMarks:
                 return
             self.on_event(("after", index))
             tensors = tensors_in(output)
-            self.outputs[index] = {id(t.untyped_storage()) for t in tensors}
+            self.outputs[index] = {
+                id(t.untyped_storage()): t.untyped_storage().nbytes() for t in tensors
+            }
             needing = [t for t in tensors if t.requires_grad]
             if needing and torch.is_grad_enabled():
                 torch.autograd.graph.register_multi_grad_hook(
@@ -123,7 +125,7 @@ def _tracked_step(
                 freed[done] = sum(n for ref, n in watching.pop(done) if ref() is None)
             tracker.mark(label)
             if kind == "forward" and index > 0:
-                chain = marks.outputs.get(index - 1, set())
+                chain = marks.outputs.get(index - 1, {})
                 watching[index] = [
                     (weakref.ref(t.untyped_storage()), t.untyped_storage().nbytes())
                     for t in marks.last_inputs
@@ -406,12 +408,11 @@ def profile(
 
 
 def _unit_sizes(marks: _UnitMarks, n: int) -> list[tuple[int, int]]:
-    sizes = []
-    for i in range(n):
-        inputs = marks.inputs.get(i, [])
-        input_bytes = sum(dict(inputs).values())
-        sizes.append((input_bytes, 0))
-    return sizes
+    """(input bytes, output bytes) per unit, each storage counted once."""
+    return [
+        (sum(dict(marks.inputs.get(i, [])).values()), sum(marks.outputs.get(i, {}).values()))
+        for i in range(n)
+    ]
 
 
 def _cross_unit(marks: _UnitMarks, fqns: list[str]) -> list[dict[str, Any]]:
@@ -420,10 +421,8 @@ def _cross_unit(marks: _UnitMarks, fqns: list[str]) -> list[dict[str, Any]]:
     for i in range(len(fqns)):
         for storage_id, nbytes in dict(marks.inputs.get(i, [])).items():
             for j in range(i - 1):
-                if storage_id in marks.outputs.get(j, set()):
-                    found.append(
-                        {"from": fqns[j], "to": fqns[i], "bytes": nbytes, "storage": storage_id}
-                    )
+                if storage_id in marks.outputs.get(j, {}):
+                    found.append({"from": fqns[j], "to": fqns[i], "bytes": nbytes})
     return found
 
 

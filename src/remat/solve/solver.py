@@ -16,6 +16,7 @@ the peak instead of the cost.
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from collections.abc import Sequence
@@ -113,13 +114,34 @@ def _candidate_blocks(
     return starts
 
 
-def _pareto(points: list[tuple[Any, ...]], dims: int) -> list[tuple[Any, ...]]:
-    """Points not dominated in their first ``dims`` coordinates (all lower or equal)."""
-    points.sort(key=lambda p: p[:dims])
-    kept: list[tuple[Any, ...]] = []
+def _pareto(points: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """The states not dominated in (total, persistent, objective): no other state is at most as
+    large in all three. O(F log F): a sweep by objective with a staircase of (total, persistent).
+
+    Example:
+        >>> [p[:3] for p in _pareto([(5, 5, 1.0, 0, ()), (4, 4, 2.0, 0, ()), (6, 6, 2.0, 0, ())])]
+        [(5, 5, 1.0), (4, 4, 2.0)]
+    """
+    best: dict[tuple[int, int], tuple[Any, ...]] = {}
     for point in points:
-        if not any(all(k[d] <= point[d] for d in range(dims)) for k in kept):
-            kept.append(point)
+        key = (point[0], point[1])
+        if key not in best or point[2:4] < best[key][2:4]:
+            best[key] = point
+    stair_total: list[int] = []  # ascending
+    stair_persistent: list[int] = []  # strictly descending
+    kept = []
+    for point in sorted(best.values(), key=lambda p: (p[2], p[3], p[0], p[1])):
+        total, persistent = point[0], point[1]
+        i = bisect.bisect_right(stair_total, total) - 1
+        if i >= 0 and stair_persistent[i] <= persistent:
+            continue  # a state with no larger objective is at most as large here too
+        kept.append(point)
+        j = i if i >= 0 and stair_total[i] == total else i + 1
+        k = j
+        while k < len(stair_total) and stair_persistent[k] >= persistent:
+            k += 1
+        stair_total[j:k] = [total]
+        stair_persistent[j:k] = [persistent]
     return kept
 
 
@@ -136,43 +158,59 @@ def _run(
     """
     n = len(profile.units)
     base = profile.base_bytes
-    states: list[list[tuple[Any, ...]]] = [[] for _ in range(n + 1)]
     fixed = profile.fixed_peak_bytes
-    states[0] = [(0, 0, fixed, 0.0, ()) if minimise_peak else (0, 0, 0.0, fixed, ())]
+    options = [
+        [
+            (
+                b.end + 1,
+                base + c.forward_need_bytes,
+                base + c.backward_need_bytes,
+                c.delta_bytes,
+                c.persistent_delta_bytes,
+                c.cost,
+                b,
+            )
+            for b, c in starts[i]
+        ]
+        for i in range(n)
+    ]
+    # A state: (total, persistent, objective, other, path); a path is a linked list
+    # (block, previous path), so extending it costs nothing.
+    states: list[list[tuple[Any, ...]]] = [[] for _ in range(n + 1)]
+    states[0] = [(0, 0, fixed, 0.0, None) if minimise_peak else (0, 0, 0.0, fixed, None)]
     for i in range(n):
-        frontier = _pareto(states[i], 3)
+        frontier = _pareto(states[i])
         states[i] = []
-        for total, persistent, first, second, blocks in frontier:
+        for total, persistent, first, second, path in frontier:
             cost, peak = (second, first) if minimise_peak else (first, second)
-            for block, bc in starts[i]:
-                moment = max(
-                    base + total + bc.forward_need_bytes, base + persistent + bc.backward_need_bytes
-                )
+            for end, fwd, bwd, delta, pdelta, block_cost_, block in options[i]:
+                moment = max(total + fwd, persistent + bwd)
                 if moment > budget_bytes:
                     continue
-                new_peak = max(peak, moment)
-                new_cost = cost + bc.cost
-                objective = (new_peak, new_cost) if minimise_peak else (new_cost, new_peak)
-                states[block.end + 1].append(
-                    (
-                        total + bc.delta_bytes,
-                        persistent + bc.persistent_delta_bytes,
-                        *objective,
-                        (*blocks, block),
-                    )
-                )
+                new_peak = peak if peak >= moment else moment
+                new_cost = cost + block_cost_
+                if minimise_peak:
+                    state = (total + delta, persistent + pdelta, new_peak, new_cost, (block, path))
+                else:
+                    state = (total + delta, persistent + pdelta, new_cost, new_peak, (block, path))
+                states[end].append(state)
     best = None
-    for _total, persistent, first, second, blocks in states[n]:
+    for _total, persistent, first, second, path in states[n]:
         cost, peak = (second, first) if minimise_peak else (first, second)
         peak = max(peak, base + persistent + profile.end_need_bytes)
         if peak > budget_bytes:
             continue
         key = (peak, cost) if minimise_peak else (cost, peak)
         if best is None or key < best[0]:
-            best = (key, cost, peak, list(blocks))
+            best = (key, cost, peak, path)
     if best is None:
         return None
-    return best[1], best[2], best[3]
+    blocks: list[Block] = []
+    path = best[3]
+    while path is not None:
+        blocks.append(path[0])
+        path = path[1]
+    return best[1], best[2], blocks[::-1]
 
 
 def plan_from_blocks(profile: Profile, blocks: Sequence[Block], **fields_: Any) -> Plan:
@@ -244,7 +282,8 @@ def solve(
         budget: bytes, ``"22GiB"``, ``"60%"`` or ``"min"`` (see :class:`Budget`).
         actions: what plans may use: ``keep``, ``recompute``, ``segment``.
         max_segment: longest segment considered; default: all (exact) up to 64 units, else
-            ``max(16, 2 * ceil(sqrt(n)))``, which keeps 96 units well under a second.
+            ``max(12, ceil(1.5 * sqrt(n)))`` (sqrt(n) is the optimal segment length for equal
+            units), which keeps 96 units under a second.
 
     Returns:
         A :class:`SolveResult`; ``INFEASIBLE`` (never an exception) when no plan fits, with the
@@ -271,7 +310,7 @@ def solve(
     n = len(profile.units)
     exact = max_segment is None and n <= EXACT_UP_TO_UNITS
     if max_segment is None:
-        max_segment = n if exact else max(16, 2 * math.ceil(math.sqrt(n)))
+        max_segment = n if exact else max(12, math.ceil(1.5 * math.sqrt(n)))
     if max_segment < 1:
         raise ValueError(f"max_segment: got {max_segment}; expected an integer >= 1")
     starts = _candidate_blocks(profile, actions, max_segment)
