@@ -426,17 +426,6 @@ def _cross_unit(marks: _UnitMarks, fqns: list[str]) -> list[dict[str, Any]]:
     return found
 
 
-def _skip_outputs(cross: list[dict[str, Any]], fqns: list[str]) -> list[list[list[int]]]:
-    """Per unit, [last reader's index, bytes] for each of its output storages that a later
-    non-adjacent unit reads: a segment ending before that reader cannot drop them."""
-    per_unit: list[dict[int, list[int]]] = [{} for _ in fqns]
-    index = {fqn: i for i, fqn in enumerate(fqns)}
-    for link in cross:
-        entry = per_unit[index[link["from"]]].setdefault(link["storage"], [0, link["bytes"]])
-        entry[0] = max(entry[0], index[link["to"]])
-    return [sorted(d.values()) for d in per_unit]
-
-
 def _static_bytes(model: nn.Module, example_inputs: Any, optimizer: str) -> int:
     """Parameters, buffers and inputs, plus a gradient per trainable parameter and the optimizer
     state (two per parameter for AdamW)."""
