@@ -29,7 +29,18 @@ logger = logging.getLogger(__name__)
 
 
 class InfeasibleBudgetError(ValueError):
-    """No plan fits the budget; ``result.min_peak_bytes`` is the least achievable peak."""
+    """No plan fits the budget; ``result.min_peak_bytes`` is the least achievable peak.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+        >>> try:
+        ...     auto_(model, (torch.randn(4, 8),), budget=1)
+        ... except InfeasibleBudgetError as error:
+        ...     error.result.status, error.result.min_peak_bytes > 1
+        ('INFEASIBLE', True)
+    """
 
     def __init__(self, result: SolveResult) -> None:
         self.result = result

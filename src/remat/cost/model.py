@@ -52,7 +52,13 @@ FORMAT_VERSION = 1
 class UnitProfile:
     """One unit's measurements. Bytes are live tensor storage; each ``*_need_*`` figure is a peak
     minus the live total when the unit's forward started, in the run named (see the module
-    docstring)."""
+    docstring).
+
+    Example:
+        >>> unit = UnitProfile(fqn="blocks.0", forward_ms=2.5, forward_flops=10**9)
+        >>> unit.recompute_cost("measured"), unit.recompute_cost("flops")
+        (2.5, 1000000000.0)
+    """
 
     fqn: str
     class_name: str = ""
