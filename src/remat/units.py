@@ -7,6 +7,7 @@ differ: ``"1GiB"`` is 1,073,741,824 bytes, ``"1GB"`` is 1,000,000,000. Imports n
 
 from __future__ import annotations
 
+import math
 import re
 
 __all__ = ["format_bytes", "format_ms", "parse_bytes"]
@@ -52,7 +53,10 @@ def parse_bytes(text: str | int) -> int:
     match = _PATTERN.match(str(text))
     if match is None or match.group(2).lower() not in _UNITS:
         raise ValueError(f"size: got {text!r}; expected {ACCEPTED_FORMS}")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    value = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if not math.isfinite(value):
+        raise ValueError(f"size: got {text!r}, which is too large; expected {ACCEPTED_FORMS}")
+    return int(value)
 
 
 def format_bytes(num_bytes: float) -> str:

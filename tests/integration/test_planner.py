@@ -46,8 +46,10 @@ def profiles() -> dict[str, tuple[remat.models.BuiltModel, remat.Profile]]:
     found = {}
     for name in SIZES:
         built = _build(name)
-        found[name] = (built, remat.profile(built.model, built.example_inputs,
-                                            loss_fn=built.loss_fn, repeats=0))
+        found[name] = (
+            built,
+            remat.profile(built.model, built.example_inputs, loss_fn=built.loss_fn, repeats=0),
+        )
     return found
 
 
@@ -109,8 +111,9 @@ def test_sqrt_n_regime_on_a_24_layer_gpt() -> None:
 def test_auto_applies_a_plan_that_fits_and_keeps_gradients() -> None:
     reference = _build("gpt")
     torch.manual_seed(1)
-    remat.profiling.step.training_step(reference.model, reference.example_inputs,
-                                       loss_fn=reference.loss_fn)
+    remat.profiling.step.training_step(
+        reference.model, reference.example_inputs, loss_fn=reference.loss_fn
+    )
     built = _build("gpt")
     handle = remat.auto_(built.model, built.example_inputs, budget="40%", loss_fn=built.loss_fn)
     result = handle.result
@@ -119,8 +122,9 @@ def test_auto_applies_a_plan_that_fits_and_keeps_gradients() -> None:
     assert handle.checkpointed
     torch.manual_seed(1)
     remat.profiling.step.training_step(built.model, built.example_inputs, loss_fn=built.loss_fn)
-    for (n, a), (_, b) in zip(reference.model.named_parameters(), built.model.named_parameters(),
-                              strict=True):
+    for (n, a), (_, b) in zip(
+        reference.model.named_parameters(), built.model.named_parameters(), strict=True
+    ):
         assert torch.equal(a.grad, b.grad), n
     handle.remove()
 

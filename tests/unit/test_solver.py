@@ -10,9 +10,10 @@ without the ``remat`` package (whose ``__init__`` imports torch) to check they n
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
-import random
+import re
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import remat.cost.model as model_module
+from remat.cost import model as model_module
 from remat.cost.model import (
     Block,
     Profile,
@@ -32,6 +33,7 @@ from remat.cost.model import (
     simulate,
 )
 from remat.plan import Plan
+from remat.solve import solver as solver_module
 from remat.solve.budget import ACCEPTED_BUDGETS, Budget
 from remat.solve.solver import (
     FEASIBLE,
@@ -42,7 +44,9 @@ from remat.solve.solver import (
     solve,
 )
 
-ALL_ACTIONS = ("keep", "recompute", "segment")
+ALL_ACTIONS = tuple(solver_module.ACTIONS)  # keep, recompute, segment (and nested, if offered)
+CLASSIC = ("keep", "recompute", "segment")
+GROUP_KIND = {"segment": "replay", "nested": "nested"}  # action -> Block kind of a multi-unit run
 PROPERTY = settings(
     derandomize=True,
     max_examples=500,
@@ -85,8 +89,15 @@ def _unit(
     )
 
 
-def _finish(units: list[UnitProfile], *, static: int, base_extra: int, fixed_extra: int,
-            end_need: int, fingerprint: bool = False) -> Profile:
+def _finish(
+    units: list[UnitProfile],
+    *,
+    static: int,
+    base_extra: int,
+    fixed_extra: int,
+    end_need: int,
+    fingerprint: bool = False,
+) -> Profile:
     """A profile around ``units`` whose ``peak_bytes`` is the unplanned (all-keep) peak."""
     base = static + base_extra
     profile = Profile(
@@ -114,9 +125,7 @@ def profiles(draw: st.DrawFn, max_units: int = 6) -> Profile:
         keep = draw(st.integers(0, 500))
         recompute = draw(st.integers(0, keep))
         inner = draw(
-            st.one_of(
-                st.just(0), st.integers(-previous_recompute, 0), st.integers(0, recompute)
-            )
+            st.one_of(st.just(0), st.integers(-previous_recompute, 0), st.integers(0, recompute))
         )
         backward = [
             draw(maybe_none if maybe_none is not None else st.integers(0, 600)) for _ in range(3)
@@ -155,41 +164,37 @@ def profiles(draw: st.DrawFn, max_units: int = 6) -> Profile:
     )
 
 
-def random_profile(rng: random.Random, n: int) -> Profile:
-    """The same kind of chain from a seeded generator (for chains too long for brute force)."""
+STAGES = (1, 2)  # KiB per output in each stage of staged_profile
+
+
+def staged_profile(num_units: int = 96) -> Profile:
+    """A long chain shaped like a real network: an embedding, stages of different widths
+    (``STAGES``), each alternating a wide unit (10 outputs kept) and a narrow one (6), and a head;
+    recomputing costs in proportion to what a unit keeps."""
+    kib = 2**10
     units = []
-    previous_recompute = 0
-    for i in range(n):
-        scale = rng.choice([1, 1, 4, 16])  # varied sizes: some units are much larger
-        keep = rng.randint(0, 500) * scale
-        recompute = rng.randint(0, keep)
-        inner = rng.choice([0, rng.randint(-previous_recompute, 0), rng.randint(0, recompute)])
-        needs = [rng.randint(0, 600) * scale for _ in range(6)]
+    for i in range(num_units):
+        width = STAGES[len(STAGES) * i // num_units] * kib
+        keep = 24 * kib if i in (0, num_units - 1) else (10 if i % 2 else 6) * width
         units.append(
-            _unit(
-                f"layers.{i}",
-                keep=keep,
-                recompute=recompute,
-                inner=inner,
-                input_freed=rng.randint(0, 200) * scale,
-                needs=needs[:3],
-                excess=rng.randint(0, 400) * scale,
-                backward=[None if rng.random() < 0.05 else need for need in needs[3:]],
-                forward_ms=rng.choice([rng.randint(1, 20), rng.uniform(0.01, 20.0)]),
-                forward_only=[
-                    rng.randint(0, keep),
-                    rng.randint(0, recompute),
-                    rng.randint(0, max(inner, 0)),
-                ],
+            UnitProfile(
+                fqn=f"layers.{i}",
+                keep_bytes=keep,
+                recompute_bytes=width,
+                inner_bytes=0,
+                input_freed_bytes=width,
+                forward_need_keep_bytes=keep + width,
+                forward_need_recompute_bytes=2 * width,
+                forward_need_inner_bytes=2 * width,
+                forward_excess_bytes=keep + width,
+                backward_need_keep_bytes=2 * keep,
+                backward_need_recompute_bytes=3 * keep,
+                backward_start_recompute_bytes=width,
+                forward_ms=keep / kib / 4,
             )
         )
-        previous_recompute = recompute
     return _finish(
-        units,
-        static=rng.randint(1, 10**6),
-        base_extra=rng.randint(100, 600),
-        fixed_extra=rng.randint(0, 1500),
-        end_need=rng.randint(0, 600),
+        units, static=2**20, base_extra=64 * kib, fixed_extra=128 * kib, end_need=256 * kib
     )
 
 
@@ -202,7 +207,8 @@ def block_sequences(
     n: int, actions: Sequence[str] = ALL_ACTIONS, max_segment: int | None = None
 ) -> list[tuple[Block, ...]]:
     """Every cut of units 0..n-1 into consecutive blocks that ``actions`` and ``max_segment``
-    (longest segment, in units) allow."""
+    (longest segment, in units) allow: keep one unit, recompute one unit, or replay a run of two or
+    more units as a segment (or a nested segment, where the solver offers it)."""
     longest = n if max_segment is None else max_segment
 
     def cuts(start: int) -> list[tuple[Block, ...]]:
@@ -213,10 +219,11 @@ def block_sequences(
             options.append(Block("keep", start, start))
         if "recompute" in actions:
             options.append(Block("replay", start, start))
-        if "segment" in actions:
-            for length in range(2, longest + 1):
-                if start + length <= n:
-                    options.append(Block("replay", start, start + length - 1))
+        for action, kind in GROUP_KIND.items():
+            if action in actions:
+                for length in range(2, longest + 1):
+                    if start + length <= n:
+                        options.append(Block(kind, start, start + length - 1))
         return [(block, *rest) for block in options for rest in cuts(block.end + 1)]
 
     return cuts(0)
@@ -240,7 +247,7 @@ def least_cost(plans: list[tuple[float, int, tuple[Block, ...]]], budget: int) -
 
 def test_block_sequences_counts() -> None:
     # a(n) = 2 a(n-1) + a(n-2) + ... + a(0): keep or recompute the first unit, or a segment.
-    assert [len(block_sequences(n)) for n in range(7)] == [1, 2, 5, 13, 34, 89, 233]
+    assert [len(block_sequences(n, CLASSIC)) for n in range(7)] == [1, 2, 5, 13, 34, 89, 233]
     assert [len(block_sequences(n, ("keep", "recompute"))) for n in range(5)] == [1, 2, 4, 8, 16]
     assert len(block_sequences(5, max_segment=1)) == 32
     assert len(block_sequences(3, ("keep",))) == 1
@@ -253,15 +260,15 @@ def profile_and_budget(draw: st.DrawFn) -> tuple[Profile, int]:
     profile = draw(profiles())
     peaks = sorted({peak for _, peak, _ in brute_force(profile)})
     least, unplanned = peaks[0], profile.peak_bytes
-    regime = draw(st.integers(0, 9))
-    if regime == 0:
-        budget = least - draw(st.integers(1, least - 1))
-    elif regime == 1:
-        budget = unplanned + draw(st.integers(0, 10**6))
-    elif regime in (2, 3):
-        budget = draw(st.sampled_from(peaks))
-    else:
+    regime = draw(st.integers(0, 9))  # hypothesis favours small numbers: the usual case first
+    if regime <= 5:
         budget = draw(st.integers(least, unplanned))
+    elif regime <= 7:
+        budget = draw(st.sampled_from(peaks))
+    elif regime == 8:
+        budget = least - draw(st.integers(1, least - 1))
+    else:
+        budget = unplanned + draw(st.integers(0, 10**6))
     return profile, budget
 
 
@@ -305,6 +312,8 @@ def test_solve_matches_brute_force(case: tuple[Profile, int]) -> None:
         assert result.status == INFEASIBLE
         assert result.predicted_peak_bytes == least_peak
         assert simulate(profile, result.plan).peak_bytes == least_peak
+        cheapest = least_cost(plans, least_peak)  # the cheapest of the plans with the least peak
+        assert math.isclose(result.cost, cheapest, rel_tol=1e-9, abs_tol=1e-9)
         assert str(least_peak) in result.notes[0].replace(",", "")
 
 
@@ -324,7 +333,13 @@ def test_min_budget_reaches_least_peak_at_least_cost(profile: Profile) -> None:
 @given(
     profile_and_budget(),
     st.sampled_from(
-        [("keep",), ("keep", "recompute"), ("keep", "segment"), ("recompute", "keep", "segment")]
+        [
+            ("keep",),
+            ("keep", "recompute"),
+            ("keep", "segment"),
+            ("recompute", "keep", "segment"),
+            *[("keep", action) for action in ALL_ACTIONS if action not in CLASSIC],
+        ]
     ),
     st.one_of(st.none(), st.integers(1, 4)),
 )
@@ -371,7 +386,7 @@ def test_cost_never_rises_as_budget_grows(profile: Profile) -> None:
         result = solve(profile, budget)
         assert result.status == OPTIMAL
         costs.append(result.cost)
-    assert all(later <= earlier + 1e-9 for earlier, later in zip(costs, costs[1:])), costs
+    assert all(later <= earlier + 1e-9 for earlier, later in itertools.pairwise(costs)), costs
     assert costs[-1] == 0.0  # the unplanned peak admits keeping everything
 
 
@@ -434,8 +449,9 @@ def test_binding_budget_hand_profile() -> None:
     # retained, moments at most 1310. Without blocks.1, each other unit sheds 90 for 1 ms; the
     # forward of blocks.3 needs blocks.0 and blocks.2 (180 >= 150) and the loss then blocks.3 too
     # (270 >= 200): 3 ms. A segment ending at blocks.3 holds blocks.0..2's retention at its first
-    # forward (1000 + 500 + 10 + 50 > 1500); a segment with blocks.1 costs at least 3.5 ms. So the
-    # only optimum recomputes blocks.1, at a peak of 1310 (the loss).
+    # forward (1000 + 500 + 10 + 50 > 1500); a segment with blocks.1 costs at least 3.5 ms (a nested
+    # segment more: it replays all but its last unit twice). So the only optimum recomputes
+    # blocks.1, at a peak of 1310 (the loss).
     profile = hand_profile()
     result = solve(profile, 1500)
     assert result.status == OPTIMAL
@@ -482,15 +498,18 @@ def test_infeasible_returns_least_peak_plan(profile: Profile) -> None:
 
 
 def test_hand_profile_least_peak() -> None:
-    # Everything recomputed retains 10 per unit: blocks.3's forward and backward peak at
-    # 1000 + 30 + 50 = 1080. Keeping blocks.3 leaves 130 at the loss (1130); a segment replays its
-    # units' kept activations in backward (at least 1000 + 100 + 50 = 1150). So 1080 is the least.
+    # With keep, recompute and segments: everything recomputed retains 10 per unit, so blocks.3's
+    # forward and backward peak at 1000 + 30 + 50 = 1080. Keeping blocks.3 leaves 130 at the loss
+    # (1130); a segment replays its units' kept activations in backward (at least
+    # 1000 + 100 + 50 = 1150 for one that ends after blocks.0). So 1080 is the least.
     profile = hand_profile()
-    result = solve(profile, "min")
+    result = solve(profile, "min", actions=CLASSIC)
     assert result.status == OPTIMAL
     assert result.min_peak_bytes == result.predicted_peak_bytes == 1080
     assert set(actions_of(result).values()) == {"recompute"}
-    assert solve(profile, 1079).status == INFEASIBLE
+    assert solve(profile, 1079, actions=CLASSIC).status == INFEASIBLE
+    # More actions can only lower it.
+    assert solve(profile, "min").min_peak_bytes <= 1080
 
 
 @pytest.mark.parametrize("profile", [example_profile(), hand_profile(), example_profile(7)])
@@ -553,7 +572,12 @@ def test_bad_max_segment_raises(max_segment: int) -> None:
 
 def test_plan_from_blocks_labels_segments_apart() -> None:
     profile = example_profile(6)
-    blocks = [Block("replay", 0, 1), Block("replay", 2, 3), Block("keep", 4, 4), Block("replay", 5, 5)]
+    blocks = [
+        Block("replay", 0, 1),
+        Block("replay", 2, 3),
+        Block("keep", 4, 4),
+        Block("replay", 5, 5),
+    ]
     plan = plan_from_blocks(profile, blocks)
     assert model_module.blocks_of(profile, plan) == blocks
     assert simulate(profile, plan) == evaluate_blocks(profile, blocks)
@@ -611,8 +635,27 @@ def test_percent_budget_in_solve() -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["12 XB", "-1", "150%", "0%", "-5%", "abc", "", "   ", "0", 0, -5, True, False, 1.5e9,
-             None, "1.5.3GB", "GiB", "12 GiB extra"]
+    "text",
+    [
+        "12 XB",
+        "-1",
+        "150%",
+        "0%",
+        "-5%",
+        "abc",
+        "",
+        "   ",
+        "0",
+        0,
+        -5,
+        True,
+        False,
+        1.5e9,
+        None,
+        "1.5.3GB",
+        "GiB",
+        "12 GiB extra",
+    ],
 )
 def test_budget_errors_list_accepted_forms(text: object) -> None:
     with pytest.raises(ValueError) as error:
@@ -622,11 +665,6 @@ def test_budget_errors_list_accepted_forms(text: object) -> None:
         solve(example_profile(), text)  # type: ignore[arg-type]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Budget.parse('1e999') raises OverflowError (int(float('inf')) in"
-    " remat.units.parse_bytes) instead of a ValueError listing the accepted forms",
-)
 def test_budget_overflowing_size_is_a_value_error() -> None:
     with pytest.raises(ValueError):
         Budget.parse("1e999")
@@ -653,7 +691,7 @@ def test_result_to_dict_is_json_and_plan_round_trips(case: tuple[Profile, int]) 
 def test_example_result_to_dict() -> None:
     result = solve(example_profile(), 1300)
     data = json.loads(json.dumps(result.to_dict()))
-    assert set(data) == {
+    assert set(data) >= {
         "status", "budget_bytes", "predicted_peak_bytes", "predicted_step_ms",
         "predicted_overhead", "cost", "lower_bound", "min_peak_bytes", "solve_time_s", "where",
         "notes", "plan",
@@ -664,26 +702,21 @@ def test_example_result_to_dict() -> None:
 
 
 # ------------------------------------------------------------------------------- 9. a long chain
-@pytest.mark.parametrize("seed", [0, 1])
-def test_long_chain_is_feasible_with_capped_segments(seed: int) -> None:
-    rng = random.Random(seed)
-    profile = random_profile(rng, 96)
-    least = solve(profile, "min", actions=("keep", "recompute")).min_peak_bytes
-    for budget in (
-        profile.peak_bytes,
-        (least + profile.peak_bytes) // 2,
-        least + (profile.peak_bytes - least) // 5,
-    ):
-        result = solve(profile, budget)
-        assert result.status == FEASIBLE
-        assert result.min_peak_bytes <= least  # segments can only lower the least peak
-        assert result.predicted_peak_bytes <= budget
-        assert 0 <= result.lower_bound <= result.cost + 1e-9
-        assert simulate(profile, result.plan).peak_bytes == result.predicted_peak_bytes
-        assert any("capped" in note for note in result.notes)
-        blocks = model_module.blocks_of(profile, result.plan)
-        assert max(block.end - block.start + 1 for block in blocks) <= 20  # max(16, 2 ceil(√96))
-    assert solve(profile, profile.peak_bytes).cost == 0.0
+def test_long_chain_is_feasible_with_capped_segments() -> None:
+    # 96 units (> 64): segments are capped, so the result is FEASIBLE, not OPTIMAL. No timing here:
+    # solve time belongs in benchmarks/planner.py.
+    profile = staged_profile(96)
+    result = solve(profile, "50%")
+    assert result.status == FEASIBLE
+    assert result.budget_bytes == (profile.static_bytes + profile.peak_bytes) // 2
+    assert result.min_peak_bytes < result.predicted_peak_bytes <= result.budget_bytes
+    assert 0 < result.lower_bound <= result.cost + 1e-9
+    check_result_consistent(profile, result)
+    (cap,) = [int(m) for note in result.notes for m in re.findall(r"capped at (\d+) units", note)]
+    assert 1 < cap < 96
+    blocks = model_module.blocks_of(profile, result.plan)
+    assert max(block.end - block.start + 1 for block in blocks) <= cap
+    assert {str(a) for a in result.plan.actions.values()} != {"keep"}  # the budget binds
 
 
 # ------------------------------------------------------------------------------------ no torch
@@ -697,7 +730,9 @@ def test_solver_imports_no_torch() -> None:
         " ('remat.cost', root / 'cost')):\n"
         "    pkg = types.ModuleType(name); pkg.__path__ = [str(path)]; sys.modules[name] = pkg\n"
         "import remat.cost.model, remat.solve.solver, remat.solve.budget\n"
-        "result = remat.solve.solver.solve(remat.cost.model.example_profile(), 'min')\n"
+        "from remat.cost.model import example_profile\n"
+        "from remat.solve.solver import solve\n"
+        "result = solve(example_profile(), 'min')\n"
         "assert result.status == 'OPTIMAL', result.status\n"
         "sys.exit(1 if 'torch' in sys.modules else 0)\n"
     )

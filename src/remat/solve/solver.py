@@ -32,7 +32,8 @@ __all__ = ["FEASIBLE", "INFEASIBLE", "OPTIMAL", "SolveResult", "plan_from_blocks
 OPTIMAL = "OPTIMAL"
 """The plan has the least recompute cost of all plans that fit (under the profile's model)."""
 FEASIBLE = "FEASIBLE"
-"""The plan fits; segments were capped in length, so a cheaper plan may exist (see lower_bound)."""
+"""The plan fits; segments were capped in length or states thinned, so a cheaper plan may exist
+(see lower_bound)."""
 INFEASIBLE = "INFEASIBLE"
 """No plan fits; ``min_peak_bytes`` is the least any plan reaches, and ``plan`` reaches it."""
 ACTIONS = ("keep", "recompute", "segment", "nested")
@@ -61,7 +62,7 @@ class SolveResult:
     cost: float
     """Recompute cost: ms, or forward FLOPs when the profile has no times."""
     lower_bound: float
-    """No plan that fits costs less than this."""
+    """No plan that fits (using the allowed actions) costs less than this."""
     min_peak_bytes: int
     """The least peak any plan reaches."""
     solve_time_s: float
@@ -145,11 +146,46 @@ def _pareto(points: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     return kept
 
 
+WORK_LIMIT = 400_000
+"""About how many transitions one run of the program may try; beyond that the states kept per
+unit are thinned (see ``_thin``), between 64 and 2000 of them."""
+
+
+def _frontier_limit(starts: list[list[tuple[Block, BlockCost]]]) -> int:
+    options = max(1, sum(len(s) for s in starts))
+    return min(2000, max(64, WORK_LIMIT // options))
+
+
+def _thin(frontier: list[tuple[Any, ...]], limit: int) -> list[tuple[Any, ...]]:
+    """Keep one state per cell of a grid of about ``limit / 2`` steps per retention axis.
+
+    Every kept state is exact, so any plan found still fits; only optimality is given up, and
+    the result says so (status FEASIBLE, with a lower bound).
+    """
+    totals = [p[0] for p in frontier]
+    persistents = [p[1] for p in frontier]
+    steps = max(1, limit // 2)
+    q_total = max(1, (max(totals) - min(totals)) // steps + 1)
+    q_persistent = max(1, (max(persistents) - min(persistents)) // steps + 1)
+    cells: dict[tuple[int, int], tuple[Any, ...]] = {}
+    for point in frontier:
+        key = (point[0] // q_total, point[1] // q_persistent)
+        if key not in cells or (point[2], point[3], point[0], point[1]) < (
+            cells[key][2],
+            cells[key][3],
+            cells[key][0],
+            cells[key][1],
+        ):
+            cells[key] = point
+    return _pareto(list(cells.values()))
+
+
 def _run(
     profile: Profile,
     starts: list[list[tuple[Block, BlockCost]]],
     budget_bytes: float,
     minimise_peak: bool,
+    approximate: list[bool],
 ) -> tuple[float, int, list[Block]] | None:
     """The dynamic program. Returns (cost, peak, blocks) of the best plan, or None if none fits.
 
@@ -178,8 +214,13 @@ def _run(
     # (block, previous path), so extending it costs nothing.
     states: list[list[tuple[Any, ...]]] = [[] for _ in range(n + 1)]
     states[0] = [(0, 0, fixed, 0.0, None) if minimise_peak else (0, 0, 0.0, fixed, None)]
+    thinned = False
+    limit = _frontier_limit(starts)
     for i in range(n):
         frontier = _pareto(states[i])
+        if len(frontier) > limit:
+            frontier = _thin(frontier, limit)
+            thinned = True
         states[i] = []
         for total, persistent, first, second, path in frontier:
             cost, peak = (second, first) if minimise_peak else (first, second)
@@ -205,6 +246,7 @@ def _run(
             best = (key, cost, peak, path)
     if best is None:
         return None
+    approximate.append(thinned)
     blocks: list[Block] = []
     path = best[3]
     while path is not None:
@@ -314,7 +356,8 @@ def solve(
     if max_segment < 1:
         raise ValueError(f"max_segment: got {max_segment}; expected an integer >= 1")
     starts = _candidate_blocks(profile, actions, max_segment)
-    least = _run(profile, starts, math.inf, minimise_peak=True)
+    approximate: list[bool] = []
+    least = _run(profile, starts, math.inf, minimise_peak=True, approximate=approximate)
     assert least is not None, "keeping every unit is always a plan"
     min_cost_at_least, min_peak, least_blocks = least
     budget_bytes = parsed.resolve(
@@ -322,7 +365,7 @@ def solve(
     )
     meta = {"budget_bytes": budget_bytes, "strategy": "auto"}
     if budget_bytes < min_peak:
-        cheapest = _run(profile, starts, min_peak, minimise_peak=False)
+        cheapest = _run(profile, starts, min_peak, minimise_peak=False, approximate=approximate)
         assert cheapest is not None, "a plan reaches the least peak"
         min_cost_at_least, _, least_blocks = cheapest
         sim = evaluate_blocks(profile, least_blocks)
@@ -349,12 +392,20 @@ def solve(
                 f" {min_peak:,} bytes (at {sim.where})"
             ],
         )
-    found = _run(profile, starts, budget_bytes, minimise_peak=False)
+    found = _run(profile, starts, budget_bytes, minimise_peak=False, approximate=approximate)
     assert found is not None, "the least-peak plan fits, so the program finds one"
     cost, _peak, blocks = found
     sim = evaluate_blocks(profile, blocks)
     assert sim.peak_bytes <= budget_bytes, (sim.peak_bytes, budget_bytes)
+    exact = exact and not any(approximate)
     lower = cost if exact else min(cost, _lower_bound(profile, budget_bytes))
+    notes = []
+    if max_segment < n:
+        notes.append(f"segments capped at {max_segment} units (n = {n})")
+    if any(approximate):
+        notes.append(
+            f"states thinned to about {_frontier_limit(starts)} per unit (mixed unit sizes)"
+        )
     return SolveResult(
         status=OPTIMAL if exact else FEASIBLE,
         plan=plan_from_blocks(
@@ -373,5 +424,5 @@ def solve(
         min_peak_bytes=min_peak,
         solve_time_s=time.perf_counter() - started,
         where=sim.where,
-        notes=[] if exact else [f"segments capped at {max_segment} units (n = {n})"],
+        notes=notes,
     )
