@@ -351,7 +351,7 @@ def profile(
     end_need = end_mark.peak_bytes - base - QK[n] if end_mark is not None else 0
 
     none_report_units = _unit_sizes(k_units, n)
-    flops = _forward_flops(model, example_inputs, unit_modules)
+    flops = _forward_flops(model, example_inputs, unit_fqns)
     cross = _cross_unit(k_units, unit_fqns)
     units_out = []
     for j, fqn in enumerate(unit_fqns):
@@ -438,19 +438,9 @@ def _static_bytes(model: nn.Module, example_inputs: Any, optimizer: str) -> int:
     return sum(storages.values()) + trainable * (1 + states)
 
 
-def _forward_flops(
-    model: nn.Module, example_inputs: Any, unit_modules: list[nn.Module]
-) -> list[int]:
+def _forward_flops(model: nn.Module, example_inputs: Any, unit_fqns: list[str]) -> list[int]:
     """Forward FLOPs per unit from one forward under the tracker (no backward)."""
-    names = {id(m): f"unit{i}" for i, m in enumerate(unit_modules)}
     with torch.no_grad(), track_memory(model) as tracker:
         call_model(model, example_inputs)
-    report = tracker.report()
-    fqn_of = {id(m): name for name, m in model.named_modules()}
-    del names
-    return [
-        report.modules.get(fqn_of[id(m)], None).forward_flops  # type: ignore[union-attr]
-        if fqn_of[id(m)] in report.modules
-        else 0
-        for m in unit_modules
-    ]
+    modules = tracker.report().modules
+    return [modules[fqn].forward_flops if fqn in modules else 0 for fqn in unit_fqns]
