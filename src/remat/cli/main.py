@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except BrokenPipeError:  # `remat ... | head`: the reader left; not an error
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (silence the flush at exit)
+        sys.stdout = open(os.devnull, "w")  # the flush at exit would raise again
         return 0
     except UsageError as error:
         parser.exit(EXIT_USAGE, f"remat {args.command}: error: {error}\n")
