@@ -13,6 +13,7 @@ from remat.plan import Action, Plan
 from remat.profiling import MemoryReport, ModuleStats, track_memory
 from remat.profiling.profiler import profile
 from remat.solve import Budget, SolveResult, baseline_plan, solve
+from remat.verify import VerifyReport, verify
 
 __all__ = [
     "Action",
@@ -25,6 +26,7 @@ __all__ = [
     "Profile",
     "SolveResult",
     "UnitProfile",
+    "VerifyReport",
     "apply_",
     "auto_",
     "baseline_plan",
@@ -35,5 +37,6 @@ __all__ = [
     "simulate",
     "solve",
     "track_memory",
+    "verify",
 ]
 __version__ = "0.1.0"

@@ -20,6 +20,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 __all__ = [
     "TorchDispatchMode",
     "flop_formula",
+    "forward_hook_count",
+    "global_forward_hook_count",
     "in_backward",
     "is_fake_tensor",
     "tensor_version",
@@ -48,6 +50,20 @@ def is_fake_tensor(tensor: torch.Tensor) -> bool:
     from torch._subclasses.fake_tensor import FakeTensor  # private module, stable since 2.0
 
     return isinstance(tensor, FakeTensor)
+
+
+def forward_hook_count(module: torch.nn.Module) -> int:
+    """Forward and forward-pre hooks registered on one module (``Module._forward_hooks`` and
+    ``_forward_pre_hooks`` are private dicts; there is no public way to list hooks)."""
+    return len(module._forward_hooks) + len(module._forward_pre_hooks)
+
+
+def global_forward_hook_count() -> int:
+    """Hooks registered with ``register_module_forward_hook`` / ``_pre_hook``, which run for
+    every module (private dicts of ``torch.nn.modules.module``)."""
+    from torch.nn.modules import module as module_module
+
+    return len(module_module._global_forward_hooks) + len(module_module._global_forward_pre_hooks)
 
 
 def flop_formula(func: Any) -> Callable[..., int] | None:

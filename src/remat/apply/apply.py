@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
+from remat import _compat
 from remat.apply.checkpoint import Region
 from remat.apply.units import UnitSpec, find_units
 from remat.plan import Action, Plan, closest_names
@@ -97,6 +99,8 @@ class Handle:
     """Every planned module FQN -> its action (``keep`` units included)."""
     result: Any = None
     """The ``SolveResult`` when the plan came from the solver (``remat.auto_``)."""
+    notes: list[str] = field(default_factory=list)
+    """Warnings raised while applying (forward hooks that run again during recompute)."""
     _installed: list[tuple[nn.Module, Any]] = field(default_factory=list, repr=False)
 
     @property
@@ -122,6 +126,50 @@ class Handle:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.remove()
+
+
+def _refuse_double_checkpointing(
+    model: nn.Module, modules: dict[str, nn.Module], targets: list[str]
+) -> None:
+    """A model that checkpoints itself and a plan on top recompute twice (and reentrant inner
+    checkpoints can drop gradients): refuse, saying which to turn off."""
+    for name, module in model.named_modules():
+        if getattr(module, "gradient_checkpointing", False) is True:
+            raise ValueError(
+                f"apply_: {name or type(model).__name__} already checkpoints itself"
+                " (gradient_checkpointing=True, as Hugging Face's gradient_checkpointing_enable()"
+                " sets). Turn one off: call model.gradient_checkpointing_disable() and let remat"
+                " plan, or do not apply a remat plan."
+            )
+    for fqn in targets:
+        for name, module in modules[fqn].named_modules(prefix=fqn):
+            if type(module).__name__ == "CheckpointWrapper":
+                raise ValueError(
+                    f"apply_: {name} is wrapped by torch's checkpoint_wrapper, inside {fqn}, which"
+                    " this plan checkpoints too. Remove the wrapper, or keep that unit."
+                )
+
+
+def _hooks_that_rerun(modules: dict[str, nn.Module], targets: list[str]) -> list[str]:
+    """Forward hooks inside a recomputed unit run again when it is replayed: name them."""
+    notes = []
+    for fqn in targets:
+        hooked = [
+            name
+            for name, module in modules[fqn].named_modules(prefix=fqn)
+            if name != fqn and _compat.forward_hook_count(module)
+        ]
+        if hooked:
+            notes.append(
+                f"remat: forward hooks on {', '.join(hooked[:5])} will run again when {fqn} is"
+                " recomputed in backward (hooks on the unit itself run once)"
+            )
+    if targets and _compat.global_forward_hook_count():
+        notes.append(
+            "remat: global module forward hooks (register_module_forward_hook) will run again for"
+            " the submodules of every recomputed unit"
+        )
+    return notes
 
 
 def apply_(
@@ -193,11 +241,16 @@ def apply_(
             raise ValueError(
                 f"apply_: {fqn!r} already carries a remat plan; call remove() on its handle first"
             )
+    _refuse_double_checkpointing(model, modules, targets)
+    notes = _hooks_that_rerun(modules, targets)
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
     handle = Handle(
         model=model,
         plan=plan,
         units=unit_fqns,
         actions={fqn: str(action) for fqn, action in resolved.items()},
+        notes=notes,
     )
     order = {fqn: i for i, fqn in enumerate(unit_fqns)}
     regions: dict[str, list[str]] = {}

@@ -56,6 +56,7 @@ class _UnitMarks:
         self.outputs: dict[int, dict[int, int]] = {}
         self.inputs: dict[int, list[tuple[int, int]]] = {}
         self.last_inputs: list[torch.Tensor] = []
+        self.data_dependent: dict[str, list[str]] = {}
         for index, module in enumerate(modules):
             self.handles.append(module.register_forward_pre_hook(self._pre(index)))
             self.handles.append(module.register_forward_hook(self._post(index)))
@@ -147,6 +148,7 @@ def _tracked_step(
     for param in model.parameters():
         param.grad = None
     forward_only = _forward_only(tracker, len(unit_modules))
+    marks.data_dependent = tracker.report().data_dependent_ops
     return tracker.peak_bytes, tracker.marks, marks, freed, forward_only
 
 
@@ -353,6 +355,28 @@ def profile(
     none_report_units = _unit_sizes(k_units, n)
     flops = _forward_flops(model, example_inputs, unit_fqns)
     cross = _cross_unit(k_units, unit_fqns)
+    notes = []
+    for fqn in unit_fqns:
+        ops = sorted(
+            {
+                op
+                for name, found in k_units.data_dependent.items()
+                if name == fqn or name.startswith(fqn + ".")
+                for op in found
+            }
+        )
+        if ops:
+            notes.append(
+                f"{fqn} runs data-dependent ops ({', '.join(ops)}); recomputing it replays them on"
+                " the same inputs with the same RNG, so the result is the same, and remat checks"
+                " on replay that it saved the same shapes (CheckpointMismatchError naming the unit"
+                " otherwise). If its routing can change between forward and backward, keep it."
+            )
+    if device.type == "meta" and notes:
+        notes.append(
+            "data-dependent ops have no shape-only form: this profile ran them on meta"
+            " only as far as their meta kernels allow"
+        )
     units_out = []
     for j, fqn in enumerate(unit_fqns):
         input_bytes, output_bytes = none_report_units[j]
@@ -404,6 +428,7 @@ def profile(
         torch_version=torch.__version__,
         fingerprint=fingerprint(model, unit_fqns),
         cross_unit=cross,
+        notes=notes,
     )
 
 

@@ -56,6 +56,21 @@ recomputed activations, gradients of non-leaf tensors)."""
 
 PHASES = ("forward", "backward", "optimizer")
 
+DATA_DEPENDENT_OPS = frozenset(
+    {
+        "nonzero",
+        "masked_select",
+        "_unique2",
+        "unique_dim",
+        "unique_consecutive",
+        "_local_scalar_dense",
+        "bincount",
+        "repeat_interleave",
+    }
+)
+"""aten ops whose output shape (or a Python value) depends on tensor values, not shapes alone;
+indexing with a boolean mask is one too."""
+
 _ROOT = ""
 _STATIC = -1
 
@@ -118,6 +133,9 @@ class MemoryReport:
     """Per module FQN, per phase, the largest live total while that module was running."""
     modules: dict[str, ModuleStats]
     """Per module FQN ("" is the whole step): activation, output bytes, FLOPs, time."""
+    data_dependent_ops: dict[str, list[str]] = field(default_factory=dict)
+    """Per module FQN (innermost), the data-dependent ops it ran in forward (see
+    ``DATA_DEPENDENT_OPS``)."""
     num_allocations: int
 
     def to_dict(self) -> dict[str, Any]:
@@ -205,6 +223,7 @@ class MemoryTracker(TorchDispatchMode):
         self._report: MemoryReport | None = None
         self._param_ids: set[int] = set()
         self.marks: list[Mark] = []
+        self._data_dependent: dict[str, set[str]] = defaultdict(set)
 
     # ----------------------------------------------------------------------------- entry / exit
     def __enter__(self) -> MemoryTracker:
@@ -455,6 +474,16 @@ class MemoryTracker(TorchDispatchMode):
             self._on_growth(phase, fqn)
         if self._segment == 0:
             self._account_op(func, args, kwargs, out, phase, fqn, elapsed_ms)
+        if phase == "forward":
+            name = getattr(getattr(func, "overloadpacket", func), "__name__", str(func))
+            if name in DATA_DEPENDENT_OPS or (
+                name == "index"
+                and any(
+                    isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                    for i in tree_flatten(args[1:])[0]
+                )
+            ):
+                self._data_dependent[fqn].add(name)
 
     def _new_storage(
         self, storage: torch.UntypedStorage, phase: str, fqn: str, category: str | None = None
@@ -564,6 +593,7 @@ class MemoryTracker(TorchDispatchMode):
             peak_by_category=by_category,
             module_peaks={name: dict(phases) for name, phases in self._module_peaks.items()},
             modules=modules,
+            data_dependent_ops={k: sorted(v) for k, v in self._data_dependent.items()},
             num_allocations=sum(1 for info in self._all if info.created_at != _STATIC),
         )
 
