@@ -129,7 +129,9 @@ class Case:
     def build(self) -> nn.Module:
         if self.kind == "chain":
             return Chain(self.width, self.specs["blocks"], self.skips)
-        return Tree(self.width, *(self.specs.get(part, []) for part in ("stem", "left", "right", "tail")))
+        return Tree(
+            self.width, *(self.specs.get(part, []) for part in ("stem", "left", "right", "tail"))
+        )
 
     def unit_fqns(self) -> list[str]:
         """Block FQNs in execution order (registration order too)."""

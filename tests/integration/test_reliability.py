@@ -5,6 +5,7 @@ Each test is one row of docs/reliability.md.
 
 from __future__ import annotations
 
+import importlib
 import json
 import warnings
 from pathlib import Path
@@ -14,12 +15,11 @@ import torch
 from torch import nn
 
 import remat
-import importlib
-
-verify_module = importlib.import_module("remat.verify")
 from remat.apply.apply import Handle
 from remat.cli.main import main
 from remat.models import build_builtin
+
+verify_module = importlib.import_module("remat.verify")  # remat.verify is also the function
 
 
 class Block(nn.Module):
@@ -90,12 +90,13 @@ def test_verify_fails_a_plan_that_did_not_take_effect(monkeypatch: pytest.Monkey
 
 
 def test_verify_with_tolerances() -> None:
-    report = remat.verify(chain(), remat.Plan(actions={"_default": "recompute"}), INPUTS,
-                          rtol=1e-6, atol=1e-7)
+    report = remat.verify(
+        chain(), remat.Plan(actions={"_default": "recompute"}), INPUTS, rtol=1e-6, atol=1e-7
+    )
     assert report.ok
 
 
-FACTORY = '''
+FACTORY = """
 import torch
 from torch import nn
 class Noisy(nn.Module):
@@ -108,7 +109,7 @@ class Noisy(nn.Module):
 def build(batch=4):
     torch.manual_seed(0)
     return nn.Sequential(Noisy(), Noisy(), Noisy()), (torch.randn(batch, 8),)
-'''
+"""
 
 
 def test_cli_verify_exits_nonzero_when_gradients_differ(
