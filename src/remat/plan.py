@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 import re
 import tempfile
@@ -133,7 +134,7 @@ class Plan:
             if selector.startswith(REGEX_PREFIX):
                 try:
                     re.compile(selector[len(REGEX_PREFIX) :])
-                except re.error as error:
+                except (re.error, OverflowError, RecursionError) as error:
                     raise ValueError(
                         f"plan selector {selector!r}: not a valid regular expression ({error})"
                     ) from None
@@ -212,8 +213,13 @@ class Plan:
         if not isinstance(data, Mapping):
             raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}")
         version = data.get("format_version")
-        if not isinstance(version, int) or isinstance(version, bool):
-            raise ValueError(f"{source}: missing or non-integer 'format_version'; not a remat plan")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise ValueError(
+                f"{source}: missing or invalid 'format_version' (got {str(version)[:20]!r});"
+                " not a remat plan"
+            )
+        if data.get("kind", "remat.plan") != "remat.plan":
+            raise ValueError(f"{source}: 'kind' is {str(data.get('kind'))[:40]!r}, not remat.plan")
         if version > FORMAT_VERSION:
             raise ValueError(
                 f"{source}: format_version {version} is newer than this remat reads"
@@ -230,19 +236,23 @@ class Plan:
         fingerprint = data.get("fingerprint")
         if fingerprint is not None and not isinstance(fingerprint, Mapping):
             raise ValueError(f"{source}: 'fingerprint' must be an object or null")
-        metadata = data.get("metadata") or {}
+        metadata = data.get("metadata")
+        metadata = {} if metadata is None else metadata
         if not isinstance(metadata, Mapping):
             raise ValueError(f"{source}: 'metadata' must be an object")
+        numbers = {
+            "budget_bytes": _optional_int(data, "budget_bytes", source),
+            "predicted_peak_bytes": _optional_int(data, "predicted_peak_bytes", source),
+            "predicted_overhead": _optional_float(data, "predicted_overhead", source),
+        }
         try:
             return cls(
                 actions=dict(actions),
                 units=list(units) if units is not None else None,
                 strategy=str(data.get("strategy", "custom")),
                 fingerprint=dict(fingerprint) if fingerprint is not None else None,
-                budget_bytes=_optional_int(data, "budget_bytes", source),
-                predicted_peak_bytes=_optional_int(data, "predicted_peak_bytes", source),
-                predicted_overhead=_optional_float(data, "predicted_overhead", source),
                 metadata=dict(metadata),
+                **numbers,
             )
         except ValueError as error:
             raise ValueError(f"{source}: {error}") from None
@@ -255,6 +265,10 @@ class Plan:
             raise ValueError(
                 f"{source}: not valid JSON at line {error.lineno}, column {error.colno}: {error.msg}"
             ) from None
+        except RecursionError:
+            raise ValueError(f"{source}: JSON nested too deeply to be a remat plan") from None
+        except ValueError as error:  # e.g. an integer longer than Python converts
+            raise ValueError(f"{source}: not a remat plan ({error})") from None
         return cls.from_dict(data, source=source)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -286,8 +300,10 @@ def _optional_int(data: Mapping[str, Any], key: str, source: str) -> int | None:
     value = data.get(key)
     if value is None:
         return None
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"{source}: {key!r} must be an integer or null, got {value!r}")
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(
+            f"{source}: {key!r} must be a non-negative integer or null, got {str(value)[:40]!r}"
+        )
     return value
 
 
@@ -296,8 +312,14 @@ def _optional_float(data: Mapping[str, Any], key: str, source: str) -> float | N
     if value is None:
         return None
     if not isinstance(value, int | float) or isinstance(value, bool):
-        raise ValueError(f"{source}: {key!r} must be a number or null, got {value!r}")
-    return float(value)
+        raise ValueError(f"{source}: {key!r} must be a number or null, got {str(value)[:40]!r}")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise ValueError(f"{source}: {key!r} must be a finite number, got {str(value)[:40]!r}")
+    return number
 
 
 def _preview(names: Sequence[str], count: int = 6) -> str:

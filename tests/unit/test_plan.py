@@ -381,7 +381,7 @@ _plans = st.builds(
     fingerprint=st.one_of(st.none(), st.dictionaries(st.text(max_size=5), _json, max_size=3)),
     budget_bytes=st.one_of(st.none(), st.integers(min_value=0, max_value=2**60)),
     predicted_peak_bytes=st.one_of(st.none(), st.integers(min_value=0, max_value=2**60)),
-    predicted_overhead=st.one_of(st.none(), st.floats(allow_nan=False)),
+    predicted_overhead=st.one_of(st.none(), st.floats(allow_nan=False, allow_infinity=False)),
     metadata=st.dictionaries(st.text(max_size=5), _json, max_size=3),
 )
 
