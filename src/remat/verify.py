@@ -82,6 +82,15 @@ def _same(a: torch.Tensor, b: torch.Tensor, rtol: float, atol: float) -> bool:
     return torch.allclose(a, b, rtol=rtol, atol=atol, equal_nan=True)
 
 
+def _prepared(example_inputs: Any) -> Any:
+    """A copy of the inputs whose floating tensors require grad (input gradients are compared)."""
+    inputs = copy.deepcopy(example_inputs)
+    for tensor in tensors_in(inputs):
+        if tensor.is_floating_point():
+            tensor.requires_grad_(True)
+    return inputs
+
+
 def _run(
     model: nn.Module,
     example_inputs: Any,
@@ -100,10 +109,7 @@ def _run(
                 order.append(name)
 
         handles.append(module.register_forward_hook(hook))
-    inputs = copy.deepcopy(example_inputs)
-    for tensor in tensors_in(inputs):
-        if tensor.is_floating_point():
-            tensor.requires_grad_(True)
+    inputs = _prepared(example_inputs)
     for param in model.parameters():
         param.grad = None
     try:
@@ -129,7 +135,12 @@ def _run(
 def _predicted_saving(model: nn.Module, example_inputs: Any, plan: Plan, loss_fn: Any) -> int:
     """What the plan should drop from the forward's retention, from a profile (no timing)."""
     prof = profile(
-        model, example_inputs, loss_fn=loss_fn, optimizer="none", repeats=0, units=plan.units
+        model,
+        _prepared(example_inputs),
+        loss_fn=loss_fn,
+        optimizer="none",
+        repeats=0,
+        units=plan.units,
     )
     kept = sum(u.keep_bytes - u.keep_forward_only_bytes for u in prof.units)
     planned = sum(block_cost(prof, b).persistent_delta_bytes for b in blocks_of(prof, plan))

@@ -203,3 +203,86 @@ def test_replay_that_saves_other_shapes_names_the_unit() -> None:
     with pytest.raises(remat.apply.checkpoint.CheckpointMismatchError, match="replaying 1"):
         out.backward()
     handle.remove()
+
+
+def test_in_place_change_of_a_saved_tensor_names_the_unit() -> None:
+    class Parent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.a(x))  # relu saves its output...
+            y = self.b(x)
+            h.mul_(2)  # ...which the parent then changes in place
+            return (h + y).sum()
+
+    class Unit(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.fc(x))
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.u1, self.u2 = Unit(), Unit()
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            h = self.u1(x)
+            out = self.u2(x)
+            h.mul_(2)  # relu inside u1 saved h
+            return (h + out).sum(), h  # h stays referenced (see docs/reliability.md, Limits)
+
+    x = torch.randn(4, 16)
+    plain = Model()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        plain(x)[0].backward()  # autograd alone refuses
+    model = Model()
+    handle = remat.apply_(model, remat.Plan(actions={"_default": "recompute"}))
+    loss, _h = model(x)
+    with pytest.raises(RuntimeError, match="u1 saved for backward was modified in place"):
+        loss.backward()
+    handle.remove()
+    del Parent
+
+
+def test_autocast_inside_a_unit_is_bitwise_equal() -> None:
+    class MixedBlock(Block):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                h = self.fc(x)
+            return x + torch.tanh(self.norm(h.float()))
+
+    report = remat.verify(chain(MixedBlock), remat.Plan(actions={"_default": "segment:s"}), INPUTS)
+    assert report.ok, report
+
+
+def test_cli_verify_exits_nonzero_when_the_plan_did_not_take_effect(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(
+        verify_module,
+        "apply_",
+        lambda model, plan, **_: Handle(
+            model=model, plan=plan, units=["blocks.0"], actions={"blocks.0": "recompute"}
+        ),
+    )
+    plan = tmp_path / "plan.json"
+    remat.Plan(actions={"_default": "recompute"}).save(plan)
+    args = [
+        "--set",
+        "n_layer=2",
+        "d_model=32",
+        "n_head=2",
+        "vocab=64",
+        "--seq",
+        "16",
+        "--batch",
+        "2",
+    ]
+    code = main(["verify", "gpt", *args, "--plan", str(plan), "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert code == 1 and data["applied"] is False and data["grads_equal"] is True

@@ -54,6 +54,9 @@ class _Call:
     buffers_before: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     """Buffers the forward changed in place (version bumped), with their values before it."""
     saved_meta: list[tuple[torch.Size, torch.dtype]] = field(default_factory=list)
+    saved_versions: list[list[Any]] = field(default_factory=list)
+    """A weak reference to each tensor autograd saved, and its version then: an in-place change
+    before backward would make the replay's value differ from the forward's."""
 
 
 class _Slot:
@@ -73,6 +76,7 @@ class _Frame:
         self.recomputed: dict[tuple[int, int], torch.Tensor] = {}
         # Nested regions: each call's output leaves from a replay that kept nothing else.
         self._boundaries: list[list[Any]] | None = None
+        self._versions_checked = False
         self._outputs: dict[int, tuple[int, int, weakref.ref[torch.Tensor], int]] = {}
 
     # ------------------------------------------------------------------------------ forward side
@@ -117,14 +121,24 @@ class _Frame:
 
     def pack_hook(self, call: int) -> Callable[[torch.Tensor], _Slot]:
         meta = self.calls[call].saved_meta
+        versions = self.calls[call].saved_versions
 
         def pack(tensor: torch.Tensor) -> _Slot:
             meta.append((tensor.shape, tensor.dtype))
+            versions.append([weakref.ref(tensor), tensor_version(tensor), _identity(tensor)])
             return _Slot(self, call, len(meta) - 1)
 
         return pack
 
     def record_output(self, call: int, output: Any) -> None:
+        # A saved output reaches the pack hook as a Python object that may not be the one the
+        # unit returns; watch the returned one (same tensor, same version counter) instead.
+        leaves = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
+        for entry in self.calls[call].saved_versions:
+            if entry[2] is not None:
+                match = next((t for t in leaves if _identity(t) == entry[2]), None)
+                if match is not None:
+                    entry[0] = weakref.ref(match)
         if len(self.region.units) == 1:
             return  # nothing can chain onto the output of a one-unit region
         for index, leaf in enumerate(tree_flatten(output)[0]):
@@ -134,6 +148,8 @@ class _Frame:
     # ----------------------------------------------------------------------------- backward side
     def unpack(self, slot: _Slot) -> torch.Tensor:
         key = (slot.call, slot.index)
+        if not self._versions_checked:
+            self._check_saved_versions()
         if key not in self.recomputed:
             if self.region.nested and len(self.calls) > 1:
                 self.replay_one(slot.call)
@@ -147,6 +163,22 @@ class _Frame:
                 f" #{slot.index}; the unit saves different tensors on each run (data-dependent"
                 " control flow?). Keep this unit (action 'keep')."
             ) from None
+
+    def _check_saved_versions(self) -> None:
+        """Before the first replay: a saved tensor changed in place since the forward (which plain
+        autograd refuses too) would be recomputed from the old values; refuse, naming the unit."""
+        self._versions_checked = True
+        for call in self.calls:
+            for ref, version, _ in call.saved_versions:
+                tensor = ref()
+                if tensor is not None and tensor_version(tensor) != version:
+                    raise RuntimeError(
+                        f"remat: a tensor that {call.fqn} saved for backward was modified in place"
+                        " after its forward (its version counter moved); without checkpointing"
+                        " autograd would refuse this too. Avoid the in-place op (use an"
+                        " out-of-place one), or keep this unit."
+                    )
+            call.saved_versions = []
 
     def replay(self) -> None:
         """Run the recorded calls again and keep every tensor they save."""
@@ -238,6 +270,17 @@ class _Frame:
         for position, tensor in enumerate(saved):
             self.recomputed[(index, position)] = tensor
         return tree_flatten(output)[0]
+
+
+def _identity(tensor: torch.Tensor) -> tuple[Any, ...] | None:
+    """Storage address, offset, shape and dtype: equal for two Python objects of one tensor."""
+    if tensor.device.type == "meta":
+        return None
+    try:
+        pointer = tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+    return (pointer, tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
 
 
 def _unreachable(_: Any) -> torch.Tensor:
