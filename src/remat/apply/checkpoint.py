@@ -135,7 +135,7 @@ class _Frame:
         # unit returns; watch the returned one (same tensor, same version counter) instead.
         leaves = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
         for entry in self.calls[call].saved_versions:
-            if entry[2] is not None:
+            if entry[2] is not None and entry[0]() is not None:  # alive: its address is its own
                 match = next((t for t in leaves if _identity(t) == entry[2]), None)
                 if match is not None:
                     entry[0] = weakref.ref(match)
