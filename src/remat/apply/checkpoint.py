@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from remat._compat import tensor_version, tree_flatten, tree_unflatten
+from remat._compat import is_fake_tensor, tensor_version, tree_flatten, tree_unflatten
 
 __all__ = ["CheckpointMismatchError", "Region"]
 
@@ -274,8 +274,8 @@ class _Frame:
 
 def _identity(tensor: torch.Tensor) -> tuple[Any, ...] | None:
     """Storage address, offset, shape and dtype: equal for two Python objects of one tensor."""
-    if tensor.device.type == "meta":
-        return None
+    if tensor.device.type == "meta" or is_fake_tensor(tensor):
+        return None  # no addresses: shapes only
     try:
         pointer = tensor.untyped_storage().data_ptr()
     except (RuntimeError, NotImplementedError):
