@@ -286,3 +286,50 @@ def test_cli_verify_exits_nonzero_when_the_plan_did_not_take_effect(
     code = main(["verify", "gpt", *args, "--plan", str(plan), "--json"])
     data = json.loads(capsys.readouterr().out)
     assert code == 1 and data["applied"] is False and data["grads_equal"] is True
+
+
+def test_in_place_change_of_a_dropped_saved_output_gives_the_out_of_place_gradients() -> None:
+    # Once the parent drops its last reference, nothing can read the tensor's version; replay then
+    # reproduces the value autograd saved, so gradients are those of the out-of-place program
+    # (where plain autograd would refuse). See docs/reliability.md.
+    class Unit(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.sigmoid(self.fc(x))  # sigmoid's backward reads its saved output
+
+    class Model(nn.Module):
+        def __init__(self, in_place: bool) -> None:
+            super().__init__()
+            self.u1, self.u2 = Unit(), Unit()
+            self.in_place = in_place
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.u1(x)
+            out = self.u2(x)
+            h = h.mul_(3) if self.in_place else h * 3
+            return (h * out).sum()
+
+    torch.manual_seed(0)
+    reference = Model(in_place=False)
+    planned = Model(in_place=True)
+    planned.load_state_dict(reference.state_dict())
+    x = torch.randn(4, 16)
+    reference(x).backward()
+    with remat.apply_(planned, remat.Plan(actions={"_default": "recompute"})):
+        planned(x).backward()
+    for a, b in zip(reference.parameters(), planned.parameters(), strict=True):
+        assert torch.equal(a.grad, b.grad)
+
+
+def test_parameter_changed_between_forward_and_backward_names_the_unit() -> None:
+    model = chain()
+    handle = remat.apply_(model, remat.Plan(actions={"_default": "recompute"}))
+    loss = model(INPUTS[0]).square().mean()
+    with torch.no_grad():
+        model[2].fc.weight.add_(1.0)  # an optimizer step before backward
+    with pytest.raises(RuntimeError, match="a parameter of 2 was modified in place"):
+        loss.backward()
+    handle.remove()

@@ -55,6 +55,8 @@ class _Call:
     """Buffers the forward changed in place (version bumped), with their values before it."""
     saved_meta: list[tuple[torch.Size, torch.dtype]] = field(default_factory=list)
     saved_versions: list[list[Any]] = field(default_factory=list)
+    parameter_versions: list[tuple[torch.Tensor, int]] = field(default_factory=list)
+    """The unit's parameters and their versions at the call: replay reads them again."""
     """A weak reference to each tensor autograd saved, and its version then: an in-place change
     before backward would make the replay's value differ from the forward's."""
 
@@ -115,6 +117,7 @@ class _Frame:
                     for dev in _AUTOCAST_DEVICES
                 ],
                 module=module,
+                parameter_versions=[(p, tensor_version(p)) for p in module.parameters()],
             )
         )
         return len(self.calls) - 1
@@ -179,6 +182,14 @@ class _Frame:
                         " out-of-place one), or keep this unit."
                     )
             call.saved_versions = []
+            for param, version in call.parameter_versions:
+                if tensor_version(param) != version:
+                    raise RuntimeError(
+                        f"remat: a parameter of {call.fqn} was modified in place between its"
+                        " forward and backward (an optimizer step before backward?); recomputing"
+                        " it would use the new values. Step the optimizer after backward, or keep"
+                        " this unit."
+                    )
 
     def replay(self) -> None:
         """Run the recorded calls again and keep every tensor they save."""
