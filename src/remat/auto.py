@@ -77,9 +77,7 @@ def solve_measured(
         with apply_(model, result.plan):
             measured = measure_step(
                 model, example_inputs, loss_fn=loss_fn, optimizer=optimizer
-            ).peak_bytes
-        for param in model.parameters():
-            param.grad = None
+            ).peak_bytes  # measure_step restores weights and gradients
         result = dataclasses.replace(
             result, budget_bytes=budget_bytes, measured_peak_bytes=measured, iterations=iteration
         )

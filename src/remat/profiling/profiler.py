@@ -145,8 +145,6 @@ def _tracked_step(
             marks.remove()
             if handle is not None:
                 handle.remove()
-    for param in model.parameters():
-        param.grad = None
     forward_only = _forward_only(tracker, len(unit_modules))
     marks.data_dependent = tracker.report().data_dependent_ops
     return tracker.peak_bytes, tracker.marks, marks, freed, forward_only

@@ -359,44 +359,51 @@ def solve(
     approximate: list[bool] = []
     least = _run(profile, starts, math.inf, minimise_peak=True, approximate=approximate)
     assert least is not None, "keeping every unit is always a plan"
-    min_cost_at_least, min_peak, least_blocks = least
+    min_peak = least[1]
     budget_bytes = parsed.resolve(
         static_bytes=profile.static_bytes, peak_bytes=profile.peak_bytes, min_peak_bytes=min_peak
     )
-    meta = {"budget_bytes": budget_bytes, "strategy": "auto"}
-    if budget_bytes < min_peak:
-        cheapest = _run(profile, starts, min_peak, minimise_peak=False, approximate=approximate)
-        assert cheapest is not None, "a plan reaches the least peak"
-        min_cost_at_least, _, least_blocks = cheapest
-        sim = evaluate_blocks(profile, least_blocks)
-        return SolveResult(
-            status=INFEASIBLE,
-            plan=plan_from_blocks(
-                profile,
-                least_blocks,
-                predicted_peak_bytes=min_peak,
-                predicted_overhead=sim.overhead,
-                **meta,
-            ),
+
+    def result(
+        status: str, cost: float, blocks: list[Block], lower: float, notes: list[str]
+    ) -> SolveResult:
+        sim = evaluate_blocks(profile, blocks)
+        plan = plan_from_blocks(
+            profile,
+            blocks,
+            predicted_peak_bytes=sim.peak_bytes,
+            predicted_overhead=sim.overhead,
             budget_bytes=budget_bytes,
-            predicted_peak_bytes=min_peak,
+            strategy="auto",
+        )
+        return SolveResult(
+            status=status,
+            plan=plan,
+            budget_bytes=budget_bytes,
+            predicted_peak_bytes=sim.peak_bytes,
             predicted_step_ms=sim.step_ms,
             predicted_overhead=sim.overhead,
-            cost=min_cost_at_least,
-            lower_bound=min_cost_at_least,
+            cost=cost,
+            lower_bound=lower,
             min_peak_bytes=min_peak,
             solve_time_s=time.perf_counter() - started,
             where=sim.where,
-            notes=[
-                f"no plan fits {budget_bytes:,} bytes; the least achievable peak is"
-                f" {min_peak:,} bytes (at {sim.where})"
-            ],
+            notes=notes,
         )
+
+    if budget_bytes < min_peak:
+        cheapest = _run(profile, starts, min_peak, minimise_peak=False, approximate=approximate)
+        assert cheapest is not None, "a plan reaches the least peak"
+        cost, _, blocks = cheapest
+        where = evaluate_blocks(profile, blocks).where
+        note = (
+            f"no plan fits {budget_bytes:,} bytes; the least achievable peak is {min_peak:,} bytes"
+            f" (at {where})"
+        )
+        return result(INFEASIBLE, cost, blocks, cost, [note])
     found = _run(profile, starts, budget_bytes, minimise_peak=False, approximate=approximate)
     assert found is not None, "the least-peak plan fits, so the program finds one"
     cost, _peak, blocks = found
-    sim = evaluate_blocks(profile, blocks)
-    assert sim.peak_bytes <= budget_bytes, (sim.peak_bytes, budget_bytes)
     exact = exact and not any(approximate)
     lower = cost if exact else min(cost, _lower_bound(profile, budget_bytes))
     notes = []
@@ -406,23 +413,6 @@ def solve(
         notes.append(
             f"states thinned to about {_frontier_limit(starts)} per unit (mixed unit sizes)"
         )
-    return SolveResult(
-        status=OPTIMAL if exact else FEASIBLE,
-        plan=plan_from_blocks(
-            profile,
-            blocks,
-            predicted_peak_bytes=sim.peak_bytes,
-            predicted_overhead=sim.overhead,
-            **meta,
-        ),
-        budget_bytes=budget_bytes,
-        predicted_peak_bytes=sim.peak_bytes,
-        predicted_step_ms=sim.step_ms,
-        predicted_overhead=sim.overhead,
-        cost=cost,
-        lower_bound=lower,
-        min_peak_bytes=min_peak,
-        solve_time_s=time.perf_counter() - started,
-        where=sim.where,
-        notes=notes,
-    )
+    solved = result(OPTIMAL if exact else FEASIBLE, cost, blocks, lower, notes)
+    assert solved.predicted_peak_bytes <= budget_bytes, (solved.predicted_peak_bytes, budget_bytes)
+    return solved
