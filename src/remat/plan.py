@@ -14,6 +14,12 @@ Actions (this module imports no torch):
 - ``nested:<label>``: the same region, but its backward first replays it keeping only each unit's
   input, then replays each unit again just before its own backward: less memory than ``segment``
   (one unit's activations at a time), at one more forward of the inner units.
+- ``selective:<policy>``: op-level selective recompute of the unit: the outputs of some ops are
+  saved, the rest recomputed in backward. Policies: ``save_matmuls`` (save matmul and attention
+  outputs, as torchtitan's op-level mode), ``megatron`` (recompute only the attention core,
+  Korthikanti et al. 2022) or ``ops.<op>.<op>...`` (save the outputs of these aten ops, named by
+  their overload packet such as ``mm`` or ``addmm``; what the solver chooses);
+- ``offload``: the unit's saved tensors go to host memory in forward and come back for backward.
 
 Plans round-trip through JSON with a ``format_version`` and may carry the fingerprint of the model
 they were made for, the budget they were solved for, and the predicted peak and overhead.
@@ -37,14 +43,19 @@ __all__ = ["FORMAT_VERSION", "Action", "Plan", "closest_names"]
 FORMAT_VERSION = 1
 DEFAULT = "_default"
 REGEX_PREFIX = "re:"
-ACTION_KINDS = ("keep", "recompute", "segment", "nested")
+ACTION_KINDS = ("keep", "recompute", "segment", "nested", "selective", "offload")
 _GROUPS = ("segment", "nested")
+_LABELLED = ("segment", "nested", "selective")
 _LABEL = re.compile(r"^[A-Za-z0-9_.\-]+$")
+SELECTIVE_POLICIES = ("save_matmuls", "megatron")
+"""Named policies of ``selective``; ``ops.<op>.<op>...`` names a save set directly."""
+_OPS_POLICY = re.compile(r"^ops(\.[A-Za-z0-9_]+)*$")
 
 
 @dataclass(frozen=True)
 class Action:
-    """One unit's action: ``keep``, ``recompute``, or ``segment`` / ``nested`` with a label.
+    """One unit's action: ``keep``, ``recompute``, ``offload``, ``segment`` / ``nested`` with a
+    label, or ``selective`` with a policy.
 
     Example:
         >>> Action.parse("segment:0"), str(Action.parse("recompute"))
@@ -57,15 +68,22 @@ class Action:
     def __post_init__(self) -> None:
         if self.kind not in ACTION_KINDS:
             raise ValueError(
-                f"action: got {self.kind!r}; expected one of keep, recompute, segment:<label>,"
-                " nested:<label>"
+                f"action: got {self.kind!r}; expected one of keep, recompute, offload,"
+                " segment:<label>, nested:<label>, selective:<policy>"
             )
-        if (self.kind in _GROUPS) != (self.label is not None):
+        if (self.kind in _LABELLED) != (self.label is not None):
             raise ValueError(
-                f"action {self.kind!r}: a label goes with segment and nested only"
-                f" (segment:<label>), got label {self.label!r}"
+                f"action {self.kind!r}: a label goes with segment, nested and selective only"
+                f" (segment:<label>, selective:save_matmuls), got label {self.label!r}"
             )
-        if self.label is not None and not _LABEL.match(self.label):
+        if self.kind == "selective":
+            assert self.label is not None
+            if self.label not in SELECTIVE_POLICIES and not _OPS_POLICY.match(self.label):
+                raise ValueError(
+                    f"selective policy: got {self.label!r}; expected save_matmuls, megatron or"
+                    " ops.<op>.<op>... (aten overload packets, e.g. ops.mm.addmm)"
+                )
+        elif self.label is not None and not _LABEL.match(self.label):
             raise ValueError(
                 f"segment label: got {self.label!r}; expected letters, digits, '_', '-' or '.'"
             )
@@ -85,8 +103,20 @@ class Action:
 
     @property
     def checkpoints(self) -> bool:
-        """Whether the action recomputes anything."""
+        """Whether the action changes what the unit keeps for backward (anything but ``keep``)."""
         return self.kind != "keep"
+
+    @property
+    def saved_ops(self) -> tuple[str, ...] | None:
+        """For ``selective:ops.<op>...``, the aten overload packets whose outputs are saved.
+
+        Example:
+            >>> Action.parse("selective:ops.mm.addmm").saved_ops
+            ('mm', 'addmm')
+        """
+        if self.kind != "selective" or self.label is None or not self.label.startswith("ops"):
+            return None
+        return tuple(part for part in self.label.split(".")[1:] if part)
 
 
 def closest_names(name: str, candidates: Iterable[str], count: int = 5) -> list[str]:

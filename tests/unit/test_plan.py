@@ -46,7 +46,10 @@ def test_action_parse_valid(text: str, kind: str, label: str | None) -> None:
     [
         "",
         "Recompute",  # case matters
-        "offload",  # not an action of this version
+        "offload:x",  # offload takes no label
+        "selective",  # selective needs a policy
+        "selective:everything",  # ... a known one
+        "selective:ops.mm+addmm",  # ops are separated by dots
         "segment",  # a segment needs a label
         "segment:",  # ... a non-empty one
         "segment:a b",  # labels: letters, digits, '_', '-', '.'
@@ -58,8 +61,16 @@ def test_action_parse_valid(text: str, kind: str, label: str | None) -> None:
     ],
 )
 def test_action_parse_invalid(text: object) -> None:
-    with pytest.raises(ValueError, match=r"action|label"):
+    with pytest.raises(ValueError, match=r"action|label|policy"):
         Action.parse(text)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "text", ["offload", "selective:megatron", "selective:save_matmuls", "selective:ops.mm.addmm"]
+)
+def test_action_parse_selective_and_offload(text: str) -> None:
+    assert str(Action.parse(text)) == text
+    assert Action.parse(text).checkpoints
 
 
 def test_action_constructor_checks() -> None:
@@ -397,7 +408,15 @@ def test_json_round_trip_of_random_plans(plan: Plan) -> None:
 
 # -------------------------------------------------------------------------------- baselines
 def test_strategies_listed() -> None:
-    assert STRATEGIES == ("none", "full", "every_n:K", "sqrt_n")
+    assert STRATEGIES == (
+        "none",
+        "full",
+        "every_n:K",
+        "sqrt_n",
+        "megatron",
+        "save_matmuls",
+        "offload",
+    )
 
 
 @pytest.mark.parametrize(

@@ -256,7 +256,7 @@ def apply_(
     regions: dict[str, list[str]] = {}
     for fqn in targets:
         action: Action = resolved[fqn]
-        key = str(action) if action.label is not None else fqn
+        key = str(action) if action.kind in ("segment", "nested") else fqn
         regions.setdefault(key, []).append(fqn)
     try:
         for name, members in regions.items():

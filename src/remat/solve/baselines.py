@@ -4,7 +4,11 @@
 - ``full``: recompute every unit (what Hugging Face's ``gradient_checkpointing_enable`` does);
 - ``every_n:K``: recompute every K-th unit (units K-1, 2K-1, ...; torchtitan's selective layer mode);
 - ``sqrt_n``: about sqrt(n) segments of consecutive units, the last one kept, as
-  ``torch.utils.checkpoint.checkpoint_sequential`` does (Chen et al. 2016, arXiv 1604.06174).
+  ``torch.utils.checkpoint.checkpoint_sequential`` does (Chen et al. 2016, arXiv 1604.06174);
+- ``megatron``: every unit ``selective:megatron`` (recompute the attention core only; Korthikanti
+  et al. 2022, arXiv 2205.05198);
+- ``save_matmuls``: every unit ``selective:save_matmuls`` (torchtitan's op-level selective mode);
+- ``offload``: every unit ``offload`` (torchtune's activation offloading).
 
 Consumes unit FQNs in execution order; produces a :class:`~remat.plan.Plan`. Imports no torch.
 """
@@ -18,8 +22,17 @@ from remat.plan import Plan
 
 __all__ = ["STRATEGIES", "baseline_plan", "parse_strategy"]
 
-STRATEGIES = ("none", "full", "every_n:K", "sqrt_n")
-_FORMS = "none, full, every_n:K (K a positive integer, e.g. every_n:2) or sqrt_n"
+STRATEGIES = ("none", "full", "every_n:K", "sqrt_n", "megatron", "save_matmuls", "offload")
+_FORMS = (
+    "none, full, every_n:K (K a positive integer, e.g. every_n:2), sqrt_n, megatron, save_matmuls"
+    " or offload"
+)
+_EVERY_UNIT = {
+    "full": "recompute",
+    "megatron": "selective:megatron",
+    "save_matmuls": "selective:save_matmuls",
+    "offload": "offload",
+}
 
 
 def parse_strategy(text: str) -> tuple[str, int | None]:
@@ -39,7 +52,7 @@ def parse_strategy(text: str) -> tuple[str, int | None]:
                 " every_n:2"
             )
         return kind, int(argument)
-    if kind in ("none", "full", "sqrt_n") and not sep:
+    if (kind == "none" or kind == "sqrt_n" or kind in _EVERY_UNIT) and not sep:
         return kind, None
     raise ValueError(f"strategy: got {text!r}; expected {_FORMS}")
 
@@ -53,12 +66,14 @@ def baseline_plan(strategy: str, units: Sequence[str]) -> Plan:
         {'blocks.1': Action(kind='recompute', label=None), 'blocks.3': Action(kind='recompute', label=None)}
         >>> [str(a) for a in baseline_plan("sqrt_n", units).actions.values()]
         ['segment:0', 'segment:0']
+        >>> str(baseline_plan("megatron", units).action_for("blocks.4"))
+        'selective:megatron'
     """
     kind, argument = parse_strategy(strategy)
     units = list(units)
     actions: dict[str, str] = {}
-    if kind == "full":
-        actions = dict.fromkeys(units, "recompute")
+    if kind in _EVERY_UNIT:
+        actions = dict.fromkeys(units, _EVERY_UNIT[kind])
     elif kind == "every_n":
         assert argument is not None
         actions = {u: "recompute" for i, u in enumerate(units) if (i + 1) % argument == 0}
