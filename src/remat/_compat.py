@@ -24,6 +24,8 @@ __all__ = [
     "global_forward_hook_count",
     "in_backward",
     "is_fake_tensor",
+    "op_is_view",
+    "op_writes_inputs",
     "tensor_version",
     "tree_flatten",
     "tree_unflatten",
@@ -75,3 +77,17 @@ def flop_formula(func: Any) -> Callable[..., int] | None:
     from torch.utils.flop_counter import flop_registry
 
     return flop_registry.get(getattr(func, "overloadpacket", func))
+
+
+def op_is_view(func: Any) -> bool:
+    """Whether an aten op returns a view of an input (``OpOverload.is_view``, from its schema)."""
+    return bool(getattr(func, "is_view", False))
+
+
+def op_writes_inputs(func: Any) -> bool:
+    """Whether an aten op writes into an argument (in-place and ``out=`` variants): its schema's
+    alias annotations (``Tensor(a!)``), read through the private ``OpOverload._schema``."""
+    schema = getattr(func, "_schema", None)
+    if schema is None:
+        return True  # unknown: assume it may
+    return any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)

@@ -261,8 +261,13 @@ def apply_(
     try:
         for name, members in regions.items():
             members.sort(key=lambda f: order.get(f, -1))
+            first = resolved[members[0]]
             region = Region(
-                name, [(fqn, modules[fqn]) for fqn in members], nested=name.startswith("nested:")
+                name,
+                [(fqn, modules[fqn]) for fqn in members],
+                nested=first.kind == "nested",
+                policy=first.label if first.kind == "selective" else None,
+                offload=first.kind == "offload",
             )
             for position, (_, module) in enumerate(region.units):
                 previous = module.__dict__.get("forward", _MISSING)

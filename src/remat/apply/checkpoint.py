@@ -13,11 +13,17 @@ runs the same kernels, and BatchNorm running statistics are not updated a second
 
 Only the autograd graph of the original forward is used for backward; replay produces values, never
 graph edges, so gradients are those of the unplanned model, bit for bit.
+
+A ``selective`` region is a one-unit region whose forward also runs under an op log
+(:mod:`remat.apply.selective`): saved tensors produced by ops its policy keeps are held as they are,
+and the replay skips those ops. An ``offload`` region has no frame: its forward runs under
+saved-tensor hooks that move what it saves to host memory.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -28,15 +34,19 @@ import torch
 from torch import nn
 
 from remat._compat import is_fake_tensor, tensor_version, tree_flatten, tree_unflatten
+from remat.apply.selective import (
+    CheckpointMismatchError,
+    Offloader,
+    OpLog,
+    ReplayCache,
+    eager_policy,
+    policy_for,
+)
 
 __all__ = ["CheckpointMismatchError", "Region"]
 
 logger = logging.getLogger(__name__)
 _AUTOCAST_DEVICES = ("cpu", "cuda")
-
-
-class CheckpointMismatchError(RuntimeError):
-    """Replay did not reproduce what the forward saved (a data-dependent or stateful unit)."""
 
 
 @dataclass
@@ -55,10 +65,16 @@ class _Call:
     """Buffers the forward changed in place (version bumped), with their values before it."""
     saved_meta: list[tuple[torch.Size, torch.dtype]] = field(default_factory=list)
     saved_versions: list[list[Any]] = field(default_factory=list)
-    parameter_versions: list[tuple[torch.Tensor, int]] = field(default_factory=list)
-    """The unit's parameters and their versions at the call: replay reads them again."""
     """A weak reference to each tensor autograd saved, and its version then: an in-place change
     before backward would make the replay's value differ from the forward's."""
+    parameter_versions: list[tuple[torch.Tensor, int]] = field(default_factory=list)
+    """The unit's parameters and their versions at the call: replay reads them again."""
+    kept_ops: dict[Any, Any] | None = None
+    """``selective``: outputs of the ops the policy kept (the replay does not run them again)."""
+    skippable_ops: dict[Any, Any] | None = None
+    """``selective``: ops whose outputs only kept ops read (the replay stands in for them)."""
+    kept_indices: set[int] = field(default_factory=set)
+    """``selective``: which saved tensors were kept rather than dropped."""
 
 
 class _Slot:
@@ -76,6 +92,8 @@ class _Frame:
         self.calls: list[_Call] = []
         self.next_unit = 0
         self.recomputed: dict[tuple[int, int], torch.Tensor] = {}
+        self.kept: dict[tuple[int, int], torch.Tensor] = {}
+        """``selective``: saved tensors held as they are, by (call, index)."""
         # Nested regions: each call's output leaves from a replay that kept nothing else.
         self._boundaries: list[list[Any]] | None = None
         self._versions_checked = False
@@ -122,14 +140,22 @@ class _Frame:
         )
         return len(self.calls) - 1
 
-    def pack_hook(self, call: int) -> Callable[[torch.Tensor], _Slot]:
-        meta = self.calls[call].saved_meta
-        versions = self.calls[call].saved_versions
+    def pack_hook(self, call: int, log: OpLog | None = None) -> Callable[[torch.Tensor], _Slot]:
+        record = self.calls[call]
+        meta = record.saved_meta
+        versions = record.saved_versions
 
         def pack(tensor: torch.Tensor) -> _Slot:
             meta.append((tensor.shape, tensor.dtype))
             versions.append([weakref.ref(tensor), tensor_version(tensor), _identity(tensor)])
-            return _Slot(self, call, len(meta) - 1)
+            index = len(meta) - 1
+            if log is not None:
+                if log.keep(tensor):
+                    self.kept[(call, index)] = tensor.detach()
+                    record.kept_indices.add(index)
+                else:
+                    log.note_recomputed(tensor)
+            return _Slot(self, call, index)
 
         return pack
 
@@ -153,6 +179,9 @@ class _Frame:
         key = (slot.call, slot.index)
         if not self._versions_checked:
             self._check_saved_versions()
+        kept = self.kept.pop(key, None)
+        if kept is not None:
+            return kept
         if key not in self.recomputed:
             if self.region.nested and len(self.calls) > 1:
                 self.replay_one(slot.call)
@@ -262,6 +291,8 @@ class _Frame:
                 if enabled or torch.is_autocast_enabled(device):
                     stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, _unreachable))
+            if call.kept_ops is not None:
+                stack.enter_context(ReplayCache(call.kept_ops, call.skippable_ops))
             output = call.forward(*args, **kwargs)
         with torch.no_grad():
             for buffer, value in zip(buffers, before, strict=True):
@@ -279,7 +310,9 @@ class _Frame:
                 " Keep this unit (action 'keep')."
             )
         for position, tensor in enumerate(saved):
-            self.recomputed[(index, position)] = tensor
+            if position not in call.kept_indices:
+                self.recomputed[(index, position)] = tensor
+        call.kept_ops = call.skippable_ops = None
         return tree_flatten(output)[0]
 
 
@@ -294,6 +327,25 @@ def _identity(tensor: torch.Tensor) -> tuple[Any, ...] | None:
     return (pointer, tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
 
 
+def _output_bytes(output: Any) -> int:
+    storages = {}
+    for leaf in tree_flatten(output)[0]:
+        if isinstance(leaf, torch.Tensor):
+            storage = leaf.untyped_storage()
+            storages[id(storage)] = storage.nbytes()
+    return sum(storages.values())
+
+
+_LAST = threading.local()
+
+
+def _last_offloader() -> Offloader | None:
+    """The offloader of the unit call that ran before this one in this thread (prefetched when
+    this one is brought back), if it is still alive."""
+    ref = getattr(_LAST, "offloader", None)
+    return ref() if ref is not None else None
+
+
 def _unreachable(_: Any) -> torch.Tensor:
     raise AssertionError("the replay's own graph is never run backward")
 
@@ -302,11 +354,29 @@ class Region:
     """One checkpointed region: one unit, or the consecutive units of a segment."""
 
     def __init__(
-        self, name: str, units: Sequence[tuple[str, nn.Module]], *, nested: bool = False
+        self,
+        name: str,
+        units: Sequence[tuple[str, nn.Module]],
+        *,
+        nested: bool = False,
+        policy: str | None = None,
+        offload: bool = False,
     ) -> None:
+        if (policy is not None or offload) and len(units) != 1:
+            raise ValueError("remat: selective and offload regions hold exactly one unit")
         self.name = name
         self.units = list(units)
         self.nested = nested
+        self.policy = policy
+        """``selective``: the policy (``save_matmuls``, ``megatron``, ``ops.<op>...``)."""
+        self._rule = policy_for(policy) if policy is not None else None
+        self.offload = offload
+        self.last_kept_bytes: dict[Any, int] = {}
+        """``selective``: per op key kept by the last call, the bytes of its output."""
+        self.last_replayed: set[Any] = set()
+        """``selective``: the op keys the last call's replay runs (views aside)."""
+        self.last_offloaded_bytes = 0
+        """``offload``: bytes the last call sent to host memory."""
         self._open: _Frame | None = None
         # Per unit: None until its first call, then the buffers its forward updates in place.
         self._mutating: list[list[torch.Tensor] | None] = [None] * len(self.units)
@@ -337,12 +407,35 @@ class Region:
         def forward(*args: Any, **kwargs: Any) -> Any:
             if not torch.is_grad_enabled():
                 return original(*args, **kwargs)  # no_grad / inference: nothing is saved anyway
+            if region.offload:
+                offloader = Offloader(previous=_last_offloader())
+                _LAST.offloader = weakref.ref(offloader)
+                with torch.autograd.graph.saved_tensors_hooks(offloader.pack, offloader.unpack):
+                    output = original(*args, **kwargs)
+                region.last_offloaded_bytes = offloader.offloaded_bytes
+                return output
             frame = region._frame_for(position)
             call = frame.record(fqn, module, original, args, kwargs)
             watched = region.watched_buffers(position)
             before = [(b, tensor_version(b), b.clone()) for b in watched]
-            with torch.autograd.graph.saved_tensors_hooks(frame.pack_hook(call), frame.unpack):
+            log = None
+            if region._rule is not None:
+                log = OpLog(region._rule, eager=eager_policy(region.policy or ""))
+            with ExitStack() as stack:
+                stack.enter_context(
+                    torch.autograd.graph.saved_tensors_hooks(
+                        frame.pack_hook(call, log), frame.unpack
+                    )
+                )
+                if log is not None:
+                    stack.enter_context(log)
                 output = original(*args, **kwargs)
+            if log is not None:
+                kept, skippable = log.finish()
+                frame.calls[call].kept_ops = kept
+                frame.calls[call].skippable_ops = skippable
+                region.last_kept_bytes = {key: _output_bytes(v[0]) for key, v in kept.items()}
+                region.last_replayed = set(log.needed)
             changed = [(b, old) for b, version, old in before if tensor_version(b) != version]
             region.learn_buffers(position, [b for b, _ in changed])
             frame.calls[call].buffers_before = changed

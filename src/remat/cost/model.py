@@ -19,7 +19,12 @@ two measured plans (``none``, ``full``) it reproduces the measured peaks exactly
 a model, checked against measurement by the closed loop of ``remat.auto_``.
 
 Time: recomputing a unit costs its forward time (``forward_ms``, medians of measured steps), or its
-forward FLOPs where no time was measured (``meta``). Imports no torch.
+forward FLOPs where no time was measured (``meta``).
+
+Options finer than a whole unit (``selective:<policy>``, ``offload``) are measured like recompute: a
+tracked step with every unit under that action gives each unit's retention and needs under it
+(:class:`OptionProfile`), and its cost is the part of the forward that the replay runs again
+(selective) or the host transfer time not hidden behind compute (offload). Imports no torch.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ __all__ = [
     "FORMAT_VERSION",
     "Block",
     "BlockCost",
+    "OptionProfile",
     "Profile",
     "Simulation",
     "UnitProfile",
@@ -46,6 +52,37 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
+
+
+@dataclass(kw_only=True)
+class OptionProfile:
+    """One unit under an action finer than recompute (``selective:<policy>`` or ``offload``), as
+    measured in a tracked step with every unit under it. Bytes as in :class:`UnitProfile`.
+
+    Example:
+        >>> option = OptionProfile(action="offload", retain_bytes=10, cost_ms=0.5, cost_flops=0)
+        >>> option.cost("measured"), option.cost("flops")
+        (0.5, 0.0)
+    """
+
+    action: str
+    retain_bytes: int = 0
+    """What the unit adds to the live total until its backward (like ``recompute_bytes``)."""
+    forward_only_bytes: int = 0
+    forward_need_bytes: int = 0
+    backward_need_bytes: int | None = None
+    saved_bytes: int = 0
+    """Bytes held as they are (selective) or sent to host memory (offload) per call."""
+    cost_ms: float | None = None
+    """Extra step time (ms): the replayed part of the forward, or unhidden transfer time."""
+    cost_flops: float = 0.0
+    """The same in FLOPs (what replaying costs; profiles without measured times)."""
+
+    def cost(self, time_source: str) -> float:
+        """The option's cost in the profile's unit (ms, or FLOPs)."""
+        if time_source == "measured" and self.cost_ms is not None:
+            return self.cost_ms
+        return float(self.cost_flops)
 
 
 @dataclass(kw_only=True)
@@ -93,6 +130,13 @@ class UnitProfile:
     forward_ms: float | None = None
     backward_ms: float | None = None
     forward_flops: int = 0
+    options: list[OptionProfile] = field(default_factory=list)
+    """Measured ``selective:<policy>`` and ``offload`` options: for solver-chosen op sets, the
+    Pareto set of (retained bytes, cost) among those measured."""
+
+    def option(self, action: str) -> OptionProfile | None:
+        """The measured option for ``action`` (``None`` if the profile has none)."""
+        return next((o for o in self.options if o.action == action), None)
 
     def recompute_cost(self, time_source: str) -> float:
         """What recomputing this unit costs: ms, or FLOPs when no time was measured."""
@@ -167,10 +211,17 @@ class Profile:
                 f" (<= {FORMAT_VERSION}); upgrade remat, or re-run remat.profile"
             )
         names = {f.name for f in fields(cls)}
-        unit_names = {f.name for f in fields(UnitProfile)}
+        unit_names = {f.name for f in fields(UnitProfile)} - {"options"}
+        option_names = {f.name for f in fields(OptionProfile)}
         try:
             units = [
-                UnitProfile(**{k: v for k, v in unit.items() if k in unit_names})
+                UnitProfile(
+                    **{k: v for k, v in unit.items() if k in unit_names},
+                    options=[
+                        OptionProfile(**{k: v for k, v in o.items() if k in option_names})
+                        for o in unit.get("options") or []
+                    ],
+                )
                 for unit in data["units"]
             ]
             kwargs = {k: v for k, v in data.items() if k in names and k != "units"}
@@ -191,16 +242,20 @@ class Profile:
 @dataclass(frozen=True)
 class Block:
     """A run of the plan: ``keep`` (one unit), ``replay`` (units ``start..end`` checkpointed
-    together; ``start == end`` is plain recompute) or ``nested`` (the same, with each unit
-    replayed again before its own backward)."""
+    together; ``start == end`` is plain recompute), ``nested`` (the same, with each unit
+    replayed again before its own backward) or ``option`` (one unit under ``action``, a measured
+    :class:`OptionProfile` such as ``selective:megatron`` or ``offload``)."""
 
     kind: str
     start: int
     end: int
+    action: str | None = None
 
     def describe(self, fqns: Sequence[str]) -> str:
         if self.kind == "keep":
             return f"keep {fqns[self.start]}"
+        if self.kind == "option":
+            return f"{self.action} {fqns[self.start]}"
         if self.start == self.end:
             return f"recompute {fqns[self.start]}"
         return f"{'segment' if self.kind == 'replay' else 'nested'} {fqns[self.start]}..{fqns[self.end]}"
@@ -241,6 +296,26 @@ def block_cost(profile: Profile, block: Block) -> BlockCost:
     """
     units = profile.units
     start, end = block.start, block.end
+    if block.kind == "option":
+        unit = units[start]
+        option = unit.option(block.action or "")
+        if option is None:
+            raise ValueError(
+                f"simulate: the profile has no measurement of {block.action!r} for {unit.fqn};"
+                f" it has {[o.action for o in unit.options] or 'none'}. Profile with that option"
+                " (remat.profile(..., options=[...]))."
+            )
+        fwd, fwd_where = _worst({f"forward of {unit.fqn}": option.forward_need_bytes})
+        bwd, bwd_where = _worst({f"backward of {unit.fqn}": option.backward_need_bytes})
+        return BlockCost(
+            forward_need_bytes=fwd,
+            backward_need_bytes=bwd,
+            delta_bytes=option.retain_bytes,
+            persistent_delta_bytes=option.retain_bytes - option.forward_only_bytes,
+            cost=option.cost(profile.time_source),
+            forward_where=fwd_where,
+            backward_where=bwd_where,
+        )
     if block.kind == "keep" or start == end:
         unit = units[start]
         keep = block.kind == "keep"
@@ -363,6 +438,9 @@ def blocks_of(profile: Profile, plan: Plan) -> list[Block]:
             index += 1
         elif action.kind == "recompute":
             blocks.append(Block("replay", index, index))
+            index += 1
+        elif action.kind in ("selective", "offload"):
+            blocks.append(Block("option", index, index, str(action)))
             index += 1
         else:
             end = index

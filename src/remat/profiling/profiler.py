@@ -16,7 +16,7 @@ import logging
 import statistics
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -24,9 +24,16 @@ from torch import nn
 
 from remat._compat import in_backward
 from remat.apply.apply import apply_, fingerprint
+from remat.apply.selective import op_name
 from remat.apply.units import UnitSpec, call_model, execution_order, find_units, tensors_in
-from remat.cost.model import Profile, UnitProfile
-from remat.plan import Plan
+from remat.cost.model import OptionProfile, Profile, UnitProfile
+from remat.plan import Action, Plan
+from remat.profiling.options import (
+    copy_bandwidth,
+    kept_by_policy,
+    op_set_candidates,
+    time_unit_ops,
+)
 from remat.profiling.step import (
     OPTIMIZERS,
     default_loss,
@@ -260,6 +267,7 @@ def profile(
     warmup: int = 1,
     repeats: int = 3,
     progress: Callable[[str], None] | None = None,
+    options: Sequence[str] | None = None,
 ) -> Profile:
     """Measure a model's training step for the planner.
 
@@ -272,6 +280,10 @@ def profile(
         units: what plans may act on (see :func:`remat.find_units`).
         warmup, repeats: untimed and timed steps for the medians (real devices only).
         progress: called with a line of text as each measured step starts.
+        options: actions finer than recompute to measure, each with one more tracked step:
+            ``selective:<policy>``, ``selective:auto`` (save sets chosen from the ops' measured
+            times and bytes) and ``offload``. Default: ``selective:save_matmuls``,
+            ``selective:megatron``, ``selective:auto``, and ``offload`` on CUDA. ``()``: none.
 
     Returns:
         A :class:`~remat.cost.model.Profile`; units are in execution order.
@@ -290,6 +302,7 @@ def profile(
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer: got {optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
     loss_fn = loss_fn or default_loss
+    option_actions = _option_actions(options, next((p.device for p in model.parameters()), None))
     unit_fqns = execution_order(model, find_units(model, units), example_inputs)
     modules = dict(model.named_modules())
     unit_modules = [modules[fqn] for fqn in unit_fqns]
@@ -309,12 +322,39 @@ def profile(
     times: tuple[Any, list[Any], list[Any]] = (None, [None] * n, [None] * n)
     with preserved_state(model):  # profiling runs optimizer steps; it must not train the model
         for number, (key, plan) in enumerate(plans.items(), start=1):
-            say(f"profile: tracked step {number}/3 ({names[key]})")
+            say(f"profile: tracked step {number}/{3 + len(option_actions)} ({names[key]})")
             if key == "S" and n < 2:
                 runs["S"] = runs["R"]
                 continue
             with apply_(model, plan):
                 runs[key] = _tracked_step(model, example_inputs, loss_fn, optimizer, unit_modules)
+        op_times: list[dict[Any, tuple[float, int]]] = [{} for _ in range(n)]
+        if any(a.startswith("selective:") for a in option_actions):
+            op_times = time_unit_ops(model, example_inputs, unit_modules)
+        if "selective:auto" in option_actions:
+            every_op = sorted({op_name(key[0]) for unit in op_times for key in unit})
+            kept_all = kept_by_policy(model, example_inputs, unit_fqns, "ops." + ".".join(every_op))
+            auto = op_set_candidates(
+                op_times, kept_all, time_source="measured" if device.type != "meta" else "flops"
+            )
+            index = option_actions.index("selective:auto")
+            option_actions[index : index + 1] = [
+                f"selective:{label}" for label in auto if f"selective:{label}" not in option_actions
+            ]
+        kept_bytes: dict[str, list[dict[Any, int]]] = {}
+        offloaded: dict[str, list[int]] = {}
+        replayed: dict[str, list[set[Any]]] = {}
+        for number, action in enumerate(option_actions, start=4):
+            say(f"profile: tracked step {number}/{3 + len(option_actions)} (every unit {action})")
+            plan = Plan(actions=dict.fromkeys(unit_fqns, action), units=unit_fqns)
+            with apply_(model, plan):
+                runs[action] = _tracked_step(
+                    model, example_inputs, loss_fn, optimizer, unit_modules
+                )
+                regions = [m.__dict__["forward"].__remat_region__ for m in unit_modules]
+                kept_bytes[action] = [dict(r.last_kept_bytes) for r in regions]
+                replayed[action] = [set(r.last_replayed) for r in regions]
+                offloaded[action] = [r.last_offloaded_bytes for r in regions]
         if device.type != "meta" and repeats > 0:
             say(f"profile: timing {warmup} warm-up and {repeats} measured steps")
             times = _time_steps(
@@ -408,6 +448,40 @@ def profile(
                 forward_flops=flops[j],
             )
         )
+    bandwidth = copy_bandwidth(device) if any(a == "offload" for a in option_actions) else None
+    for action in option_actions:
+        run = _intervals(runs[action][1], n)
+        starts_x = starts(run)
+        peaks_x = forward_peaks(run)
+        held_x = persistent(starts_x, runs[action][4])
+        for j, unit in enumerate(units_out):
+            bwd = run.get(("backward", j), missing)
+            option = OptionProfile(
+                action=action,
+                retain_bytes=starts_x[j + 1] - starts_x[j],
+                forward_only_bytes=runs[action][4][j],
+                forward_need_bytes=peaks_x[j] - starts_x[j],
+                backward_need_bytes=bwd.peak_bytes - base - held_x[j] if bwd.label else None,
+            )
+            if action == "offload":
+                option.saved_bytes = offloaded[action][j]
+                option.cost_ms = _offload_ms(option.saved_bytes, bandwidth, device, times, j)
+            else:
+                kept = kept_bytes[action][j]
+                option.saved_bytes = sum(kept.values())
+                # The replay runs only the ops whose outputs lead to a saved tensor not kept.
+                ops = op_times[j]
+                total_ms = sum(ms for ms, _ in ops.values())
+                replay_ms = sum(ops[key][0] for key in replayed[action][j] if key in ops)
+                replay_flops = sum(ops[key][1] for key in replayed[action][j] if key in ops)
+                if unit.forward_ms is not None:
+                    share = replay_ms / total_ms if total_ms > 0 else 1.0
+                    option.cost_ms = unit.forward_ms * min(share, 1.0)
+                option.cost_flops = float(replay_flops)
+            unit.options.append(option)
+    time_source = "measured" if times[0] is not None else "flops"
+    for unit in units_out:
+        unit.options = _pareto_options(unit, time_source)
     static_bytes = _static_bytes(model, example_inputs, optimizer)
     return Profile(
         units=units_out,
@@ -428,6 +502,72 @@ def profile(
         cross_unit=cross,
         notes=notes,
     )
+
+
+_DEFAULT_OPTIONS = ("selective:save_matmuls", "selective:megatron", "selective:auto")
+
+
+def _option_actions(options: Sequence[str] | None, device: torch.device | None) -> list[str]:
+    """The option actions to measure, validated (``selective:auto`` is expanded later)."""
+    if options is None:
+        chosen = list(_DEFAULT_OPTIONS)
+        if device is not None and device.type == "cuda":
+            chosen.append("offload")
+        return chosen
+    if isinstance(options, str):
+        options = [options]
+    chosen = []
+    for text in options:
+        if text == "selective:auto":
+            chosen.append(text)
+            continue
+        try:
+            action = Action.parse(text)
+        except ValueError as error:
+            raise ValueError(f"profile options: {error}") from None
+        if action.kind not in ("selective", "offload"):
+            raise ValueError(
+                f"profile options: got {text!r}; expected selective:<policy>, selective:auto or"
+                " offload (keep, recompute and segments are always measured)"
+            )
+        if str(action) not in chosen:
+            chosen.append(str(action))
+    return chosen
+
+
+def _offload_ms(
+    saved_bytes: int,
+    bandwidth: float | None,
+    device: torch.device,
+    times: tuple[Any, list[Any], list[Any]],
+    j: int,
+) -> float | None:
+    """Transfer time of one unit's saved bytes, out and back, less what overlaps compute on CUDA
+    (the copy out with the next unit's forward, the copy back with the following unit's backward)."""
+    if bandwidth is None or times[0] is None:
+        return None
+    one_way = saved_bytes / bandwidth
+    if device.type != "cuda":
+        return 2 * one_way  # synchronous copies
+    forward_next = times[1][j + 1] if j + 1 < len(times[1]) else 0.0
+    backward_after = times[2][j + 1] if j + 1 < len(times[2]) else 0.0
+    return max(one_way - (forward_next or 0.0), 0.0) + max(one_way - (backward_after or 0.0), 0.0)
+
+
+def _pareto_options(unit: UnitProfile, time_source: str) -> list[OptionProfile]:
+    """Named options stay; solver-chosen save sets (``selective:ops...``) stay only if no other
+    choice for the unit (keep, recompute, another option) retains no more for no more cost."""
+    choices = [(unit.keep_bytes, 0.0), (unit.recompute_bytes, unit.recompute_cost(time_source))]
+    choices += [(o.retain_bytes, o.cost(time_source)) for o in unit.options]
+    kept = []
+    for option in unit.options:
+        point = (option.retain_bytes, option.cost(time_source))
+        dominated = any(
+            other[0] <= point[0] and other[1] <= point[1] and other != point for other in choices
+        )
+        if not dominated or not option.action.startswith("selective:ops"):
+            kept.append(option)
+    return kept
 
 
 def _unit_sizes(marks: _UnitMarks, n: int) -> list[tuple[int, int]]:

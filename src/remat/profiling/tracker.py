@@ -18,12 +18,14 @@ peak by category and by module FQN and phase, and per-module activation bytes, o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import threading
 import time
 import weakref
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +38,15 @@ from torch.optim.optimizer import (
 from remat import _compat
 from remat._compat import TorchDispatchMode, tree_flatten
 
-__all__ = ["CATEGORIES", "PHASES", "MemoryReport", "MemoryTracker", "ModuleStats", "track_memory"]
+__all__ = [
+    "CATEGORIES",
+    "PHASES",
+    "MemoryReport",
+    "MemoryTracker",
+    "ModuleStats",
+    "host_allocations",
+    "track_memory",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +83,29 @@ indexing with a boolean mask is one too."""
 
 _ROOT = ""
 _STATIC = -1
+_HOST = threading.local()
+
+
+@contextlib.contextmanager
+def host_allocations() -> Iterator[None]:
+    """Storages created inside are host memory (offloaded activations): trackers count them in
+    ``host_bytes`` / ``host_peak_bytes``, apart from the device's live total.
+
+    Example:
+        >>> import torch
+        >>> x = torch.ones(256)
+        >>> with track_memory(x) as tracker:
+        ...     with host_allocations():
+        ...         copy = x.clone()
+        ...     y = x * 2
+        >>> tracker.peak_bytes - tracker.static_bytes, tracker.host_peak_bytes
+        (1024, 1024)
+    """
+    _HOST.depth = getattr(_HOST, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _HOST.depth -= 1
 
 
 @dataclass(kw_only=True)
@@ -137,6 +170,8 @@ class MemoryReport:
     """Per module FQN (innermost), the data-dependent ops it ran in forward (see
     ``DATA_DEPENDENT_OPS``)."""
     num_allocations: int
+    host_peak_bytes: int = 0
+    """Largest total of host bytes (see :func:`host_allocations`), not part of ``peak_bytes``."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -203,6 +238,8 @@ class MemoryTracker(TorchDispatchMode):
         self.current_bytes = 0
         self.peak_bytes = 0
         self.static_bytes = 0
+        self.host_bytes = 0
+        self.host_peak_bytes = 0
         self._peak_event = _STATIC
         self._peak_phase = "static"
         self._peak_fqn = _ROOT
@@ -324,6 +361,12 @@ class MemoryTracker(TorchDispatchMode):
 
     def _release(self, key: int, info: _Storage) -> None:
         if not self._active or info.died_at is not None:
+            return
+        if info.category == "host":
+            info.died_at = self._event
+            self.host_bytes -= info.nbytes
+            if self._live.get(key) is info:
+                del self._live[key]
             return
         self._event += 1
         info.died_at = self._event
@@ -462,7 +505,9 @@ class MemoryTracker(TorchDispatchMode):
             if storage is None:
                 continue
             info = self._live.get(id(storage))
-            if info is None:
+            if info is None and getattr(_HOST, "depth", 0):
+                self._new_host_storage(storage, fqn)
+            elif info is None:
                 grew = self._new_storage(storage, phase, fqn) > 0 or grew
             else:
                 size = self._size(storage)
@@ -495,6 +540,14 @@ class MemoryTracker(TorchDispatchMode):
         self._track(storage, info)
         self.current_bytes += info.nbytes
         return info.nbytes
+
+    def _new_host_storage(self, storage: torch.UntypedStorage, fqn: str) -> None:
+        info = _Storage(self._size(storage), "host", self._event, "host", self._segment, fqn)
+        info.category = "host"
+        self._live[id(storage)] = info
+        weakref.finalize(storage, self._release, id(storage), info)
+        self.host_bytes += info.nbytes
+        self.host_peak_bytes = max(self.host_peak_bytes, self.host_bytes)
 
     def mark(self, label: Any) -> None:
         """Start a new interval called ``label``; its live bytes at the start and its peak are
@@ -595,6 +648,7 @@ class MemoryTracker(TorchDispatchMode):
             modules=modules,
             data_dependent_ops={k: sorted(v) for k, v in self._data_dependent.items()},
             num_allocations=sum(1 for info in self._all if info.created_at != _STATIC),
+            host_peak_bytes=self.host_peak_bytes,
         )
 
     def _order_key(self, fqn: str) -> tuple[int, str]:

@@ -17,6 +17,7 @@ the peak instead of the cost.
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 import time
 from collections.abc import Sequence
@@ -36,7 +37,7 @@ FEASIBLE = "FEASIBLE"
 (see lower_bound)."""
 INFEASIBLE = "INFEASIBLE"
 """No plan fits; ``min_peak_bytes`` is the least any plan reaches, and ``plan`` reaches it."""
-ACTIONS = ("keep", "recompute", "segment", "nested")
+ACTIONS = ("keep", "recompute", "segment", "nested", "selective", "offload")
 EXACT_UP_TO_UNITS = 64
 
 
@@ -111,6 +112,9 @@ def _candidate_blocks(
         for kind, allowed in (("replay", "segment"), ("nested", "nested")):
             if allowed in actions:
                 options += [Block(kind, i, e) for e in range(i + 1, min(n, i + max_segment))]
+        for option in profile.units[i].options:
+            if option.action.partition(":")[0] in actions:
+                options.append(Block("option", i, i, option.action))
         starts[i] = [(block, block_cost(profile, block)) for block in options]
     return starts
 
@@ -269,6 +273,8 @@ def plan_from_blocks(profile: Profile, blocks: Sequence[Block], **fields_: Any) 
     for block in blocks:
         if block.kind == "keep":
             actions[fqns[block.start]] = "keep"
+        elif block.kind == "option":
+            actions[fqns[block.start]] = str(block.action)
         elif block.start == block.end:
             actions[fqns[block.start]] = "recompute"
         else:
@@ -288,15 +294,14 @@ def _lower_bound(profile: Profile, budget_bytes: int) -> float:
             unit.forward_need_keep_bytes,
             unit.forward_need_recompute_bytes,
             unit.forward_need_inner_bytes,
+            *(o.forward_need_bytes for o in unit.options),
         )
         room = budget_bytes - profile.base_bytes - least_need
-        offers = []
+        offers: list[tuple[float, float]] = []
         kept = 0
         for earlier in units[:i]:
             kept += earlier.keep_bytes
-            saving = earlier.keep_bytes - min(earlier.recompute_bytes, earlier.inner_bytes)
-            if saving > 0:
-                offers.append((earlier.recompute_cost(profile.time_source) / saving, saving))
+            offers += _shedding_offers(earlier, profile.time_source)
         excess = kept - room
         cost = 0.0
         for ratio, saving in sorted(offers):
@@ -308,6 +313,30 @@ def _lower_bound(profile: Profile, budget_bytes: int) -> float:
         if excess <= 0:
             best = max(best, cost)
     return best
+
+
+def _shedding_offers(unit: Any, time_source: str) -> list[tuple[float, float]]:
+    """Pieces (cost per byte, bytes) of the lower convex hull of what shedding a unit's kept bytes
+    costs under each of its choices: a fractional relaxation of picking one of them."""
+    points = {(0.0, 0.0)}
+    least_recompute = min(unit.recompute_bytes, unit.inner_bytes)
+    points.add((float(unit.keep_bytes - least_recompute), unit.recompute_cost(time_source)))
+    for option in unit.options:
+        points.add((float(unit.keep_bytes - option.retain_bytes), option.cost(time_source)))
+    hull: list[tuple[float, float]] = []
+    for point in sorted(p for p in points if p[0] >= 0):
+        while len(hull) > 1 and hull[-1][1] >= point[1]:
+            hull.pop()  # shedding more for no more cost
+        while len(hull) >= 2 and (hull[-1][1] - hull[-2][1]) * (point[0] - hull[-2][0]) >= (
+            point[1] - hull[-2][1]
+        ) * (hull[-1][0] - hull[-2][0]):
+            hull.pop()
+        hull.append(point)
+    return [
+        ((b[1] - a[1]) / (b[0] - a[0]), b[0] - a[0])
+        for a, b in itertools.pairwise(hull)
+        if b[0] > a[0]
+    ]
 
 
 def solve(
@@ -322,7 +351,8 @@ def solve(
     Args:
         profile: from :func:`remat.profile` (or :meth:`Profile.load`-ed JSON).
         budget: bytes, ``"22GiB"``, ``"60%"`` or ``"min"`` (see :class:`Budget`).
-        actions: what plans may use: ``keep``, ``recompute``, ``segment``.
+        actions: what plans may use: ``keep``, ``recompute``, ``segment``, ``nested``,
+            ``selective`` and ``offload`` (the last two where the profile measured them).
         max_segment: longest segment considered; default: all (exact) up to 64 units, else
             ``max(12, ceil(1.5 * sqrt(n)))`` (sqrt(n) is the optimal segment length for equal
             units), which keeps 96 units under a second.

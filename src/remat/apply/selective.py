@@ -1,0 +1,528 @@
+"""Op-level selective recompute and activation offload, the two actions finer than a whole unit.
+
+**Selective** (``selective:<policy>``). While a unit's forward runs, :class:`OpLog` numbers every
+aten op by its overload and call index (as ``torch.utils.checkpoint``'s selective checkpointing does)
+and remembers, weakly, which storages each op created. When autograd saves a tensor, the unit's
+checkpoint frame asks :meth:`OpLog.keep` whether its producing op is one the policy saves; if so the
+op's outputs are kept (strongly) and that saved tensor is handed back as it is in backward. Everything
+else is replayed, and in the replay :class:`ReplayCache` returns the kept outputs instead of running
+those ops again. So a policy costs only what autograd saves anyway among the ops it names: a saved
+op's output that autograd does not save is not kept.
+
+Policies (names are aten overload packets, the part before ``.default``):
+
+- ``save_matmuls``: keep the outputs of matmuls and fused attention (torchtitan's op-level mode);
+- ``megatron``: keep everything except the attention core (Korthikanti et al. 2022, arXiv
+  2205.05198): softmax and fused attention kernels, and every non-matmul op fed by them (masking,
+  dropout of the probabilities, views), up to the matmul with the values;
+- ``ops.<op>.<op>...``: keep the outputs of these ops (what the solver chooses per unit).
+
+An op that draws random numbers (dropout) may be kept too: the generator's state after it is
+recorded in forward and restored when the replay skips it, so later random ops of the replay draw
+what they drew in forward.
+
+**Offload** (``offload``). :class:`Offloader` is a pair of saved-tensor hooks: what the unit saves is
+copied to host memory in forward (on CUDA: pinned memory, copied on a side stream) and copied back
+the first time its backward asks for any of it, all of the unit's tensors at once (on CUDA, the
+previous unit's come back at the same moment, on the side stream, so the copy overlaps the
+backward). On the CPU, host and device are the same memory: the copies are made anyway, inside
+:func:`~remat.profiling.tracker.host_allocations` so the tracker counts them as host bytes, and the
+action is correct if useless. Parameters and tensors under 1 KiB stay where they are.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from remat._compat import (
+    TorchDispatchMode,
+    op_is_view,
+    op_writes_inputs,
+    tensor_version,
+    tree_flatten,
+    tree_unflatten,
+)
+from remat.profiling.tracker import host_allocations
+
+__all__ = [
+    "ATTENTION_OPS",
+    "CORE_ATTENTION_OPS",
+    "MATMUL_OPS",
+    "CheckpointMismatchError",
+    "Offloader",
+    "OpLog",
+    "ReplayCache",
+    "eager_policy",
+    "op_name",
+    "policy_for",
+]
+
+MATMUL_OPS = frozenset({"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "_addmm_activation"})
+ATTENTION_OPS = frozenset(
+    {
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_fused_attention_overrideable",
+        "_flash_attention_forward",
+        "_efficient_attention_forward",
+    }
+)
+"""Fused attention kernels (what ``F.scaled_dot_product_attention`` dispatches to in training)."""
+CORE_ATTENTION_OPS = ATTENTION_OPS | {"_softmax", "softmax", "_safe_softmax"}
+OFFLOAD_MIN_BYTES = 1024
+
+
+class CheckpointMismatchError(RuntimeError):
+    """Replay did not reproduce what the forward saved (a data-dependent or stateful unit)."""
+
+
+def op_name(func: Any) -> str:
+    """The aten overload packet's name of an op (``aten.mm.default`` -> ``mm``).
+
+    Example:
+        >>> import torch
+        >>> op_name(torch.ops.aten.addmm.default)
+        'addmm'
+    """
+    packet = getattr(func, "overloadpacket", func)
+    return str(getattr(packet, "__name__", func))
+
+
+def _is_random(func: Any) -> bool:
+    return torch.Tag.nondeterministic_seeded in getattr(func, "tags", ())
+
+
+def eager_policy(label: str) -> bool:
+    """Whether a policy keeps its ops' outputs even where autograd does not save them
+    (``save_matmuls``, as torchtitan's op-level mode) rather than only where it does.
+
+    Example:
+        >>> eager_policy("save_matmuls"), eager_policy("megatron"), eager_policy("ops.mm")
+        (True, False, False)
+    """
+    return label == "save_matmuls"
+
+
+def policy_for(label: str) -> Callable[[str, bool], bool]:
+    """The save rule of a ``selective`` policy: ``rule(op, fed_by_core) -> keep its output?``.
+
+    ``fed_by_core`` says whether an input of the op comes from the attention core (used by
+    ``megatron`` only).
+
+    Example:
+        >>> rule = policy_for("save_matmuls")
+        >>> rule("addmm", False), rule("gelu", False)
+        (True, False)
+        >>> policy_for("ops.gelu.addmm")("gelu", False)
+        True
+        >>> megatron = policy_for("megatron")
+        >>> megatron("_softmax", False), megatron("bmm", True), megatron("add", False)
+        (False, True, True)
+    """
+    if label == "save_matmuls":
+        saved = MATMUL_OPS | ATTENTION_OPS
+        return lambda name, _core: name in saved
+    if label == "megatron":
+        return lambda name, core: (
+            name not in CORE_ATTENTION_OPS and (not core or name in MATMUL_OPS)
+        )
+    if label.startswith("ops"):
+        chosen = frozenset(part for part in label.split(".")[1:] if part)
+        return lambda name, _core: name in chosen
+    raise ValueError(
+        f"selective policy: got {label!r}; expected save_matmuls, megatron or ops.<op>.<op>..."
+    )
+
+
+def _rng_after(outputs: list[Any]) -> tuple[torch.Tensor | None, dict[int, torch.Tensor]]:
+    """The states of the generators a random op with these outputs drew from, after it."""
+    devices = {t.device for t in outputs if isinstance(t, torch.Tensor)}
+    cpu = torch.get_rng_state() if any(d.type == "cpu" for d in devices) else None
+    cuda = {
+        d.index or 0: torch.cuda.get_rng_state(d.index or 0) for d in devices if d.type == "cuda"
+    }
+    return cpu, cuda
+
+
+def _restore_rng(rng: tuple[torch.Tensor | None, dict[int, torch.Tensor]]) -> None:
+    cpu, cuda = rng
+    if cpu is not None:
+        torch.set_rng_state(cpu)
+    for index, state in cuda.items():
+        torch.cuda.set_rng_state(state, index)
+
+
+def _storage_id(tensor: torch.Tensor) -> int | None:
+    try:
+        return id(tensor.untyped_storage())
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+class _Leaf:
+    """A weak record of one output tensor of an op: enough to get it back at pack time."""
+
+    __slots__ = ("offset", "ref", "sid", "size", "stride", "version")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.ref = weakref.ref(tensor)
+        self.sid = _storage_id(tensor)
+        self.size, self.stride = tuple(tensor.shape), tuple(tensor.stride())
+        self.offset = tensor.storage_offset()
+        self.version = tensor_version(tensor)
+
+    def recover(self, saved: torch.Tensor, saved_sid: int) -> torch.Tensor | None:
+        """The output as the op returned it (detached), or ``None`` if it is gone or changed."""
+        tensor = self.ref()
+        if tensor is None and self.sid == saved_sid:
+            # Only a view of it is alive (a reshape of a clone): the same bytes, seen as it was.
+            tensor = saved.detach().as_strided(self.size, self.stride, self.offset)
+        if tensor is None or tensor_version(tensor) != self.version:
+            return None
+        return tensor.detach()
+
+
+class OpLog(TorchDispatchMode):
+    """Forward of a ``selective`` unit: numbers ops and keeps the outputs its policy saves.
+
+    Example:
+        >>> import torch
+        >>> x = torch.randn(4, 4, requires_grad=True)
+        >>> log = OpLog(policy_for("save_matmuls"))
+        >>> with log:
+        ...     h = x @ x
+        ...     y = h.relu()
+        >>> log.keep(h), log.keep(y), len(log.finish())
+        (True, False, 1)
+    """
+
+    def __init__(self, rule: Callable[[str, bool], bool], *, eager: bool = False) -> None:
+        super().__init__()
+        self.rule = rule
+        self.eager = eager
+        """Keep the outputs of every op the rule names, saved by autograd or not (as
+        ``torch.utils.checkpoint``'s selective mode does): the replay never runs them. Otherwise
+        only those autograd saves are kept."""
+        self.counter: dict[Any, int] = defaultdict(int)
+        self.created: dict[int, tuple[tuple[Any, int], weakref.ref[Any]]] = {}
+        """Storage id -> (key of the op that created it, weak reference to the storage)."""
+        self.saveable: dict[tuple[Any, int], tuple[Any, list[Any], Any]] = {}
+        """Op key -> (output structure; its leaves, each a :class:`_Leaf` or a constant; for a
+        random op, the generator states after it)."""
+        self.core: set[int] = set()
+        """Storages created by the attention core (``megatron``)."""
+        self.kept: dict[tuple[Any, int], tuple[Any, list[int], Any]] = {}
+        """Op key -> (its output, detached; the versions of its tensors; generator states after
+        it, for a random op), for the replay."""
+        self._busy = False
+        self.writers: dict[int, list[tuple[Any, int]]] = {}
+        """Storage id -> keys of the ops that created it or wrote into it."""
+        self.deps: dict[tuple[Any, int], set[tuple[Any, int]]] = {}
+        """Op key -> keys of the ops that wrote what it read."""
+        self.always: set[tuple[Any, int]] = set()
+        self.shapes: dict[tuple[Any, int], tuple[Any, list[Any]]] = {}
+        """Op key -> output structure and (shape, stride, dtype, device) per tensor, for the ops
+        the replay may skip."""
+        self.needed_roots: set[tuple[Any, int]] = set()
+        """Ops that wrote saved tensors that are not kept: the replay must produce those."""
+
+    def _writers_of(self, sid: int | None) -> list[tuple[Any, int]]:
+        if sid is None:
+            return []
+        known = self.created.get(sid)
+        if known is None or known[1]() is None:
+            return []
+        return self.writers.get(sid, [])
+
+    def note_recomputed(self, tensor: torch.Tensor) -> None:
+        """Autograd saved ``tensor`` and it is not kept: the replay must recompute it."""
+        self.needed_roots.update(self._writers_of(_storage_id(tensor)))
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self._busy:
+            return out  # our own detach / as_strided while keeping: not the unit's ops
+        key = (func, self.counter[func])
+        self.counter[func] += 1
+        name = op_name(func)
+        inputs = {
+            _storage_id(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
+        }
+        fed_by_core = bool(self.core & inputs)
+        flat, spec = tree_flatten(out)
+        self.deps[key] = {w for sid in inputs for w in self._writers_of(sid)}
+        if op_writes_inputs(func):
+            for leaf in tree_flatten((args, kwargs))[0]:
+                if isinstance(leaf, torch.Tensor) and leaf.untyped_storage() is not None:
+                    sid = _storage_id(leaf)
+                    if sid in self.writers:
+                        self.writers[sid].append(key)
+
+        new = []
+        for leaf in flat:
+            if isinstance(leaf, torch.Tensor):
+                sid = _storage_id(leaf)
+                if sid is None or sid in inputs:
+                    continue  # views and in-place results share their input's storage
+                known = self.created.get(sid)
+                if known is None or known[1]() is None:  # new (ids of dead storages are reused)
+                    self.created[sid] = (key, weakref.ref(leaf.untyped_storage()))
+                    self.writers[sid] = [key]
+                    new.append(sid)
+        tensors = [x for x in flat if isinstance(x, torch.Tensor)]
+        if len(tensors) != len(flat) or not tensors or _is_random(func):
+            self.always.add(key)  # Python values, nothing, or random draws: the replay runs it
+        elif len(new) == len(tensors) and not op_is_view(func):
+            # Every output is new memory (no alias of an input, such as _unsafe_view's): the
+            # replay may stand in for it if nothing it must produce reads them.
+            self.shapes[key] = (spec, [(x.shape, x.stride(), x.dtype, x.device) for x in tensors])
+        if name in CORE_ATTENTION_OPS or (fed_by_core and name not in MATMUL_OPS):
+            self.core.update(new)
+        if self.rule(name, fed_by_core):
+            rng = _rng_after(flat) if _is_random(func) else None
+            if self.eager:
+                self._busy = True
+                try:
+                    values = [x.detach() if isinstance(x, torch.Tensor) else x for x in flat]
+                finally:
+                    self._busy = False
+                versions = [tensor_version(v) for v in values if isinstance(v, torch.Tensor)]
+                self.kept[key] = (tree_unflatten(values, spec), versions, rng)
+            else:
+                leaves = [_Leaf(x) if isinstance(x, torch.Tensor) else x for x in flat]
+                self.saveable[key] = (spec, leaves, rng)
+        return out
+
+    def keep(self, tensor: torch.Tensor) -> bool:
+        """Autograd saves ``tensor``: keep its producing op's outputs if the policy saves that op,
+        they are all alive still (or views of ``tensor``'s storage) and unchanged since the op.
+        ``False``: the tensor is recomputed in backward."""
+        sid = _storage_id(tensor)
+        found = self.created.get(sid) if sid is not None else None
+        if found is None or found[1]() is None:
+            return False
+        key = found[0]
+        if key in self.kept:
+            return True
+        entry = self.saveable.get(key)
+        if entry is None:
+            return False
+        spec, leaves, rng = entry
+        self._busy = True
+        try:
+            values = [
+                x.recover(tensor, sid) if isinstance(x, _Leaf) else x  # type: ignore[arg-type]
+                for x in leaves
+            ]
+        finally:
+            self._busy = False
+        if any(v is None for v, x in zip(values, leaves, strict=True) if isinstance(x, _Leaf)):
+            return False  # an output died, or changed in place (a mask that bernoulli_ fills)
+        self.kept[key] = (
+            tree_unflatten(values, spec),
+            [tensor_version(v) for v in values if isinstance(v, torch.Tensor)],
+            rng,
+        )
+        return True
+
+    def finish(self) -> tuple[dict[tuple[Any, int], Any], dict[tuple[Any, int], Any]]:
+        """After the forward: the kept outputs, and the ops the replay may skip (their outputs
+        feed only kept ops or nothing saved) with the shapes to stand in for them. The log's
+        weak tables are dropped."""
+        for key, (output, versions, _rng) in list(self.kept.items()):
+            tensors = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
+            if [tensor_version(t) for t in tensors] != versions:
+                del self.kept[key]  # changed in place after the op: the replay runs it
+        needed: set[tuple[Any, int]] = set()
+        stack = [k for k in (self.needed_roots | self.always) if k not in self.kept]
+        while stack:
+            key = stack.pop()
+            if key in needed:
+                continue
+            needed.add(key)
+            stack.extend(
+                d for d in self.deps.get(key, ()) if d not in needed and d not in self.kept
+            )
+        skippable = {
+            key: shapes
+            for key, shapes in self.shapes.items()
+            if key not in needed and key not in self.kept
+        }
+        self.needed = needed
+        self.created.clear()
+        self.saveable.clear()
+        self.core.clear()
+        self.writers.clear()
+        self.deps.clear()
+        self.shapes.clear()
+        return self.kept, skippable
+
+
+class ReplayCache(TorchDispatchMode):
+    """Replay of a ``selective`` unit: ops whose outputs were kept are not run again.
+
+    Example:
+        >>> import torch
+        >>> cache = ReplayCache({(torch.ops.aten.mm.default, 0): (torch.ones(2, 2), [0], None)})
+        >>> with cache:
+        ...     y = torch.zeros(2, 2) @ torch.zeros(2, 2)
+        >>> y.sum().item(), cache.skipped
+        (4.0, 1)
+    """
+
+    def __init__(
+        self,
+        kept: dict[tuple[Any, int], tuple[Any, list[int], Any]],
+        skippable: dict[tuple[Any, int], tuple[Any, list[Any]]] | None = None,
+    ) -> None:
+        super().__init__()
+        self.kept = kept
+        self.skippable = skippable or {}
+        self.counter: dict[Any, int] = defaultdict(int)
+        self.skipped = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        key = (func, self.counter[func])
+        self.counter[func] += 1
+        entry = self.kept.pop(key, None)
+        if entry is not None:
+            output, versions, rng = entry
+            tensors = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
+            if [tensor_version(t) for t in tensors] != versions:
+                raise CheckpointMismatchError(
+                    f"remat: the output of {op_name(func)} that a selective unit kept was changed"
+                    " in place after its forward, so the replay cannot use it. Avoid the in-place"
+                    " op, or use recompute for this unit."
+                )
+            self.skipped += 1
+            if rng is not None:
+                _restore_rng(rng)
+            return output
+        stand_in = self.skippable.pop(key, None)
+        if stand_in is not None:
+            # Nothing the replay must produce reads this op's outputs (only kept ops and ops as
+            # idle as this one do): stand in with uninitialised tensors of the same layout.
+            spec, layouts = stand_in
+            self.skipped += 1
+            return tree_unflatten(
+                [
+                    torch.empty_strided(shape, stride, dtype=dtype, device=device)
+                    for shape, stride, dtype, device in layouts
+                ],
+                spec,
+            )
+        return func(*args, **(kwargs or {}))
+
+
+class Offloader:
+    """Saved-tensor hooks that move what one unit call saves to host memory and back.
+
+    ``pack`` / ``unpack`` are given to ``torch.autograd.graph.saved_tensors_hooks``. ``previous`` is
+    the offloader of the unit that ran before (prefetched on CUDA when this one is brought back).
+
+    Example:
+        >>> import torch
+        >>> x = torch.randn(64, 64, requires_grad=True)
+        >>> off = Offloader()
+        >>> with torch.autograd.graph.saved_tensors_hooks(off.pack, off.unpack):
+        ...     y = (x * 2).exp()
+        >>> off.offloaded_bytes
+        16384
+        >>> y.sum().backward(); bool(torch.allclose(x.grad, 2 * y.detach()))
+        True
+    """
+
+    def __init__(self, previous: Offloader | None = None) -> None:
+        self._previous = weakref.ref(previous) if previous is not None else None
+        self.entries: list[list[Any]] = []
+        """Per packed tensor: [host copy or None, the tensor itself if not offloaded, device,
+        event]."""
+        self.loaded: list[torch.Tensor | None] | None = None
+        self.offloaded_bytes = 0
+        self._stream: Any = None
+
+    def pack(self, tensor: torch.Tensor) -> int:
+        if (
+            isinstance(tensor, torch.nn.Parameter)
+            or tensor.device.type not in ("cpu", "cuda")
+            or tensor.untyped_storage().nbytes() < OFFLOAD_MIN_BYTES
+            or tensor.is_sparse
+        ):
+            self.entries.append([None, tensor, tensor.device, None])
+            return len(self.entries) - 1
+        nbytes = tensor.numel() * tensor.element_size()
+        if tensor.device.type == "cuda":
+            stream = self._side_stream(tensor.device)
+            event = torch.cuda.Event()
+            stream.wait_stream(torch.cuda.current_stream(tensor.device))
+            with torch.cuda.stream(stream), host_allocations():
+                host = torch.empty(
+                    tensor.shape, dtype=tensor.dtype, pin_memory=True, device="cpu"
+                ).copy_(tensor, non_blocking=True)
+                event.record(stream)
+            tensor.record_stream(stream)  # the device copy is freed only after the copy ran
+            self.entries.append([host, None, tensor.device, event])
+        else:
+            with host_allocations():
+                host = tensor.detach().clone()
+            self.entries.append([host, None, tensor.device, None])
+        self.offloaded_bytes += nbytes
+        return len(self.entries) - 1
+
+    def unpack(self, index: int) -> torch.Tensor:
+        if self.loaded is None:
+            on_cuda = any(entry[2].type == "cuda" for entry in self.entries)
+            self.bring_back()
+            previous = self._previous() if self._previous is not None else None
+            if on_cuda and previous is not None:
+                previous.bring_back()  # prefetch on the side stream: its backward comes next
+        assert self.loaded is not None
+        tensor = self.loaded[index]
+        if tensor is None:
+            raise RuntimeError(
+                "remat: an offloaded saved tensor was asked for twice; backward through an"
+                " offloaded unit runs once (retain_graph=True is not supported with offload)"
+            )
+        self.loaded[index] = None
+        return tensor
+
+    def bring_back(self) -> None:
+        """Copy every offloaded tensor of this call back to its device (once)."""
+        if self.loaded is not None:
+            return
+        loaded: list[torch.Tensor | None] = []
+        for host, same, device, event in self.entries:
+            if host is None:
+                loaded.append(same)
+            elif device.type == "cuda":
+                stream = self._side_stream(device)
+                if event is not None:
+                    stream.wait_event(event)
+                with torch.cuda.stream(stream):
+                    back = host.to(device, non_blocking=True)
+                torch.cuda.current_stream(device).wait_stream(stream)
+                back.record_stream(torch.cuda.current_stream(device))
+                loaded.append(back)
+            else:
+                loaded.append(host.clone())  # device memory again, as on CUDA
+        self.loaded = loaded
+        self.entries = []
+
+    def _side_stream(self, device: torch.device) -> Any:
+        if self._stream is None:
+            self._stream = _SIDE_STREAMS.get(device.index or 0)
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(device)
+                _SIDE_STREAMS[device.index or 0] = self._stream
+        return self._stream
+
+
+_SIDE_STREAMS: dict[int, Any] = {}
