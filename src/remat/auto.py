@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -21,7 +21,7 @@ from remat.cost.model import Profile
 from remat.profiling.profiler import profile
 from remat.profiling.step import measure_step
 from remat.solve.budget import Budget
-from remat.solve.solver import INFEASIBLE, SolveResult, solve
+from remat.solve.solver import ACTIONS, INFEASIBLE, SolveResult, solve
 
 __all__ = ["InfeasibleBudgetError", "auto_", "solve_measured"]
 
@@ -51,6 +51,37 @@ class InfeasibleBudgetError(ValueError):
         )
 
 
+def profile_options(actions: Sequence[str] | None, model: nn.Module | None = None) -> list[str]:
+    """What :func:`remat.profile` must measure for a solver restricted to ``actions``: the
+    selective policies if ``selective`` is allowed, and ``offload`` if asked for. ``None`` (the
+    default everywhere) is every action, with offload on CUDA only: on the CPU it costs time and
+    saves nothing, so it is measured there only when ``actions`` names it.
+
+    Example:
+        >>> profile_options(["keep", "recompute"])
+        []
+        >>> profile_options(None)
+        ['selective:save_matmuls', 'selective:megatron', 'selective:auto']
+        >>> profile_options(["keep", "offload"])
+        ['offload']
+    """
+    on_cuda = model is not None and any(p.device.type == "cuda" for p in model.parameters())
+    if actions is None:
+        actions = [a for a in ACTIONS if a != "offload" or on_cuda]
+    unknown = [a for a in actions if a not in ACTIONS]
+    if unknown or "keep" not in actions:
+        raise ValueError(
+            f"actions: got {list(actions)}; expected a subset of {list(ACTIONS)} that includes"
+            " keep (e.g. keep,recompute,selective)"
+        )
+    chosen: list[str] = []
+    if "selective" in actions:
+        chosen += ["selective:save_matmuls", "selective:megatron", "selective:auto"]
+    if "offload" in actions:
+        chosen.append("offload")
+    return chosen
+
+
 def solve_measured(
     model: nn.Module,
     example_inputs: Any,
@@ -60,6 +91,7 @@ def solve_measured(
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
     optimizer: str = "adamw",
     max_iterations: int = 3,
+    actions: Sequence[str] = ACTIONS,
 ) -> SolveResult:
     """Solve, then measure the plan's peak on the model and re-solve tighter while it does not fit.
 
@@ -68,7 +100,7 @@ def solve_measured(
     ``max_iterations`` solves (a note says so).
     """
     parsed = Budget.parse(budget)
-    result = solve(prof, parsed)
+    result = solve(prof, parsed, actions=actions)
     budget_bytes = result.budget_bytes
     target = budget_bytes
     for iteration in range(1, max_iterations + 1):
@@ -91,7 +123,7 @@ def solve_measured(
             result.predicted_peak_bytes,
         )
         target -= max(miss, measured - budget_bytes, 1)
-        result = solve(prof, target)
+        result = solve(prof, target, actions=actions)
     return dataclasses.replace(
         result,
         status=INFEASIBLE,
@@ -111,6 +143,7 @@ def auto_(
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
     optimizer: str = "adamw",
     units: UnitSpec = None,
+    actions: Sequence[str] | None = None,
 ) -> Handle:
     """Profile the model, solve for the cheapest plan within ``budget``, apply it in place.
 
@@ -121,6 +154,8 @@ def auto_(
         loss_fn: output -> scalar loss (default: the output if scalar, else the mean of its floats).
         optimizer: whose step counts in the peak: ``"adamw"``, ``"sgd"`` or ``"none"``.
         units: what the plan may act on (see :func:`remat.find_units`).
+        actions: what the plan may use (``keep`` and any of ``recompute``, ``segment``,
+            ``nested``, ``selective``, ``offload``); default: all, offload on CUDA only.
 
     Returns:
         The :class:`~remat.apply.apply.Handle`; ``handle.result`` is the
@@ -139,9 +174,22 @@ def auto_(
         True
         >>> handle.remove()
     """
-    prof = profile(model, example_inputs, loss_fn=loss_fn, optimizer=optimizer, units=units)
+    prof = profile(
+        model,
+        example_inputs,
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        units=units,
+        options=profile_options(actions, model),
+    )
     result = solve_measured(
-        model, example_inputs, prof, budget, loss_fn=loss_fn, optimizer=optimizer
+        model,
+        example_inputs,
+        prof,
+        budget,
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        actions=actions if actions is not None else ACTIONS,
     )
     if result.status == INFEASIBLE:
         raise InfeasibleBudgetError(result)

@@ -40,7 +40,14 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--strategy",
         default="auto",
-        help="auto (solve; default), or a baseline: none, full, every_n:K, sqrt_n",
+        help="auto (solve; default), or a baseline: none, full, every_n:K, sqrt_n, megatron,"
+        " save_matmuls, offload",
+    )
+    parser.add_argument(
+        "--actions",
+        help="comma-separated actions the solver may use: keep (required), recompute, segment,"
+        " nested, selective, offload (default: all; offload only on CUDA, where it can save"
+        " memory without costing the whole transfer)",
     )
     parser.add_argument("--out", metavar="PATH", help="write the plan as JSON here")
     parser.add_argument(
@@ -59,8 +66,9 @@ def _progress(text: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import remat
-    from remat.auto import solve_measured
+    from remat.auto import profile_options, solve_measured
     from remat.profiling.step import measure_step
+    from remat.solve.solver import ACTIONS
 
     budget = None
     if args.budget is not None:
@@ -75,11 +83,22 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"{error}, or auto") from None
     elif budget is None:
         raise UsageError("--budget is required with --strategy auto (e.g. --budget 60%)")
+    actions = None
+    if args.actions is not None:
+        actions = [a.strip() for a in args.actions.split(",") if a.strip()]
+        try:
+            profile_options(actions)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
     built = load_model_from_args(args)
     try:
         units = remat.find_units(built.model, args.units)
     except ValueError as error:
         raise UsageError(str(error)) from None
+    options = profile_options(actions, built.model)
+    if args.strategy in ("megatron", "save_matmuls", "offload"):
+        needed = "offload" if args.strategy == "offload" else f"selective:{args.strategy}"
+        options = [*options, needed] if needed not in options else options
     prof = remat.profile(
         built.model,
         built.example_inputs,
@@ -87,7 +106,9 @@ def run(args: argparse.Namespace) -> int:
         optimizer=args.optimizer,
         units=units,
         progress=None if args.json else _progress,
+        options=options,
     )
+    solver_actions = actions if actions is not None else list(ACTIONS)
     measure = not args.no_measure
     if args.strategy == "auto":
         if measure:
@@ -98,9 +119,10 @@ def run(args: argparse.Namespace) -> int:
                 budget,
                 loss_fn=built.loss_fn,
                 optimizer=args.optimizer,
+                actions=solver_actions,
             )
         else:
-            result = remat.solve(prof, budget)
+            result = remat.solve(prof, budget, actions=solver_actions)
         plan = result.plan
         status, budget_bytes = result.status, result.budget_bytes
         predicted, overhead = result.predicted_peak_bytes, result.predicted_overhead
@@ -196,10 +218,12 @@ def _print_human(payload: dict[str, Any], prof: Any, plan: Any) -> None:
         )
     print()
     width = max(len(u.fqn) for u in prof.units)
+    action_width = max(14, *(len(str(plan.action_for(u.fqn))) for u in prof.units))
     for unit in prof.units:
         action = str(plan.action_for(unit.fqn))
         print(
-            f"  {unit.fqn.ljust(width)}  {action:<14} keeps {format_bytes(unit.keep_bytes):>10}"
+            f"  {unit.fqn.ljust(width)}  {action:<{action_width}} keeps"
+            f" {format_bytes(unit.keep_bytes):>10}"
             f"  forward {format_ms(unit.forward_ms)}"
         )
     print()
