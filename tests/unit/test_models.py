@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import doctest
 import inspect
-import time
 from typing import Any
 
 import pytest
@@ -62,13 +61,17 @@ def test_forward_backward_on_cpu(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "unet", "moe"])
-def test_defaults_are_fast_on_cpu(name: str) -> None:
+def test_defaults_are_small_enough_for_the_cpu(name: str) -> None:
+    # Work, not wall time (timed unit tests fail on a loaded machine): a default step stays under
+    # 20 GFLOP, a few seconds on this 2-core CPU.
+    from torch.utils.flop_counter import FlopCounterMode
+
     torch.manual_seed(0)
     built = build_builtin(name)
-    start = time.perf_counter()
-    loss = _forward_backward(built)
+    with FlopCounterMode(display=False) as counter:
+        loss = _forward_backward(built)
     assert torch.isfinite(loss)
-    assert time.perf_counter() - start < 5.0
+    assert counter.get_total_flops() < 20e9
 
 
 @pytest.mark.parametrize("name", list(BUILTIN_MODELS))
@@ -130,12 +133,15 @@ def test_moe_builds_on_meta() -> None:
     assert all(t.is_meta for t in built.example_inputs)
 
 
-def test_large_gpt_builds_on_meta_quickly() -> None:
-    start = time.perf_counter()
+def test_large_gpt_builds_on_meta_without_memory() -> None:
+    # 2 billion float32 parameters would be 8 GB; on meta the process must not grow by 1 GB.
+    import resource
+
+    before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with torch.device("meta"):
         built = build_builtin("gpt", n_layer=48, d_model=2048, seq=2048)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 10.0, f"building the 48-layer GPT on meta took {elapsed:.1f}s"
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before_kib
+    assert grown_kib < 1024 * 1024, f"building on meta grew the peak RSS by {grown_kib} KiB"
     params = list(built.model.parameters())
     assert sum(p.numel() for p in params) > 2_000_000_000
     assert all(p.is_meta for p in params)

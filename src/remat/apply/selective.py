@@ -199,8 +199,11 @@ class OpLog(TorchDispatchMode):
         >>> with log:
         ...     h = x @ x
         ...     y = h.relu()
-        >>> log.keep(h), log.keep(y), len(log.finish())
-        (True, False, 1)
+        >>> log.keep(h), log.keep(y)
+        (True, False)
+        >>> kept, skippable = log.finish()
+        >>> [op_name(key[0]) for key in kept]
+        ['mm']
     """
 
     def __init__(self, rule: Callable[[str, bool], bool], *, eager: bool = False) -> None:
