@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from remat.apply.apply import Handle, apply_
+from remat.apply.apply import Handle, _refuse_double_checkpointing, apply_
 from remat.apply.units import UnitSpec
 from remat.cost.model import Profile
 from remat.profiling.profiler import profile
@@ -139,6 +139,8 @@ def auto_(
         True
         >>> handle.remove()
     """
+    # a model that checkpoints itself would be profiled wrongly, then refused by apply_: refuse now
+    _refuse_double_checkpointing(model, dict(model.named_modules()), [])
     prof = profile(model, example_inputs, loss_fn=loss_fn, optimizer=optimizer, units=units)
     result = solve_measured(
         model, example_inputs, prof, budget, loss_fn=loss_fn, optimizer=optimizer
