@@ -155,7 +155,11 @@ def config_keys(name: str) -> list[str]:
     return sorted(keys - _NOT_SETTABLE)
 
 
-def _config_kwargs(name: str, family: _Family, config_class: Any, overrides: Mapping[str, Any]):
+def _config_kwargs(
+    name: str, family: _Family, config_class: Any, overrides: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The config's keyword arguments: defaults, then overrides (aliases resolved), no KV cache,
+    and special tokens inside the vocabulary."""
     accepted = config_keys(name)
     aliases = dict(config_class.attribute_map)
     kwargs = dict(family.defaults)
@@ -171,9 +175,9 @@ def _config_kwargs(name: str, family: _Family, config_class: Any, overrides: Map
             )
         kwargs[aliases.get(key, key)] = value  # an alias and its target name one setting
     kwargs.setdefault("use_cache", False)  # built for training: no KV cache
-    vocab = kwargs.get("vocab_size", getattr(config_class(), "vocab_size", None))
+    base = config_class()
+    vocab = kwargs.get("vocab_size", getattr(base, "vocab_size", None))
     if isinstance(vocab, int):
-        base = config_class()
         for key in _TOKEN_KEYS:  # GPT-2's 50256 is not a token of a small vocabulary
             default = getattr(base, key, None)
             if key not in kwargs and isinstance(default, int) and default >= vocab:
@@ -191,7 +195,8 @@ def build(name: str, *, batch: int = 4, seq: int = 128, **overrides: Any) -> Bui
 
     Returns:
         A :class:`~remat.models.BuiltModel` whose inputs are keyword arguments (``input_ids``,
-        ``labels``), whose model returns its loss, prepared by :func:`prepare_model`.
+        ``attention_mask``, ``labels``), whose model returns its loss, in training mode and
+        prepared by :func:`prepare_model`.
 
     Raises:
         ValueError: an unknown name or config key, a sequence longer than the model's positions,
