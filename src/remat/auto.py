@@ -118,7 +118,8 @@ def auto_(
         model: the model, on the device it trains on.
         example_inputs: one batch (tuple of positional arguments, dict of keyword arguments).
         budget: bytes, ``"22GiB"`` / ``"22GB"``, ``"60%"`` of the activation memory, or ``"min"``.
-        loss_fn: output -> scalar loss (default: the output if scalar, else the mean of its floats).
+        loss_fn: output -> scalar loss (default: the output if scalar, its ``loss`` field when it
+            has one, as Hugging Face models return, else the mean of its floats).
         optimizer: whose step counts in the peak: ``"adamw"``, ``"sgd"`` or ``"none"``.
         units: what the plan may act on (see :func:`remat.find_units`).
 
