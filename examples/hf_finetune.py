@@ -26,7 +26,7 @@ from remat.models.spec import load_model, parse_overrides
 from remat.units import format_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from progress import Progress
+from progress_bar import Progress
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -27,7 +27,7 @@ from remat.models import build_builtin
 from remat.units import format_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from progress import Progress
+from progress_bar import Progress
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
