@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from remat.apply.apply import Handle, apply_
+from remat.apply.apply import Handle, _refuse_double_checkpointing, apply_
 from remat.apply.units import UnitSpec
 from remat.cost.model import Profile
 from remat.profiling.profiler import profile
@@ -151,7 +151,8 @@ def auto_(
         model: the model, on the device it trains on.
         example_inputs: one batch (tuple of positional arguments, dict of keyword arguments).
         budget: bytes, ``"22GiB"`` / ``"22GB"``, ``"60%"`` of the activation memory, or ``"min"``.
-        loss_fn: output -> scalar loss (default: the output if scalar, else the mean of its floats).
+        loss_fn: output -> scalar loss (default: the output if scalar, its ``loss`` field when it
+            has one, as Hugging Face models return, else the mean of its floats).
         optimizer: whose step counts in the peak: ``"adamw"``, ``"sgd"`` or ``"none"``.
         units: what the plan may act on (see :func:`remat.find_units`).
         actions: what the plan may use (``keep`` and any of ``recompute``, ``segment``,
@@ -174,6 +175,8 @@ def auto_(
         True
         >>> handle.remove()
     """
+    # a model that checkpoints itself would be profiled wrongly, then refused by apply_: refuse now
+    _refuse_double_checkpointing(model, dict(model.named_modules()), [])
     prof = profile(
         model,
         example_inputs,

@@ -230,6 +230,59 @@ def test_unet_like() -> None:
     assert find_units(UNetLike()) == ["down.0", "down.1", "up.0", "up.1"]
 
 
+class Stack(nn.Module):
+    """An encoder or decoder: embedding-free, a ModuleList of layers and a final norm."""
+
+    def __init__(self, n: int = 3) -> None:
+        super().__init__()
+        self.block = nn.ModuleList(Block() for _ in range(n))
+        self.final_norm = nn.LayerNorm(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.block:
+            x = block(x)
+        return self.final_norm(x)
+
+
+class EncoderDecoderLike(nn.Module):
+    """Two instances of one stack class as attributes, as T5 has (T5Stack twice)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = Stack(2)
+        self.decoder = Stack(3)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.decoder(self.encoder(x)))
+
+
+def test_two_stacks_of_one_class_give_their_layers() -> None:
+    # encoder and decoder repeat, but each holds a stack of layers and is not in one itself: the
+    # layers are the units (two units for the whole model would leave the planner nothing to do)
+    assert find_units(EncoderDecoderLike()) == [
+        "encoder.block.0",
+        "encoder.block.1",
+        "decoder.block.0",
+        "decoder.block.1",
+        "decoder.block.2",
+    ]
+
+
+def test_sequentials_of_blocks_as_attributes_give_their_blocks() -> None:
+    class TwoStages(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first = nn.Sequential(Block(), Block())
+            self.second = nn.Sequential(Block(), Block())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.second(self.first(x))
+
+    model = TwoStages()
+    assert find_units(model) == ["first.0", "first.1", "second.0", "second.1"]
+
+
 def test_units_are_in_registration_order() -> None:
     class Reversed(nn.Module):
         def __init__(self) -> None:

@@ -138,8 +138,9 @@ def _refuse_double_checkpointing(
             raise ValueError(
                 f"apply_: {name or type(model).__name__} already checkpoints itself"
                 " (gradient_checkpointing=True, as Hugging Face's gradient_checkpointing_enable()"
-                " sets). Turn one off: call model.gradient_checkpointing_disable() and let remat"
-                " plan, or do not apply a remat plan."
+                " sets). Turn one off: call model.gradient_checkpointing_disable() (or"
+                " remat.integrations.hf.prepare_model(model, disable_gradient_checkpointing=True))"
+                " and let remat plan, or do not apply a remat plan."
             )
     for fqn in targets:
         for name, module in modules[fqn].named_modules(prefix=fqn):
@@ -151,8 +152,21 @@ def _refuse_double_checkpointing(
 
 
 def _hooks_that_rerun(modules: dict[str, nn.Module], targets: list[str]) -> list[str]:
-    """Forward hooks inside a recomputed unit run again when it is replayed: name them."""
+    """Forward hooks inside a recomputed unit run again when it is replayed: name them. A Hugging
+    Face KV cache left on in training grows again on replay: say so."""
     notes = []
+    cached = [
+        name
+        for name, module in modules.items()
+        if module.training and getattr(getattr(module, "config", None), "use_cache", False) is True
+    ]
+    if targets and cached:
+        notes.append(
+            f"remat: {cached[0] or 'the model'}.config.use_cache is True in training: the KV cache"
+            " keeps every layer's keys and values alive and a recomputed layer appends to it"
+            " again, so memory goes up; set config.use_cache = False, or call"
+            " remat.integrations.hf.prepare_model(model)"
+        )
     for fqn in targets:
         hooked = [
             name

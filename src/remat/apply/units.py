@@ -1,7 +1,9 @@
 """Finding the units of a model: the modules a plan may act on.
 
 Default: the outermost modules whose class repeats (two or more instances, none nested inside another
-unit): transformer layers, ResNet blocks, U-Net stages. Children of the same ``Sequential`` or
+unit): transformer layers, ResNet blocks, U-Net stages. A repeated module that holds a stack of layers
+(a ``Sequential`` or ``ModuleList`` of two or more blocks) without being a layer of a stack itself, such
+as T5's encoder and decoder, is looked into: its layers are the units. Children of the same ``Sequential`` or
 ``ModuleList`` as a unit become units too when they are blocks (have submodules), so a ``Sequential``
 of mixed block classes is planned whole. Single layers (modules without children, such as ``Linear``)
 are units only when no larger module repeats.
@@ -43,15 +45,36 @@ def _outermost(names: Iterable[str]) -> list[str]:
     return chosen
 
 
+def _holds_a_stack(module: nn.Module) -> bool:
+    """True when ``module`` (or a module inside it) is a ``Sequential`` / ``ModuleList`` holding two
+    or more blocks: a stack of layers such as an encoder."""
+    return any(
+        isinstance(inner, nn.Sequential | nn.ModuleList)
+        and sum(1 for child in inner.children() if any(True for _ in child.children())) >= 2
+        for inner in module.modules()
+    )
+
+
 def _default_units(model: nn.Module) -> list[str]:
     named = [(n, m) for n, m in model.named_modules() if n and not isinstance(m, _CONTAINERS)]
+    modules = dict(model.named_modules())
     counts = Counter(_key(m) for _, m in named)
     is_block = {n: any(True for _ in m.children()) for n, m in named}
-    repeated_blocks = [n for n, m in named if counts[_key(m)] >= 2 and is_block[n]]
+    # A repeated module that is not itself a layer of a stack but holds one (T5's encoder and
+    # decoder, two instances of one class) is a stack, not a layer: its layers are the units.
+    repeated_blocks = [
+        n
+        for n, m in named
+        if counts[_key(m)] >= 2
+        and is_block[n]
+        and (
+            isinstance(modules.get(n.rpartition(".")[0]), nn.Sequential | nn.ModuleList)
+            or not _holds_a_stack(m)
+        )
+    ]
     if repeated_blocks:
         units = _outermost(repeated_blocks)
         # Siblings of a unit inside a Sequential / ModuleList are units too when they are blocks.
-        modules = dict(model.named_modules())
         extra: set[str] = set()
         for unit in units:
             parent_name = unit.rpartition(".")[0]

@@ -27,7 +27,8 @@ def add_model_arguments(parser: Any) -> None:
     parser.add_argument(
         "model",
         metavar="MODEL",
-        help="a built-in (gpt, mlp, cnn, unet, moe) or package.module:factory returning"
+        help="a built-in (gpt, mlp, cnn, unet, moe), hf:NAME (gpt2, llama, bert, t5: Hugging Face"
+        " models with random weights; the hf extra) or package.module:factory returning"
         " (model, example_inputs[, loss_fn])",
     )
     parser.add_argument(

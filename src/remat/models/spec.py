@@ -1,4 +1,4 @@
-"""Turning a MODEL argument into a built model: built-in names and ``package.module:factory``.
+"""Turning a MODEL argument into a built model: built-in names, ``hf:NAME`` and ``package.module:factory``.
 
 Consumes a spec string, a device, a dtype, and size overrides; produces a
 :class:`~remat.models.BuiltModel` built on that device (on ``meta``, with no real memory).
@@ -28,9 +28,17 @@ DTYPES: dict[str, torch.dtype] = {
     "fp16": torch.float16,
 }
 _FORMS = (
-    f"a built-in name ({', '.join(BUILTIN_MODELS)}) or package.module:factory, where the factory"
-    " returns (model, example_inputs) or (model, example_inputs, loss_fn)"
+    f"a built-in name ({', '.join(BUILTIN_MODELS)}), hf:NAME (gpt2, llama, bert, t5; the hf extra)"
+    " or package.module:factory, where the factory returns (model, example_inputs) or (model,"
+    " example_inputs, loss_fn)"
 )
+
+
+def _from_hf(spec: str, overrides: Mapping[str, Any]) -> BuiltModel:
+    """``hf:NAME``: a Hugging Face model from its config class (:mod:`remat.integrations.hf`)."""
+    from remat.integrations import hf
+
+    return hf.build(spec.removeprefix("hf:"), **overrides)
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
@@ -109,7 +117,8 @@ def load_model(
     """Build the model named by ``spec`` on ``device``.
 
     Args:
-        spec: a built-in name or ``package.module:factory``.
+        spec: a built-in name, ``hf:NAME`` (a Hugging Face model, see
+            :mod:`remat.integrations.hf`) or ``package.module:factory``.
         device: where to build; ``meta`` uses no memory (the factory runs under
             ``torch.device(device)``, so it must not name a device itself).
         dtype: floating-point dtype for parameters, buffers and floating inputs.
@@ -137,7 +146,9 @@ def load_model(
     with torch.device(device):
         if spec in BUILTIN_MODELS:
             built = build_builtin(spec, **kwargs)
-        elif ":" in spec and not spec.startswith("hf:"):
+        elif spec.startswith("hf:"):
+            built = _from_hf(spec, kwargs)
+        elif ":" in spec:
             built = _from_factory(spec, kwargs)
         else:
             close = difflib.get_close_matches(spec, list(BUILTIN_MODELS), n=1)

@@ -6,7 +6,7 @@ Consumes a model, example inputs, an optional loss and an optimizer name; produc
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -43,16 +43,22 @@ def make_optimizer(name: str | torch.optim.Optimizer | None, model: nn.Module) -
 
 
 def default_loss(output: Any) -> torch.Tensor:
-    """The loss used when none is given: the output if it is a scalar, else the sum of the means of
-    its floating-point tensors.
+    """The loss used when none is given: the output if it is a scalar; the ``loss`` of a mapping or
+    object that carries a scalar one (Hugging Face's ``ModelOutput`` when labels are passed); else
+    the sum of the means of its floating-point tensors.
 
     Example:
         >>> out = (torch.ones(2, 2, requires_grad=True), torch.zeros(3, requires_grad=True))
         >>> default_loss(out).item()
         1.0
+        >>> default_loss({"loss": torch.tensor(0.5), "logits": torch.ones(2, 3)}).item()
+        0.5
     """
     if isinstance(output, torch.Tensor) and output.dim() == 0:
         return output
+    loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+    if isinstance(loss, torch.Tensor) and loss.dim() == 0:
+        return loss
     floats = [t for t in tensors_in(output) if t.is_floating_point() and t.requires_grad]
     if not floats:
         raise ValueError(

@@ -1,0 +1,341 @@
+"""Hugging Face transformers: MODEL specs ``hf:<name>``, and readying any transformers model for a plan.
+
+Consumes a model name (``gpt2``, ``llama``, ``bert``, ``t5``) and config overrides; produces a
+:class:`~remat.models.BuiltModel` built from the config class with random weights (nothing is
+downloaded, the network is never used), with synthetic token ids and labels so that the model returns
+its own loss (``ModelOutput.loss``, which :func:`remat.profiling.step.default_loss` picks up). T5 gets
+``labels`` only: the model makes its decoder inputs by shifting them right.
+
+:func:`prepare_model` readies any transformers model for training under a plan: the KV cache is
+turned off (with a warning), and a model that checkpoints itself (``gradient_checkpointing_enable()``)
+is refused or, if asked, switched back. The units need nothing special: :func:`remat.find_units`
+finds the layers (``model.layers.N``, ``transformer.h.N``, ``bert.encoder.layer.N``,
+``encoder.block.N`` and ``decoder.block.N``).
+
+Needs the ``hf`` extra (``pip install 'remat[hf]'``); transformers is imported on first use.
+"""
+
+from __future__ import annotations
+
+import difflib
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+
+from remat.models import BuiltModel, _check_int, _value_error
+
+__all__ = [
+    "HF_MODELS",
+    "build",
+    "checkpointing_modules",
+    "config_keys",
+    "prepare_model",
+]
+
+
+@dataclass(frozen=True)
+class _Family:
+    config_class: str
+    model_class: str
+    task: str
+    """``causal`` (labels are the inputs), ``masked`` (labels at every position), ``seq2seq``."""
+    defaults: dict[str, Any] = field(default_factory=dict)
+    positions_key: str | None = None
+    """The config key that bounds the sequence length, if any."""
+
+
+# Tiny but sensible: four layers, width 128, a 1024-token vocabulary, 4 x 128 tokens; a CPU step
+# takes milliseconds, and the layers, not the optimizer step, make the peak.
+HF_MODELS: dict[str, _Family] = {
+    "gpt2": _Family(
+        "GPT2Config",
+        "GPT2LMHeadModel",
+        "causal",
+        {"n_layer": 4, "n_embd": 128, "n_head": 4, "n_positions": 512, "vocab_size": 1024},
+        positions_key="n_positions",
+    ),
+    "llama": _Family(
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        "causal",
+        {
+            "num_hidden_layers": 4,
+            "hidden_size": 128,
+            "intermediate_size": 344,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "max_position_embeddings": 512,
+            "vocab_size": 1024,
+        },
+        positions_key="max_position_embeddings",
+    ),
+    "bert": _Family(
+        "BertConfig",
+        "BertForMaskedLM",
+        "masked",
+        {
+            "num_hidden_layers": 4,
+            "hidden_size": 128,
+            "intermediate_size": 512,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 512,
+            "vocab_size": 1024,
+        },
+        positions_key="max_position_embeddings",
+    ),
+    "t5": _Family(
+        "T5Config",
+        "T5ForConditionalGeneration",
+        "seq2seq",
+        {
+            "num_layers": 4,
+            "d_model": 128,
+            "d_ff": 512,
+            "num_heads": 4,
+            "d_kv": 32,
+            "vocab_size": 1024,
+            # T5 starts decoding from its pad token; the config class leaves it to the checkpoint's
+            # generation config, and shifting labels right needs it.
+            "decoder_start_token_id": 0,
+        },
+    ),
+}
+"""The models ``hf:<name>`` builds: config class, model class, and the default (tiny) sizes."""
+
+_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+_NOT_SETTABLE = {"model_type", "transformers_version", "architectures"}
+
+
+def _transformers() -> ModuleType:
+    """The transformers module, or a ValueError that names the ``hf`` extra."""
+    try:
+        import transformers
+    except ImportError:
+        raise _value_error(
+            "hf models",
+            "no transformers",
+            "the transformers package (remat's `hf` extra)",
+            "pip install 'remat[hf]' (or pip install transformers)",
+        ) from None
+    return transformers
+
+
+def _family(name: str) -> _Family:
+    family = HF_MODELS.get(name)
+    if family is None:
+        close = difflib.get_close_matches(str(name), list(HF_MODELS), n=1)
+        hint = f"did you mean hf:{close[0]}? " if close else ""
+        raise _value_error(
+            "hf model",
+            f"hf:{name}",
+            f"one of: {', '.join('hf:' + n for n in HF_MODELS)}",
+            f"{hint}use one of the listed names, or a factory of your own (package.module:factory)",
+        )
+    return family
+
+
+def config_keys(name: str) -> list[str]:
+    """The config keys ``hf:<name>`` accepts as overrides (with the config's aliases, such as
+    ``hidden_size`` for GPT-2's ``n_embd``), besides ``batch`` and ``seq``.
+
+    Example:
+        >>> keys = config_keys("gpt2")
+        >>> "n_layer" in keys, "hidden_size" in keys, "model_type" in keys
+        (True, True, False)
+    """
+    config_class = getattr(_transformers(), _family(name).config_class)
+    base = config_class()
+    keys = {k for k in base.to_dict() if not k.startswith("_")} | set(config_class.attribute_map)
+    keys |= {"attn_implementation"}
+    return sorted(keys - _NOT_SETTABLE)
+
+
+def _config_kwargs(
+    name: str, family: _Family, config_class: Any, overrides: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The config's keyword arguments: defaults, then overrides (aliases resolved), no KV cache,
+    and special tokens inside the vocabulary."""
+    accepted = config_keys(name)
+    aliases = dict(config_class.attribute_map)
+    kwargs = dict(family.defaults)
+    for key, value in overrides.items():
+        if key not in accepted:
+            close = difflib.get_close_matches(key, accepted, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise _value_error(
+                f"hf:{name}: unknown config key",
+                key,
+                f"batch, seq or a key of {family.config_class}: {', '.join(accepted)}",
+                f"{hint}drop it or use one of the accepted keys",
+            )
+        kwargs[aliases.get(key, key)] = value  # an alias and its target name one setting
+    kwargs.setdefault("use_cache", False)  # built for training: no KV cache
+    base = config_class()
+    vocab = kwargs.get("vocab_size", getattr(base, "vocab_size", None))
+    if isinstance(vocab, int):
+        for key in _TOKEN_KEYS:  # GPT-2's 50256 is not a token of a small vocabulary
+            default = getattr(base, key, None)
+            if key not in kwargs and isinstance(default, int) and default >= vocab:
+                kwargs[key] = vocab - 1
+    return kwargs
+
+
+def build(name: str, *, batch: int = 4, seq: int = 128, **overrides: Any) -> BuiltModel:
+    """Build ``hf:<name>`` with random weights on the default device, with synthetic inputs.
+
+    Args:
+        name: ``gpt2``, ``llama``, ``bert`` or ``t5`` (see :data:`HF_MODELS`).
+        batch, seq: the batch of token ids (T5's labels have the same length).
+        overrides: config keys (:func:`config_keys`), e.g. ``num_hidden_layers=12``.
+
+    Returns:
+        A :class:`~remat.models.BuiltModel` whose inputs are keyword arguments (``input_ids``,
+        ``attention_mask``, ``labels``), whose model returns its loss, in training mode and
+        prepared by :func:`prepare_model`.
+
+    Raises:
+        ValueError: an unknown name or config key, a sequence longer than the model's positions,
+            values the config class refuses, the ``meta`` device (got / expected / fix); no
+            transformers installed.
+
+    Example:
+        >>> import torch
+        >>> _ = torch.manual_seed(0)
+        >>> built = build("llama", batch=2, seq=16, num_hidden_layers=2, hidden_size=64)
+        >>> out = built.model(**built.example_inputs)
+        >>> out.loss.shape, built.model.config.use_cache
+        (torch.Size([]), False)
+    """
+    family = _family(name)
+    batch, seq = _check_int("batch", batch), _check_int("seq", seq)
+    if torch.get_default_device().type == "meta":
+        raise _value_error(
+            f"hf:{name}: device",
+            "meta",
+            "cpu or cuda (transformers' attention-mask code reads tensor values, which meta"
+            " tensors do not have)",
+            "use --device cpu with a smaller --set size, or --device cuda",
+        )
+    transformers = _transformers()
+    config_class = getattr(transformers, family.config_class)
+    kwargs = _config_kwargs(name, family, config_class, overrides)
+    try:
+        config = config_class(**kwargs)
+        model = getattr(transformers, family.model_class)(config)
+    except (TypeError, ValueError, RuntimeError, AssertionError) as error:
+        given = {k: v for k, v in kwargs.items() if k in overrides or k in family.defaults}
+        raise _value_error(
+            f"hf:{name}: {family.config_class} refused the configuration ({error})",
+            given,
+            "sizes the model accepts (e.g. hidden size divisible by the number of heads)",
+            "change the --set values",
+        ) from None
+    if family.positions_key is not None:
+        limit = getattr(config, family.positions_key)
+        if seq > limit:
+            raise _value_error(
+                f"hf:{name}: seq",
+                seq,
+                f"at most {family.positions_key}={limit}",
+                f"use seq={limit} or less, or --set {family.positions_key}={seq}",
+            )
+    prepare_model(model)
+    vocab = config.vocab_size
+    input_ids = torch.randint(0, vocab, (batch, seq))
+    labels = input_ids if family.task == "causal" else torch.randint(0, vocab, (batch, seq))
+    return BuiltModel(
+        model=model,
+        example_inputs={
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            "labels": labels,
+        },
+        loss_fn=None,  # the model returns its loss; default_loss takes ModelOutput.loss
+        name=f"hf:{name}",
+    )
+
+
+def checkpointing_modules(model: nn.Module) -> list[str]:
+    """FQNs of the modules that checkpoint themselves (``gradient_checkpointing`` is True, as
+    ``gradient_checkpointing_enable()`` / ``activation_checkpointing_enable()`` set); ``""`` is the
+    model itself.
+
+    Example:
+        >>> built = build("gpt2", seq=8, n_layer=2, n_embd=32, n_head=2)
+        >>> checkpointing_modules(built.model)
+        []
+        >>> import warnings
+        >>> with warnings.catch_warnings():  # transformers 5 renamed it activation_checkpointing_
+        ...     warnings.simplefilter("ignore", FutureWarning)
+        ...     built.model.gradient_checkpointing_enable()
+        >>> checkpointing_modules(built.model)
+        ['transformer', 'transformer.h.0', 'transformer.h.1']
+    """
+    return [
+        name
+        for name, module in model.named_modules()
+        if getattr(module, "gradient_checkpointing", False) is True
+    ]
+
+
+def prepare_model(model: nn.Module, *, disable_gradient_checkpointing: bool = False) -> nn.Module:
+    """Ready a transformers model for training with a remat plan, in place; returns it.
+
+    * ``use_cache`` is turned off, with a warning, on every config in the model that has it on: in
+      training the KV cache would keep every layer's keys and values alive, and a recomputed layer
+      appends to it a second time, so memory goes up instead of down.
+    * A model that checkpoints itself (``gradient_checkpointing_enable()``) would recompute twice
+      under a plan, and :func:`remat.apply_` refuses it: this raises the same ``ValueError`` here,
+      or with ``disable_gradient_checkpointing=True`` turns Hugging Face's checkpointing off.
+
+    Example:
+        >>> import warnings
+        >>> built = build("gpt2", seq=8, n_layer=2, n_embd=32, n_head=2)
+        >>> built.model.config.use_cache = True
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     _ = prepare_model(built.model)
+        >>> built.model.config.use_cache, "use_cache" in str(caught[0].message)
+        (False, True)
+    """
+    cached = [
+        name
+        for name, module in model.named_modules()
+        if getattr(getattr(module, "config", None), "use_cache", False) is True
+    ]
+    for name in cached:
+        model.get_submodule(name).config.use_cache = False
+    if cached:
+        where = ", ".join(f"{n or type(model).__name__}.config" for n in cached[:3])
+        warnings.warn(
+            f"remat: use_cache=True turned off for training ({where}): the KV cache would keep"
+            " every layer's keys and values alive, and a recomputed layer would append to it again",
+            stacklevel=2,
+        )
+    own = checkpointing_modules(model)
+    if own and disable_gradient_checkpointing:
+        disable = getattr(model, "activation_checkpointing_disable", None) or getattr(
+            model, "gradient_checkpointing_disable", None
+        )
+        if disable is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # the v4 name is deprecated in v5
+                disable()
+        for name in checkpointing_modules(model):
+            model.get_submodule(name).gradient_checkpointing = False
+    elif own:
+        raise _value_error(
+            "prepare_model: the model checkpoints itself (gradient_checkpointing=True on"
+            f" {', '.join(n or '<model>' for n in own[:3])})",
+            type(model).__name__,
+            "a model without Hugging Face checkpointing, so that remat's plan decides what to"
+            " recompute (both together recompute twice)",
+            "call model.gradient_checkpointing_disable(), or prepare_model(model,"
+            " disable_gradient_checkpointing=True)",
+        )
+    return model

@@ -1,0 +1,99 @@
+"""The examples run, at small sizes: examples/train_gpt.py and examples/hf_finetune.py train with a
+plan whose measured peak is within the budget (and, for the GPT, below training without a plan),
+the loss falls, and the progress bar goes to stderr."""
+
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+GPT_SIZES = [
+    *("--batch", "4", "--seq", "64", "--vocab", "64"),
+    *("--n-layer", "4", "--d-model", "64", "--n-head", "4"),
+]
+
+
+@dataclass
+class Done:
+    stdout: str
+    stderr: str
+
+
+def run_example(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, script: str, *args: str
+) -> Done:
+    """Run the script's main(argv) in this process (what `python examples/<script>` runs), with
+    the examples directory importable as it is for the script."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    module = importlib.import_module(script.removesuffix(".py"))
+    capsys.readouterr()
+    code = module.main(list(args))
+    captured = capsys.readouterr()
+    assert code == 0, captured.out + captured.err
+    return Done(captured.out, captured.err)
+
+
+def field_bytes(stdout: str, name: str) -> int:
+    match = re.search(rf"^{name}:.*\(([0-9,]+) bytes\)", stdout, re.MULTILINE)
+    assert match, f"no {name!r} line in:\n{stdout}"
+    return int(match.group(1).replace(",", ""))
+
+
+def losses(stdout: str) -> tuple[float, float]:
+    match = re.search(r"^loss: +([0-9.]+) -> ([0-9.]+)", stdout, re.MULTILINE)
+    assert match, stdout
+    return float(match.group(1)), float(match.group(2))
+
+
+def check_trained_within_budget(done: Done, steps: int) -> int:
+    out = done.stdout
+    assert re.search(r"^plan: +OPTIMAL, recompute \S+\.[0-9]", out, re.MULTILINE), out
+    peak = field_bytes(out, "measured peak")
+    assert 0 < peak <= field_bytes(out, "budget")
+    assert re.search(r"^step time: +[0-9.]+ ms", out, re.MULTILINE), out
+    first, last = losses(out)
+    assert last < first
+    assert f"] {steps}/{steps}" in done.stderr and "[#" in done.stderr  # the progress bar
+    return peak
+
+
+def test_train_gpt_with_a_budget_and_without(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = lambda *args: run_example(capsys, monkeypatch, "train_gpt.py", *args)  # noqa: E731
+    planned = run("--budget", "50%", "--steps", "20", *GPT_SIZES)
+    peak = check_trained_within_budget(planned, steps=20)
+    first, last = losses(planned.stdout)
+    assert last < 0.5 * first  # counting up is learnt quickly
+    plain = run("--budget", "none", "--steps", "2", *GPT_SIZES)
+    assert "plan:" not in plain.stdout
+    assert peak < field_bytes(plain.stdout, "measured peak")
+
+
+def test_hf_finetune(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    done = run_example(
+        capsys,
+        monkeypatch,
+        "hf_finetune.py",
+        "--model",
+        "gpt2",
+        "--budget",
+        "50%",
+        "--steps",
+        "6",
+        "--batch",
+        "8",
+        "--seq",
+        "64",
+        "--set",
+        "n_layer=3",
+        "n_embd=64",
+        "vocab_size=128",
+    )
+    check_trained_within_budget(done, steps=6)
+    assert "hf:gpt2" in done.stdout
