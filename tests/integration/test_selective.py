@@ -300,14 +300,6 @@ def test_megatron_reruns_the_attention_core(gpt_counts: dict[str, tuple[OpCounte
     assert none_flops < meg_flops < gpt_counts["full"][1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: under megatron the replay reruns the attention output projection and the MLP's"
-    " second linear layer (addmm; 5 of the block's 12 d^2 matmul FLOPs per token) although no"
-    " saved tensor needs them: the empty_like of the dropout after each reads its output (for"
-    " the shape only), and OpLog.finish counts every input of an op the random bernoulli_"
-    " depends on as needed",
-)
 def test_megatron_reruns_no_linear_layer(gpt_counts: dict[str, tuple[OpCounter, int]]) -> None:
     (none, none_flops), (meg, meg_flops) = gpt_counts["none"], gpt_counts["megatron"]
     assert meg.backward["addmm"] == none.backward["addmm"] == 0
@@ -365,13 +357,6 @@ def _megatron_kept_bytes(*, reuse: bool) -> list[int]:
         return [sum(region.last_kept_bytes.values()) for region in regions]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: OpLog.core (megatron's attention-core storages) holds the ids of storages that"
-    " died; a new storage that gets a dead one's id (CPython reuses addresses) is taken for part"
-    " of the core, so the ops it feeds are not kept: what megatron keeps, and so its memory and"
-    " recompute, varies from call to call, and the profile's figures from the run's",
-)
 def test_megatron_keeps_the_same_whatever_the_ids() -> None:
     unique = _megatron_kept_bytes(reuse=False)
     assert len(set(unique)) == 1 and unique[0] > 0  # identical blocks keep the same
@@ -536,13 +521,6 @@ def test_live_bytes_after_forward_match_the_retentions(
     assert _retained_by_the_forward(built, baseline_plan("none", units), units) == kept
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="BUG (nondeterministic, so not strict): even with collision-free storage ids, megatron"
-    " now and then does not keep one block's native_layer_norm output (65,536 + 2,048 bytes"
-    " here), so a run retains less than the profile measured (seen in about 1 run of 3 of this"
-    " file; the unit did keep it in the profile)",
-)
 def test_megatron_live_bytes_after_forward_match_the_retentions(
     gpt_profile: tuple[BuiltModel, remat.Profile],
 ) -> None:

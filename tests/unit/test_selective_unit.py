@@ -161,22 +161,20 @@ def test_oplog_does_not_keep_an_output_changed_in_place() -> None:
     assert not kept
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an eager policy (save_matmuls) keeps x.detach() made inside __torch_dispatch__,"
-    " below autograd's ADInplaceOrView, so it does not share the output's version counter: an"
-    " in-place change after the op goes unseen by OpLog.finish and ReplayCache, and the replay"
-    " uses the changed values (wrong gradients: test_in_place_change_of_an_output_kept_eagerly)",
-)
 def test_eager_keep_sees_in_place_changes_after_the_op() -> None:
     torch.manual_seed(0)
     x, w = torch.randn(4, 4), torch.randn(4, 4)
     eager = OpLog(policy_for("save_matmuls"), eager=True)
     with eager:
         g = x @ w
-    g.mul_(2)  # changed after the op (and after the forward)
+        inside = x @ w
+        inside.mul_(2)  # changed in the forward, after the op: not kept
+    eager.watch_outputs(g)  # as the engine does with what the unit returns
     kept, _ = eager.finish()
-    assert not kept  # the replay runs the op rather than hand back changed values
+    assert len(kept) == 1  # the first mm's output, unchanged so far
+    g.mul_(2)  # changed after the forward: the replay refuses rather than use changed values
+    with pytest.raises(CheckpointMismatchError, match="changed in place"), ReplayCache(kept):
+        x @ w
 
 
 def test_oplog_megatron_on_a_tiny_attention() -> None:
@@ -256,13 +254,6 @@ def test_megatron_keeps_ops_outside_the_core_with_fresh_ids(monkeypatch: Any) ->
     assert _after_a_dead_core_storage() == (True, True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: OpLog.core keeps the ids of attention-core storages after they die; a new"
-    " storage given such an id (CPython reuses addresses: at random in a real run) is taken for"
-    " part of the core, so the ops it feeds are recomputed instead of kept, differently from"
-    " call to call (the profile's megatron figures then differ from a run's)",
-)
 def test_megatron_core_forgets_dead_storages(monkeypatch: Any) -> None:
     monkeypatch.setattr(selective, "_storage_id", StorageIds(reuse=True))
     assert _after_a_dead_core_storage() == (True, True)
@@ -364,12 +355,6 @@ def test_offloader_round_trip_is_bitwise_exact() -> None:
     assert not off.entries and off.loaded is not None  # everything came back and was used
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Offloader.pack leaves nn.Parameter instances in place but not views of them:"
-    " the weight.t() that every nn.Linear's addmm saves is copied to host and back each step"
-    " (host memory and transfer time for nothing: the parameter stays on the device anyway)",
-)
 def test_offloader_leaves_views_of_parameters_in_place() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
@@ -471,12 +456,6 @@ def test_in_place_change_of_an_output_autograd_did_not_save() -> None:
         assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)), action
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: save_matmuls keeps every matmul output, h too; h.mul_(2) after the forward is not"
-    " seen (the kept detach does not share h's version counter), the replay recomputes"
-    " sigmoid(h) from the doubled h, and the gradients are silently wrong",
-)
 def test_in_place_change_of_an_output_kept_eagerly() -> None:
     want = _grads_with(None)
     try:

@@ -431,6 +431,7 @@ class Region:
                     stack.enter_context(log)
                 output = original(*args, **kwargs)
             if log is not None:
+                log.watch_outputs(output)
                 kept, skippable = log.finish()
                 frame.calls[call].kept_ops = kept
                 frame.calls[call].skippable_ops = skippable

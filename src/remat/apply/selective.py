@@ -76,6 +76,23 @@ ATTENTION_OPS = frozenset(
 )
 """Fused attention kernels (what ``F.scaled_dot_product_attention`` dispatches to in training)."""
 CORE_ATTENTION_OPS = ATTENTION_OPS | {"_softmax", "softmax", "_safe_softmax"}
+SHAPE_ONLY_OPS = frozenset(
+    {
+        "empty_like",
+        "zeros_like",
+        "ones_like",
+        "full_like",
+        "rand_like",
+        "randn_like",
+        "randint_like",
+        "new_empty",
+        "new_empty_strided",
+        "new_zeros",
+        "new_ones",
+        "new_full",
+    }
+)
+"""Ops that read only the layout of their tensor inputs: running them needs no input values."""
 OFFLOAD_MIN_BYTES = 1024
 
 
@@ -219,12 +236,14 @@ class OpLog(TorchDispatchMode):
         self.saveable: dict[tuple[Any, int], tuple[Any, list[Any], Any]] = {}
         """Op key -> (output structure; its leaves, each a :class:`_Leaf` or a constant; for a
         random op, the generator states after it)."""
-        self.core: set[int] = set()
+        self.core: dict[int, weakref.ref[Any]] = {}
         """Storages created by the attention core (``megatron``)."""
         self.kept: dict[tuple[Any, int], tuple[Any, list[int], Any]] = {}
         """Op key -> (its output, detached; the versions of its tensors; generator states after
         it, for a random op), for the replay."""
         self._busy = False
+        self.overwritten: set[tuple[Any, int]] = set()
+        """Kept ops whose outputs a later op of the forward wrote into."""
         self.writers: dict[int, list[tuple[Any, int]]] = {}
         """Storage id -> keys of the ops that created it or wrote into it."""
         self.deps: dict[tuple[Any, int], set[tuple[Any, int]]] = {}
@@ -259,15 +278,22 @@ class OpLog(TorchDispatchMode):
         inputs = {
             _storage_id(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
         }
-        fed_by_core = bool(self.core & inputs)
+        fed_by_core = any(
+            (ref := self.core.get(sid)) is not None and ref() is not None for sid in inputs
+        )
         flat, spec = tree_flatten(out)
-        self.deps[key] = {w for sid in inputs for w in self._writers_of(sid)}
+        if name not in SHAPE_ONLY_OPS:  # empty_like(x) reads x's layout, not its values
+            self.deps[key] = {w for sid in inputs for w in self._writers_of(sid)}
         if op_writes_inputs(func):
             for leaf in tree_flatten((args, kwargs))[0]:
-                if isinstance(leaf, torch.Tensor) and leaf.untyped_storage() is not None:
+                if isinstance(leaf, torch.Tensor):
                     sid = _storage_id(leaf)
-                    if sid in self.writers:
-                        self.writers[sid].append(key)
+                    writers = self._writers_of(sid)
+                    if writers:
+                        # An alias kept at this level may not share the output's version
+                        # counter, so in-place writes into kept outputs are noted here.
+                        self.overwritten.update(w for w in writers if w in self.kept)
+                        writers.append(key)
 
         new = []
         for leaf in flat:
@@ -288,7 +314,8 @@ class OpLog(TorchDispatchMode):
             # replay may stand in for it if nothing it must produce reads them.
             self.shapes[key] = (spec, [(x.shape, x.stride(), x.dtype, x.device) for x in tensors])
         if name in CORE_ATTENTION_OPS or (fed_by_core and name not in MATMUL_OPS):
-            self.core.update(new)
+            for sid in new:
+                self.core[sid] = self.created[sid][1]
         if self.rule(name, fed_by_core):
             rng = _rng_after(flat) if _is_random(func) else None
             if self.eager:
@@ -336,13 +363,32 @@ class OpLog(TorchDispatchMode):
         )
         return True
 
+    def watch_outputs(self, output: Any) -> None:
+        """The unit returned ``output``: kept op outputs among it (same storage) are checked for
+        in-place changes again when the replay would use them (what the caller does to them after
+        the forward is invisible to the log)."""
+        leaves = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
+        by_storage = {_storage_id(t): t for t in leaves}
+        for key, entry in list(self.kept.items()):
+            kept_storages = {
+                _storage_id(t) for t in tree_flatten(entry[0])[0] if isinstance(t, torch.Tensor)
+            }
+            # Called outside the log: this detach shares the output's version counter.
+            watch = [
+                (t.detach(), tensor_version(t))
+                for sid, t in by_storage.items()
+                if sid in kept_storages
+            ]
+            if watch:
+                self.kept[key] = (*entry[:3], watch)
+
     def finish(self) -> tuple[dict[tuple[Any, int], Any], dict[tuple[Any, int], Any]]:
         """After the forward: the kept outputs, and the ops the replay may skip (their outputs
         feed only kept ops or nothing saved) with the shapes to stand in for them. The log's
         weak tables are dropped."""
-        for key, (output, versions, _rng) in list(self.kept.items()):
+        for key, (output, versions, *_rest) in list(self.kept.items()):
             tensors = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
-            if [tensor_version(t) for t in tensors] != versions:
+            if [tensor_version(t) for t in tensors] != versions or key in self.overwritten:
                 del self.kept[key]  # changed in place after the op: the replay runs it
         needed: set[tuple[Any, int]] = set()
         stack = [k for k in (self.needed_roots | self.always) if k not in self.kept]
@@ -397,9 +443,12 @@ class ReplayCache(TorchDispatchMode):
         self.counter[func] += 1
         entry = self.kept.pop(key, None)
         if entry is not None:
-            output, versions, rng = entry
+            output, versions, rng, *watch = entry
             tensors = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
-            if [tensor_version(t) for t in tensors] != versions:
+            changed = [tensor_version(t) for t in tensors] != versions or any(
+                tensor_version(alias) != version for alias, version in (watch[0] if watch else ())
+            )
+            if changed:
                 raise CheckpointMismatchError(
                     f"remat: the output of {op_name(func)} that a selective unit kept was changed"
                     " in place after its forward, so the replay cannot use it. Avoid the in-place"
@@ -455,6 +504,7 @@ class Offloader:
     def pack(self, tensor: torch.Tensor) -> int:
         if (
             isinstance(tensor, torch.nn.Parameter)
+            or isinstance(tensor._base, torch.nn.Parameter)  # weight.t(), saved by every Linear
             or tensor.device.type not in ("cpu", "cuda")
             or tensor.untyped_storage().nbytes() < OFFLOAD_MIN_BYTES
             or tensor.is_sparse

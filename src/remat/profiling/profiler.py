@@ -329,6 +329,7 @@ def profile(
             with apply_(model, plan):
                 runs[key] = _tracked_step(model, example_inputs, loss_fn, optimizer, unit_modules)
         op_times: list[dict[Any, tuple[float, int]]] = [{} for _ in range(n)]
+        auto_actions: set[str] = set()
         if any(a.startswith("selective:") for a in option_actions):
             op_times = time_unit_ops(model, example_inputs, unit_modules)
         if "selective:auto" in option_actions:
@@ -481,7 +482,7 @@ def profile(
             unit.options.append(option)
     time_source = "measured" if times[0] is not None else "flops"
     for unit in units_out:
-        unit.options = _pareto_options(unit, time_source)
+        unit.options = _pareto_options(unit, time_source, auto_actions)
     static_bytes = _static_bytes(model, example_inputs, optimizer)
     return Profile(
         units=units_out,
@@ -554,9 +555,12 @@ def _offload_ms(
     return max(one_way - (forward_next or 0.0), 0.0) + max(one_way - (backward_after or 0.0), 0.0)
 
 
-def _pareto_options(unit: UnitProfile, time_source: str) -> list[OptionProfile]:
-    """Named options stay; solver-chosen save sets (``selective:ops...``) stay only if no other
-    choice for the unit (keep, recompute, another option) retains no more for no more cost."""
+def _pareto_options(
+    unit: UnitProfile, time_source: str, auto_actions: set[str]
+) -> list[OptionProfile]:
+    """Options asked for by name stay; save sets that ``selective:auto`` chose stay only if no
+    other choice for the unit (keep, recompute, another option) retains no more for no more
+    cost."""
     choices = [(unit.keep_bytes, 0.0), (unit.recompute_bytes, unit.recompute_cost(time_source))]
     choices += [(o.retain_bytes, o.cost(time_source)) for o in unit.options]
     kept = []
@@ -565,7 +569,7 @@ def _pareto_options(unit: UnitProfile, time_source: str) -> list[OptionProfile]:
         dominated = any(
             other[0] <= point[0] and other[1] <= point[1] and other != point for other in choices
         )
-        if not dominated or not option.action.startswith("selective:ops"):
+        if not dominated or option.action not in auto_actions:
             kept.append(option)
     return kept
 
