@@ -24,6 +24,7 @@ __all__ = [
     "global_forward_hook_count",
     "in_backward",
     "is_fake_tensor",
+    "no_dispatch_modes",
     "op_is_view",
     "op_writes_inputs",
     "tensor_version",
@@ -91,3 +92,12 @@ def op_writes_inputs(func: Any) -> bool:
     if schema is None:
         return True  # unknown: assume it may
     return any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
+
+
+def no_dispatch_modes() -> Any:
+    """A context in which no ``TorchDispatchMode`` sees the ops run (for bookkeeping that must not
+    count as the model's work, such as ``verify`` copying module outputs): the private
+    ``torch.utils._python_dispatch._disable_current_modes``."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    return _disable_current_modes()

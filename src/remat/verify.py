@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from remat import _compat
 from remat.apply.apply import apply_
 from remat.apply.units import call_model, tensors_in
 from remat.cost.model import block_cost, blocks_of
@@ -105,7 +106,10 @@ def _run(
 
         def hook(mod: nn.Module, args: Any, output: Any, name: str = name) -> None:
             if name not in outputs and torch.is_grad_enabled():
-                outputs[name] = [t.detach().clone() for t in tensors_in(output)]
+                # Outside the dispatch modes: the copies are not the model's ops (a selective
+                # unit numbers its ops, and its replay, which skips this hook, must match).
+                with _compat.no_dispatch_modes():
+                    outputs[name] = [t.detach().clone() for t in tensors_in(output)]
                 order.append(name)
 
         handles.append(module.register_forward_hook(hook))

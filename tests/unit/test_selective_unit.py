@@ -131,7 +131,7 @@ def test_oplog_keeps_only_what_autograd_saves_among_the_named_ops() -> None:
     assert not log.keep(x)  # made outside the unit
     kept, _ = log.finish()
     assert [(op_name(key[0]), key[1]) for key in kept] == [("mm", 0)]
-    output, versions, rng = kept[(aten.mm.default, 0)]
+    output, versions, rng, *_checks = kept[(aten.mm.default, 0)]
     assert torch.equal(output, h) and output.untyped_storage().data_ptr() == h.data_ptr()
     assert rng is None and len(versions) == 1
     assert unused.shape == (4, 4)
@@ -481,3 +481,27 @@ def test_in_place_change_of_a_saved_output_is_refused_as_without_a_plan() -> Non
     with apply_(model, Plan(actions={"unit": "selective:megatron"}, units=["unit"])):
         with pytest.raises(RuntimeError, match=r"in place|inplace"):
             model(torch.randn(4, 8)).backward()
+
+
+def test_replay_that_runs_other_ops_than_the_forward_is_refused_by_name() -> None:
+    # A forward hook that works only outside backward shifts the op numbering of the replay.
+    from remat._compat import in_backward
+
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8))
+    model = nn.Sequential(block)
+    copies = []
+
+    def hook(_module: nn.Module, _args: object, output: torch.Tensor) -> None:
+        if not in_backward():
+            copies.append(torch.nn.functional.gelu(output[:2]))  # forward only, another shape
+
+    block[0].register_forward_hook(hook)
+    x = torch.randn(4, 8)
+    with (
+        pytest.warns(UserWarning, match="will run again"),
+        apply_(model, Plan(actions={"0": "selective:ops.gelu"}, units=["0"])),
+    ):
+        loss = model(x).sum()
+        with pytest.raises(CheckpointMismatchError, match="runs different ops"):
+            loss.backward()

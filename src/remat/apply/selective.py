@@ -176,6 +176,27 @@ def _restore_rng(rng: tuple[torch.Tensor | None, dict[int, torch.Tensor]]) -> No
         torch.cuda.set_rng_state(state, index)
 
 
+def _signature(args: Any, kwargs: Any) -> tuple[Any, ...]:
+    return tuple(
+        (tuple(t.shape), t.dtype)
+        for t in tree_flatten((args, kwargs))[0]
+        if isinstance(t, torch.Tensor)
+    )
+
+
+def _check_signature(func: Any, expected: tuple[Any, ...] | None, args: Any, kwargs: Any) -> None:
+    """The replay's op with this number must read what the forward's did; if not, the two runs
+    executed different ops (code that runs only in forward, such as a hook that copies outputs
+    but skips backward, or data-dependent control flow)."""
+    if expected is not None and _signature(args, kwargs) != expected:
+        raise CheckpointMismatchError(
+            f"remat: replaying a selective unit, {op_name(func)} call received other shapes than in"
+            " the forward: the replay runs different ops (a forward hook or code that runs only"
+            " outside backward, or data-dependent control flow). Use recompute for this unit, or"
+            " move that code out of it."
+        )
+
+
 def _storage_id(tensor: torch.Tensor) -> int | None:
     try:
         return id(tensor.untyped_storage())
@@ -242,6 +263,8 @@ class OpLog(TorchDispatchMode):
         """Op key -> (its output, detached; the versions of its tensors; generator states after
         it, for a random op), for the replay."""
         self._busy = False
+        self.signatures: dict[tuple[Any, int], tuple[Any, ...]] = {}
+        """Per op that the replay may skip: the shapes and dtypes of its tensor arguments."""
         self.overwritten: set[tuple[Any, int]] = set()
         """Kept ops whose outputs a later op of the forward wrote into."""
         self.writers: dict[int, list[tuple[Any, int]]] = {}
@@ -282,6 +305,7 @@ class OpLog(TorchDispatchMode):
             (ref := self.core.get(sid)) is not None and ref() is not None for sid in inputs
         )
         flat, spec = tree_flatten(out)
+        signature = _signature(args, kwargs)
         if name not in SHAPE_ONLY_OPS:  # empty_like(x) reads x's layout, not its values
             self.deps[key] = {w for sid in inputs for w in self._writers_of(sid)}
         if op_writes_inputs(func):
@@ -313,6 +337,7 @@ class OpLog(TorchDispatchMode):
             # Every output is new memory (no alias of an input, such as _unsafe_view's): the
             # replay may stand in for it if nothing it must produce reads them.
             self.shapes[key] = (spec, [(x.shape, x.stride(), x.dtype, x.device) for x in tensors])
+            self.signatures[key] = signature
         if name in CORE_ATTENTION_OPS or (fed_by_core and name not in MATMUL_OPS):
             for sid in new:
                 self.core[sid] = self.created[sid][1]
@@ -326,9 +351,11 @@ class OpLog(TorchDispatchMode):
                     self._busy = False
                 versions = [tensor_version(v) for v in values if isinstance(v, torch.Tensor)]
                 self.kept[key] = (tree_unflatten(values, spec), versions, rng)
+                self.signatures[key] = signature
             else:
                 leaves = [_Leaf(x) if isinstance(x, torch.Tensor) else x for x in flat]
                 self.saveable[key] = (spec, leaves, rng)
+                self.signatures[key] = signature
         return out
 
     def keep(self, tensor: torch.Tensor) -> bool:
@@ -401,15 +428,22 @@ class OpLog(TorchDispatchMode):
                 d for d in self.deps.get(key, ()) if d not in needed and d not in self.kept
             )
         skippable = {
-            key: shapes
+            key: (*shapes, self.signatures.get(key))
             for key, shapes in self.shapes.items()
             if key not in needed and key not in self.kept
         }
+        for key in self.kept:
+            self.kept[key] = (
+                *self.kept[key][:3],
+                self.kept[key][3] if len(self.kept[key]) > 3 else [],
+                self.signatures.get(key),
+            )
         self.needed = needed
         self.created.clear()
         self.saveable.clear()
         self.core.clear()
         self.writers.clear()
+        self.signatures.clear()
         self.deps.clear()
         self.shapes.clear()
         return self.kept, skippable
@@ -443,10 +477,12 @@ class ReplayCache(TorchDispatchMode):
         self.counter[func] += 1
         entry = self.kept.pop(key, None)
         if entry is not None:
-            output, versions, rng, *watch = entry
+            output, versions, rng, *rest = entry
+            watch = rest[0] if rest else []
+            _check_signature(func, rest[1] if len(rest) > 1 else None, args, kwargs)
             tensors = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
             changed = [tensor_version(t) for t in tensors] != versions or any(
-                tensor_version(alias) != version for alias, version in (watch[0] if watch else ())
+                tensor_version(alias) != version for alias, version in watch
             )
             if changed:
                 raise CheckpointMismatchError(
@@ -462,7 +498,8 @@ class ReplayCache(TorchDispatchMode):
         if stand_in is not None:
             # Nothing the replay must produce reads this op's outputs (only kept ops and ops as
             # idle as this one do): stand in with uninitialised tensors of the same layout.
-            spec, layouts = stand_in
+            spec, layouts, *signature = stand_in
+            _check_signature(func, signature[0] if signature else None, args, kwargs)
             self.skipped += 1
             return tree_unflatten(
                 [
