@@ -137,7 +137,11 @@ def _run(
 
 
 def _predicted_saving(model: nn.Module, example_inputs: Any, plan: Plan, loss_fn: Any) -> int:
-    """What the plan should drop from the forward's retention, from a profile (no timing)."""
+    """What the plan should drop from the forward's retention, from a profile (no timing) that
+    measures exactly the plan's selective and offload actions."""
+    options = sorted(
+        {str(a) for a in plan.actions.values() if a.kind in ("selective", "offload")}
+    )
     prof = profile(
         model,
         _prepared(example_inputs),
@@ -145,6 +149,7 @@ def _predicted_saving(model: nn.Module, example_inputs: Any, plan: Plan, loss_fn
         optimizer="none",
         repeats=0,
         units=plan.units,
+        options=options,
     )
     kept = sum(u.keep_bytes - u.keep_forward_only_bytes for u in prof.units)
     planned = sum(block_cost(prof, b).persistent_delta_bytes for b in blocks_of(prof, plan))
