@@ -29,9 +29,9 @@ from remat.solve.solver import INFEASIBLE, SolveResult, solve
 from remat.units import format_bytes
 
 __all__ = [
+    "AT_LIMIT",
     "FOUND",
     "NONE_FITS",
-    "AT_LIMIT",
     "Breakdown",
     "FitResult",
     "SizePoint",
@@ -235,7 +235,9 @@ def memory_breakdown(
     )
 
 
-def plot_breakdown(breakdown: Breakdown, path: str, *, title: str = "", budget_bytes: int = 0) -> str:
+def plot_breakdown(
+    breakdown: Breakdown, path: str, *, title: str = "", budget_bytes: int = 0
+) -> str:
     """Write a PNG bar chart of the breakdown: unplanned and planned, stacked by category.
 
     Raises:
@@ -261,9 +263,7 @@ def plot_breakdown(breakdown: Breakdown, path: str, *, title: str = "", budget_b
         ) from None
     gib = 2**30
     unplanned_act = sum(a for a, _ in breakdown.unit_activation_bytes.values())
-    unplanned_rest = max(
-        breakdown.unplanned_peak_bytes - breakdown.static_bytes - unplanned_act, 0
-    )
+    unplanned_rest = max(breakdown.unplanned_peak_bytes - breakdown.static_bytes - unplanned_act, 0)
     layers = [
         ("parameters", breakdown.parameter_bytes, breakdown.parameter_bytes),
         ("gradients", breakdown.gradient_bytes, breakdown.gradient_bytes),

@@ -14,6 +14,7 @@ from remat.cli._common import (
     emit_json,
     load_model_from_args,
 )
+from remat.cli._estimate import add_estimate_arguments, run_estimate, wants_estimate
 from remat.solve.baselines import parse_strategy
 from remat.units import format_bytes, format_ms
 
@@ -42,13 +43,19 @@ def register(subparsers: Any) -> None:
         default="auto",
         help="auto (solve; default), or a baseline: none, full, every_n:K, sqrt_n",
     )
-    parser.add_argument("--out", metavar="PATH", help="write the plan as JSON here")
+    parser.add_argument(
+        "--out",
+        metavar="PATH",
+        help="write the plan as JSON here (estimate mode: a PATH ending in .png gets the memory"
+        " breakdown chart instead)",
+    )
     parser.add_argument(
         "--no-measure",
         action="store_true",
         help="skip the closed loop that measures the chosen plan's peak",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    add_estimate_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -62,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
     from remat.auto import solve_measured
     from remat.profiling.step import measure_step
 
+    if wants_estimate(args):
+        return run_estimate(args)
     budget = None
     if args.budget is not None:
         try:
