@@ -280,14 +280,18 @@ class _Guard(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         name = getattr(getattr(func, "overloadpacket", func), "__name__", str(func))
-        boolean_index = name == "index" and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in tree_flatten(args[1:])[0]
+        suspect = name in DATA_DEPENDENT_OPS or (
+            name == "index"
+            and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                for i in tree_flatten(args[1:])[0]
+            )
         )
-        on_meta = any(
+        # An optimizer's step counter lives on the CPU and may be read with .item().
+        if suspect and any(
             isinstance(t, torch.Tensor) and t.device.type == "meta"
             for t in tree_flatten((args, kwargs))[0]
-        )  # an optimizer's step counter lives on the CPU and may be read with .item()
-        if on_meta and (name in DATA_DEPENDENT_OPS or boolean_index):
+        ):
             fqn = self._module_running()
             raise NotEstimableError(
                 f"estimate: got a model whose module {fqn!r} runs {name}, whose output shape"
