@@ -32,7 +32,6 @@ __all__ = [
 ]
 
 GiB = 1024**3
-GIGA = 10**9
 
 CUDA_CONTEXT_BYTES = 1 * GiB
 """The CUDA context, kernels and library workspaces a PyTorch process holds outside its allocator.
