@@ -65,6 +65,7 @@ def run_estimate(args: argparse.Namespace) -> int:
     from remat import fit
     from remat.devices import get_device
     from remat.models.spec import parse_overrides
+    from remat.profiling.estimate import NotEstimableError
     from remat.solve.budget import Budget
 
     if args.strategy != "auto":
@@ -99,9 +100,9 @@ def run_estimate(args: argparse.Namespace) -> int:
             )
         else:
             result = _fixed_size(args, spec.name, budget, overrides, progress)
+    except NotEstimableError:
+        raise  # the model, not the command line: exit code 1 with the message
     except ValueError as error:
-        if type(error).__name__ == "NotEstimableError":
-            raise
         raise UsageError(str(error)) from None
     payload = result.to_dict()
     payload["model"] = args.model
