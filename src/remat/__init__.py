@@ -6,6 +6,7 @@ solve for the cheapest plan that fits a budget (:func:`solve`), install it in pl
 does not initialise CUDA.
 """
 
+from remat import fit
 from remat.apply import Handle, apply_, execution_order, find_units, fingerprint
 from remat.auto import InfeasibleBudgetError, auto_
 from remat.cost import Profile, UnitProfile, simulate
@@ -33,6 +34,7 @@ __all__ = [
     "execution_order",
     "find_units",
     "fingerprint",
+    "fit",
     "profile",
     "simulate",
     "solve",

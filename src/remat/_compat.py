@@ -21,6 +21,7 @@ __all__ = [
     "TorchDispatchMode",
     "flop_formula",
     "forward_hook_count",
+    "function_modes",
     "global_forward_hook_count",
     "in_backward",
     "is_fake_tensor",
@@ -101,3 +102,15 @@ def no_dispatch_modes() -> Any:
     from torch.utils._python_dispatch import _disable_current_modes
 
     return _disable_current_modes()
+
+
+def function_modes() -> list[Any]:
+    """The active ``TorchFunctionMode`` stack, outermost first.
+
+    ``torch.overrides._get_current_function_mode_stack`` is private; the autograd engine does not
+    carry function modes into backward, so a checkpoint replay re-enters the modes its forward ran
+    under (estimate mode's kernel models are one), as it restores the autocast state.
+    """
+    from torch.overrides import _get_current_function_mode_stack
+
+    return list(_get_current_function_mode_stack())

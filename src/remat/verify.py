@@ -139,9 +139,7 @@ def _run(
 def _predicted_saving(model: nn.Module, example_inputs: Any, plan: Plan, loss_fn: Any) -> int:
     """What the plan should drop from the forward's retention, from a profile (no timing) that
     measures exactly the plan's selective and offload actions."""
-    options = sorted(
-        {str(a) for a in plan.actions.values() if a.kind in ("selective", "offload")}
-    )
+    options = sorted({str(a) for a in plan.actions.values() if a.kind in ("selective", "offload")})
     prof = profile(
         model,
         _prepared(example_inputs),

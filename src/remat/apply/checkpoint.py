@@ -33,7 +33,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from remat._compat import is_fake_tensor, tensor_version, tree_flatten, tree_unflatten
+from remat._compat import (
+    function_modes,
+    is_fake_tensor,
+    tensor_version,
+    tree_flatten,
+    tree_unflatten,
+)
 from remat.apply.selective import (
     CheckpointMismatchError,
     Offloader,
@@ -65,6 +71,8 @@ class _Call:
     """Buffers the forward changed in place (version bumped), with their values before it."""
     saved_meta: list[tuple[torch.Size, torch.dtype]] = field(default_factory=list)
     saved_versions: list[list[Any]] = field(default_factory=list)
+    function_modes: list[Any] = field(default_factory=list)
+    """Torch function modes active at the call; replay re-enters them (backward drops them)."""
     """A weak reference to each tensor autograd saved, and its version then: an in-place change
     before backward would make the replay's value differ from the forward's."""
     parameter_versions: list[tuple[torch.Tensor, int]] = field(default_factory=list)
@@ -136,6 +144,7 @@ class _Frame:
                 ],
                 module=module,
                 parameter_versions=[(p, tensor_version(p)) for p in module.parameters()],
+                function_modes=function_modes(),
             )
         )
         return len(self.calls) - 1
@@ -290,6 +299,10 @@ class _Frame:
             for device, enabled, dtype in call.autocast:
                 if enabled or torch.is_autocast_enabled(device):
                     stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
+            active = function_modes()
+            for mode in call.function_modes:
+                if not any(mode is other for other in active):
+                    stack.enter_context(mode)
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, _unreachable))
             if call.kept_ops is not None:
                 stack.enter_context(ReplayCache(call.kept_ops, call.skippable_ops))

@@ -14,6 +14,7 @@ from remat.cli._common import (
     emit_json,
     load_model_from_args,
 )
+from remat.cli._estimate import add_estimate_arguments, run_estimate, wants_estimate
 from remat.solve.baselines import parse_strategy
 from remat.units import format_bytes, format_ms
 
@@ -49,13 +50,19 @@ def register(subparsers: Any) -> None:
         " nested, selective, offload (default: all; offload only on CUDA, where it can save"
         " memory without costing the whole transfer)",
     )
-    parser.add_argument("--out", metavar="PATH", help="write the plan as JSON here")
+    parser.add_argument(
+        "--out",
+        metavar="PATH",
+        help="write the plan as JSON here (estimate mode: a PATH ending in .png gets the memory"
+        " breakdown chart instead)",
+    )
     parser.add_argument(
         "--no-measure",
         action="store_true",
         help="skip the closed loop that measures the chosen plan's peak",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    add_estimate_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -70,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
     from remat.profiling.step import measure_step
     from remat.solve.solver import ACTIONS
 
+    if wants_estimate(args):
+        return run_estimate(args)
     budget = None
     if args.budget is not None:
         try:

@@ -38,6 +38,7 @@ from remat.plan import Plan
 
 __all__ = [
     "FORMAT_VERSION",
+    "TIMED_SOURCES",
     "Block",
     "BlockCost",
     "OptionProfile",
@@ -52,6 +53,9 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
+TIMED_SOURCES = ("measured", "roofline")
+"""Time sources whose ``forward_ms`` and ``step_ms`` are milliseconds: ``measured`` on the device,
+``roofline`` estimated for a target device (:mod:`remat.cost.roofline`)."""
 
 
 @dataclass(kw_only=True)
@@ -80,7 +84,7 @@ class OptionProfile:
 
     def cost(self, time_source: str) -> float:
         """The option's cost in the profile's unit (ms, or FLOPs)."""
-        if time_source == "measured" and self.cost_ms is not None:
+        if time_source in TIMED_SOURCES and self.cost_ms is not None:
             return self.cost_ms
         return float(self.cost_flops)
 
@@ -140,7 +144,7 @@ class UnitProfile:
 
     def recompute_cost(self, time_source: str) -> float:
         """What recomputing this unit costs: ms, or FLOPs when no time was measured."""
-        if time_source == "measured" and self.forward_ms is not None:
+        if time_source in TIMED_SOURCES and self.forward_ms is not None:
             return self.forward_ms
         return float(self.forward_flops)
 
@@ -173,7 +177,8 @@ class Profile:
     step_ms: float | None = None
     """Median measured step time with no plan."""
     time_source: str = "measured"
-    """``measured`` (ms) or ``flops`` (no times: costs are forward FLOPs)."""
+    """``measured`` (ms), ``roofline`` (ms estimated for a target device) or ``flops`` (no times:
+    costs are forward FLOPs)."""
     model_class: str = ""
     device: str = ""
     dtype: str = ""
@@ -183,6 +188,9 @@ class Profile:
     cross_unit: list[dict[str, Any]] = field(default_factory=list)
     """Tensors that live across non-adjacent units (skip connections): from, to, bytes."""
     notes: list[str] = field(default_factory=list)
+    kernels: list[str] = field(default_factory=list)
+    """Estimate mode: the device-dependent kernels assumed for the target (attention, dropout,
+    optimizer path); empty for measured profiles."""
 
     @property
     def unit_fqns(self) -> list[str]:
@@ -486,7 +494,7 @@ def evaluate_blocks(profile: Profile, blocks: Sequence[Block]) -> Simulation:
     if profile.base_bytes + persistent + profile.end_need_bytes > peak:
         peak, where = profile.base_bytes + persistent + profile.end_need_bytes, "loss and head"
     step_ms = overhead = None
-    if profile.time_source == "measured" and profile.step_ms:
+    if profile.time_source in TIMED_SOURCES and profile.step_ms:
         step_ms = profile.step_ms + cost
         overhead = step_ms / profile.step_ms
     return Simulation(

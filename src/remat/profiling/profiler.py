@@ -268,8 +268,12 @@ def profile(
     repeats: int = 3,
     progress: Callable[[str], None] | None = None,
     options: Sequence[str] | None = None,
+    mode: str = "measure",
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    attention: str = "auto",
 ) -> Profile:
-    """Measure a model's training step for the planner.
+    """Measure a model's training step for the planner, or estimate it for a target device.
 
     Args:
         model: the model, on the device to plan for (``meta`` for shapes alone).
@@ -284,12 +288,18 @@ def profile(
             ``selective:<policy>``, ``selective:auto`` (save sets chosen from the ops' measured
             times and bytes) and ``offload``. Default: ``selective:save_matmuls``,
             ``selective:megatron``, ``selective:auto``, and ``offload`` on CUDA. ``()``: none.
+            In estimate mode the default is none (each option is one more step on ``meta``).
+        mode: ``"measure"`` (default: run on the model's own device) or ``"estimate"``: run on
+            ``meta`` for ``device`` (a name from :mod:`remat.devices`) in ``dtype``, modelling the
+            target's kernels, with times from a roofline (see :mod:`remat.profiling.estimate`).
+        device, dtype, attention: the target, for ``mode="estimate"`` only.
 
     Returns:
         A :class:`~remat.cost.model.Profile`; units are in execution order.
 
     Raises:
         ValueError: bad arguments, a unit that runs twice or never in one step.
+        NotEstimableError: in estimate mode, a data-dependent op (a ``ValueError``).
 
     Example:
         >>> import torch
@@ -298,7 +308,38 @@ def profile(
         >>> prof = profile(model, (torch.randn(8, 32),), optimizer="sgd", repeats=1)
         >>> prof.unit_fqns, prof.units[0].keep_bytes > prof.units[0].recompute_bytes
         (['0', '1', '2', '3'], True)
+        >>> est = profile(model, (torch.randn(8, 32),), mode="estimate", device="a100-80gb",
+        ...               dtype="bfloat16", optimizer="sgd")
+        >>> est.device, est.time_source, est.units[0].keep_bytes < prof.units[0].keep_bytes
+        ('a100-80gb', 'roofline', True)
     """
+    if mode == "estimate":
+        if device is None:
+            raise ValueError(
+                "device: got None with mode='estimate'; expected a device name such as"
+                " 'h100-80gb' (remat.devices.DEVICES lists them)"
+            )
+        from remat.profiling.estimate import estimate_profile
+
+        return estimate_profile(
+            model,
+            example_inputs,
+            device=device,
+            dtype=dtype,
+            attention=attention,
+            loss_fn=loss_fn,
+            optimizer=optimizer,
+            units=units,
+            progress=progress,
+            options=() if options is None else options,
+        )
+    if mode != "measure":
+        raise ValueError(f"mode: got {mode!r}; expected 'measure' or 'estimate'")
+    if device is not None or dtype is not None or attention != "auto":
+        raise ValueError(
+            "device, dtype, attention: given with mode='measure', which profiles the model where"
+            " it is; pass mode='estimate' to estimate for a target device"
+        )
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer: got {optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
     loss_fn = loss_fn or default_loss

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from remat.apply.units import call_model, tensors_in
+from remat.profiling.target import current_target
 from remat.profiling.tracker import MemoryReport, track_memory
 
 __all__ = ["OPTIMIZERS", "default_loss", "make_optimizer", "measure_step", "training_step"]
@@ -33,10 +34,16 @@ def make_optimizer(name: str | torch.optim.Optimizer | None, model: nn.Module) -
     if name is None or isinstance(name, torch.optim.Optimizer):
         return name
     params = [p for p in model.parameters() if p.requires_grad]
+    target = current_target()  # estimate mode: the optimizer path the modelled device takes
+    foreach = (
+        {}
+        if target is None or target.optimizer_foreach is None
+        else {"foreach": target.optimizer_foreach}
+    )
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=1e-3)
+        return torch.optim.AdamW(params, lr=1e-3, **foreach)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=1e-3)
+        return torch.optim.SGD(params, lr=1e-3, **foreach)
     if name == "none":
         return None
     raise ValueError(f"optimizer: got {name!r}; expected one of {', '.join(OPTIMIZERS)}")

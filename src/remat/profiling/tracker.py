@@ -37,6 +37,7 @@ from torch.optim.optimizer import (
 
 from remat import _compat
 from remat._compat import TorchDispatchMode, tree_flatten
+from remat.profiling.target import current_target
 
 __all__ = [
     "CATEGORIES",
@@ -231,6 +232,9 @@ class MemoryTracker(TorchDispatchMode):
         self._time_ops = time_ops
         if round_bytes is not None and round_bytes < 1:
             raise ValueError(f"round_bytes: got {round_bytes}; expected an integer >= 1")
+        if round_bytes is None:  # a modelled target (estimate mode) may round like its allocator
+            target = current_target()
+            round_bytes = target.round_bytes if target is not None else None
         self._round_bytes = round_bytes
         self._live: dict[int, _Storage] = {}
         self._all: list[_Storage] = []

@@ -3,7 +3,8 @@
 Forms: a size (``22GiB`` binary, ``22GB`` decimal, or plain bytes), a percentage (``60%``: the static
 bytes plus that share of the unplanned step's activation memory, its peak minus the static bytes, as
 torch.compile's ``activation_memory_budget`` is a share of activation memory), or ``min`` (the least
-peak any plan reaches). Imports no torch.
+peak any plan reaches), or ``device`` (the capacity of the device the profile is for, less the
+stated reserve of :mod:`remat.devices`; ``device:h100-80gb`` names one). Imports no torch.
 """
 
 from __future__ import annotations
@@ -11,14 +12,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from remat.devices import get_device, is_device_name
 from remat.units import parse_bytes
 
 __all__ = ["ACCEPTED_BUDGETS", "Budget"]
 
 ACCEPTED_BUDGETS = (
     "a size (22GiB binary, 22GB decimal, or bytes such as 1500000000), a percentage of the"
-    " unplanned step's activation memory (60%, between 0 and 100), or min (the least peak any plan"
-    " reaches)"
+    " unplanned step's activation memory (60%, between 0 and 100), min (the least peak any plan"
+    " reaches), or device (the profiled device's capacity less its reserve; device:NAME names one"
+    " of remat.devices)"
 )
 _PERCENT = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*%\s*$")
 
@@ -34,10 +37,12 @@ class Budget:
         220
         >>> Budget.parse("min").kind
         'min'
+        >>> Budget.parse("device:a100-40gb").resolve(static_bytes=0, peak_bytes=0) / 2**30
+        37.0
     """
 
     kind: str
-    """``bytes``, ``percent`` or ``min``."""
+    """``bytes``, ``percent``, ``min`` or ``device``."""
     value: float
     text: str
 
@@ -55,6 +60,11 @@ class Budget:
         stripped = text.strip()
         if stripped.lower() == "min":
             return cls("min", 0, stripped)
+        if stripped.lower() == "device" or stripped.lower().startswith("device:"):
+            name = stripped.partition(":")[2].strip()
+            if name:
+                get_device(name)  # an unknown name is an error now, with the close names
+            return cls("device", 0, stripped)
         match = _PERCENT.match(stripped)
         if match:
             percent = float(match.group(1))
@@ -72,13 +82,34 @@ class Budget:
             raise ValueError(f"budget: got {text!r}; expected a positive size. {ACCEPTED_BUDGETS}")
         return cls("bytes", value, stripped)
 
+    @property
+    def device_name(self) -> str | None:
+        """The device a ``device:NAME`` budget names (``None``: the profile's device)."""
+        return self.text.partition(":")[2].strip() or None if self.kind == "device" else None
+
     def resolve(
-        self, *, static_bytes: int, peak_bytes: int, min_peak_bytes: int | None = None
+        self,
+        *,
+        static_bytes: int,
+        peak_bytes: int,
+        min_peak_bytes: int | None = None,
+        device: str | None = None,
     ) -> int:
         """Bytes for a step whose static memory and unplanned peak are given.
 
-        ``min`` needs ``min_peak_bytes`` (what the solver finds as the least achievable peak).
+        ``min`` needs ``min_peak_bytes`` (what the solver finds as the least achievable peak);
+        ``device`` needs ``device`` (the profile's target, e.g. ``h100-80gb``) unless it names one.
         """
+        if self.kind == "device":
+            name = self.device_name or device
+            if not name or not is_device_name(name):
+                raise ValueError(
+                    f"budget {self.text!r}: got the device {name!r}, which has no entry in the"
+                    " device table; expected a profile estimated for a named device. Fix: profile"
+                    " with mode='estimate', device=NAME (remat plan --device NAME), or write"
+                    " --budget device:NAME, or give a size"
+                )
+            return get_device(name).usable_bytes
         if self.kind == "bytes":
             return int(self.value)
         if self.kind == "percent":

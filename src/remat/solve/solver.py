@@ -391,7 +391,10 @@ def solve(
     assert least is not None, "keeping every unit is always a plan"
     min_peak = least[1]
     budget_bytes = parsed.resolve(
-        static_bytes=profile.static_bytes, peak_bytes=profile.peak_bytes, min_peak_bytes=min_peak
+        static_bytes=profile.static_bytes,
+        peak_bytes=profile.peak_bytes,
+        min_peak_bytes=min_peak,
+        device=profile.device,
     )
 
     def result(

@@ -1,0 +1,470 @@
+"""Will it fit, and with what plan? The largest batch or sequence length for a device, from shapes.
+
+Consumes a model spec (a built-in name or ``package.module:factory`` whose factory takes ``batch=``
+/ ``seq=``), a device from :mod:`remat.devices`, a dtype and a budget; produces a
+:class:`FitResult`: the largest size whose least achievable peak (under the best plan the solver
+finds) is within the budget, the plan and predicted step time at that size, and the least peak
+under ``none``, ``full`` and the solver's plan at every size it tried.
+
+The search never runs on real hardware and never tries an out-of-memory step: each size is built on
+``meta`` and profiled in estimate mode (:mod:`remat.profiling.estimate`). Sizes double until one
+does not fit, then a binary search between the last that fits and the first that does not, so the
+answer ``n`` comes with ``n + 1`` shown not to fit. It assumes that the least peak grows with the
+size, as it does for batch and sequence length.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from remat.cost.model import Profile, Simulation, simulate
+from remat.devices import get_device
+from remat.plan import Plan
+from remat.solve.baselines import baseline_plan
+from remat.solve.budget import Budget
+from remat.solve.solver import INFEASIBLE, SolveResult, solve
+from remat.units import format_bytes
+
+__all__ = [
+    "AT_LIMIT",
+    "FOUND",
+    "NONE_FITS",
+    "Breakdown",
+    "FitResult",
+    "SizePoint",
+    "max_size",
+    "memory_breakdown",
+    "plot_breakdown",
+]
+
+logger = logging.getLogger(__name__)
+
+FOUND = "FOUND"
+"""``max_size`` fits and ``max_size + 1`` does not."""
+NONE_FITS = "NONE_FITS"
+"""Not even size 1 fits: ``max_size`` is ``None``."""
+AT_LIMIT = "AT_LIMIT"
+"""Every size up to ``limit`` fits; ``max_size`` is the limit."""
+DIMENSIONS = ("batch", "seq")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SizePoint:
+    """The least peak at one size under ``none``, ``full`` and the solver's least-peak plan.
+
+    Example:
+        >>> SizePoint(size=8, fits=True, static_bytes=10, none_peak_bytes=50, full_peak_bytes=30,
+        ...           min_peak_bytes=25).min_peak_bytes
+        25
+    """
+
+    size: int
+    fits: bool
+    static_bytes: int
+    none_peak_bytes: int
+    full_peak_bytes: int | None
+    min_peak_bytes: int
+    """The least peak any plan reaches (the solver's ``min``)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Breakdown:
+    """Where the bytes of a step's peak go, for one plan (see :func:`memory_breakdown`).
+
+    Example:
+        >>> b = Breakdown(parameter_bytes=4, gradient_bytes=4, optimizer_state_bytes=8,
+        ...               other_static_bytes=1, unit_activation_bytes={"b.0": (10, 2)},
+        ...               transient_bytes=3, peak_bytes=22, unplanned_peak_bytes=30)
+        >>> b.static_bytes, b.activation_bytes, b.saved_bytes
+        (17, 2, 8)
+    """
+
+    parameter_bytes: int
+    gradient_bytes: int
+    optimizer_state_bytes: int
+    other_static_bytes: int
+    """Buffers and the example inputs."""
+    unit_activation_bytes: dict[str, tuple[int, int]]
+    """Per unit: (bytes it holds after its forward unplanned, bytes it holds under the plan)."""
+    transient_bytes: int
+    """The rest of the peak: activations outside the units (embeddings, head, loss) and
+    temporaries at the peak moment."""
+    peak_bytes: int
+    """The plan's predicted peak."""
+    unplanned_peak_bytes: int
+
+    @property
+    def static_bytes(self) -> int:
+        return (
+            self.parameter_bytes
+            + self.gradient_bytes
+            + self.optimizer_state_bytes
+            + self.other_static_bytes
+        )
+
+    @property
+    def activation_bytes(self) -> int:
+        """Bytes the units hold under the plan."""
+        return sum(planned for _, planned in self.unit_activation_bytes.values())
+
+    @property
+    def saved_bytes(self) -> int:
+        """What the plan saved: the unplanned peak less the plan's."""
+        return self.unplanned_peak_bytes - self.peak_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            "parameter_bytes": self.parameter_bytes,
+            "gradient_bytes": self.gradient_bytes,
+            "optimizer_state_bytes": self.optimizer_state_bytes,
+            "other_static_bytes": self.other_static_bytes,
+            "static_bytes": self.static_bytes,
+            "unit_activation_bytes": {
+                fqn: {"unplanned": a, "planned": b}
+                for fqn, (a, b) in self.unit_activation_bytes.items()
+            },
+            "activation_bytes": self.activation_bytes,
+            "transient_bytes": self.transient_bytes,
+            "peak_bytes": self.peak_bytes,
+            "unplanned_peak_bytes": self.unplanned_peak_bytes,
+            "saved_bytes": self.saved_bytes,
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class FitResult:
+    """What :func:`max_size` found.
+
+    Example:
+        >>> FitResult(status=NONE_FITS, dim="batch", max_size=None, device="t4", dtype="float32",
+        ...           budget_bytes=1).to_dict()["max_batch"] is None
+        True
+    """
+
+    status: str
+    """``FOUND``, ``NONE_FITS`` or ``AT_LIMIT``."""
+    dim: str
+    """``batch`` or ``seq``."""
+    max_size: int | None
+    device: str
+    dtype: str
+    budget_bytes: int
+    profile: Profile | None = None
+    """Estimate-mode profile at ``max_size``, with roofline times."""
+    solved: SolveResult | None = None
+    """The solver's plan for the budget at ``max_size``."""
+    table: list[SizePoint] = field(default_factory=list)
+    """Every size tried, ascending."""
+    breakdown: Breakdown | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict; ``max_batch`` or ``max_seq`` holds ``max_size``."""
+        solved = self.solved
+        return {
+            "format_version": 1,
+            "status": self.status,
+            f"max_{self.dim}": self.max_size,
+            "device": self.device,
+            "dtype": self.dtype,
+            "budget_bytes": self.budget_bytes,
+            "predicted_peak_bytes": solved.predicted_peak_bytes if solved else None,
+            "predicted_step_ms": solved.predicted_step_ms if solved else None,
+            "predicted_overhead": solved.predicted_overhead if solved else None,
+            "plan": solved.plan.to_dict() if solved else None,
+            "kernels": list(self.profile.kernels) if self.profile else [],
+            "table": [vars(point) for point in self.table],
+            "breakdown": self.breakdown.to_dict() if self.breakdown else None,
+        }
+
+
+def memory_breakdown(
+    profile: Profile,
+    plan: Plan,
+    *,
+    parameter_bytes: int,
+    trainable_bytes: int,
+    optimizer_states: int,
+) -> Breakdown:
+    """Split the plan's predicted peak into static memory, each unit's activations and the rest.
+
+    Args:
+        profile: the step's profile.
+        plan: the plan (``Plan()`` for none).
+        parameter_bytes: bytes of all parameters.
+        trainable_bytes: bytes of the parameters that get a gradient.
+        optimizer_states: optimizer states per trainable parameter (AdamW 2, SGD 0).
+
+    Example:
+        >>> from remat.cost.model import example_profile
+        >>> b = memory_breakdown(example_profile(), Plan(actions={"_default": "recompute"}),
+        ...                      parameter_bytes=200, trainable_bytes=200, optimizer_states=2)
+        >>> b.static_bytes, b.unit_activation_bytes["b.0"], b.peak_bytes, b.saved_bytes
+        (1000, (100, 10), 1260, 190)
+    """
+    sim: Simulation = simulate(profile, plan)
+    unplanned = simulate(profile, Plan()).peak_bytes
+    actions = plan.resolve(profile.unit_fqns)
+    units: dict[str, tuple[int, int]] = {}
+    for unit in profile.units:
+        kind = actions[unit.fqn].kind
+        planned = (
+            unit.keep_bytes
+            if kind == "keep"
+            else unit.recompute_bytes
+            if kind == "recompute"
+            else unit.inner_bytes
+        )
+        units[unit.fqn] = (unit.keep_bytes, planned)
+    gradient = trainable_bytes
+    state = trainable_bytes * optimizer_states
+    other = max(profile.static_bytes - parameter_bytes - gradient - state, 0)
+    activations = sum(planned for _, planned in units.values())
+    return Breakdown(
+        parameter_bytes=parameter_bytes,
+        gradient_bytes=gradient,
+        optimizer_state_bytes=state,
+        other_static_bytes=other,
+        unit_activation_bytes=units,
+        transient_bytes=max(sim.peak_bytes - profile.static_bytes - activations, 0),
+        peak_bytes=sim.peak_bytes,
+        unplanned_peak_bytes=unplanned,
+    )
+
+
+def plot_breakdown(
+    breakdown: Breakdown, path: str, *, title: str = "", budget_bytes: int = 0
+) -> str:
+    """Write a PNG bar chart of the breakdown: unplanned and planned, stacked by category.
+
+    Raises:
+        ImportError: matplotlib is missing (install the ``plot`` extra: ``pip install remat[plot]``).
+
+    Example:
+        >>> import os, tempfile
+        >>> b = Breakdown(parameter_bytes=4, gradient_bytes=4, optimizer_state_bytes=8,
+        ...               other_static_bytes=1, unit_activation_bytes={"b.0": (10, 2)},
+        ...               transient_bytes=3, peak_bytes=22, unplanned_peak_bytes=30)
+        >>> path = plot_breakdown(b, os.path.join(tempfile.mkdtemp(), "b.png"))
+        >>> os.path.getsize(path) > 0
+        True
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError(
+            "plot_breakdown needs matplotlib: install the plot extra (pip install 'remat[plot]')"
+        ) from None
+    gib = 2**30
+    unplanned_act = sum(a for a, _ in breakdown.unit_activation_bytes.values())
+    unplanned_rest = max(breakdown.unplanned_peak_bytes - breakdown.static_bytes - unplanned_act, 0)
+    layers = [
+        ("parameters", breakdown.parameter_bytes, breakdown.parameter_bytes),
+        ("gradients", breakdown.gradient_bytes, breakdown.gradient_bytes),
+        ("optimizer state", breakdown.optimizer_state_bytes, breakdown.optimizer_state_bytes),
+        ("buffers and inputs", breakdown.other_static_bytes, breakdown.other_static_bytes),
+        ("unit activations", unplanned_act, breakdown.activation_bytes),
+        ("transients and other", unplanned_rest, breakdown.transient_bytes),
+    ]
+    figure, axes = plt.subplots(figsize=(6, 4.5))
+    bottoms = [0.0, 0.0]
+    for label, unplanned, planned in layers:
+        heights = [unplanned / gib, planned / gib]
+        axes.bar(["no plan", "plan"], heights, bottom=bottoms, label=label)
+        bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
+    if budget_bytes:
+        axes.axhline(budget_bytes / gib, color="black", linestyle="--", label="budget")
+    axes.set_ylabel("GiB at the peak")
+    axes.set_title(title or "memory at the step's peak")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def _static_parts(model: Any, optimizer: str) -> tuple[int, int, int]:
+    storages = {id(p.untyped_storage()): p.untyped_storage().nbytes() for p in model.parameters()}
+    trainable = {
+        id(p.untyped_storage()): p.untyped_storage().nbytes()
+        for p in model.parameters()
+        if p.requires_grad
+    }
+    return sum(storages.values()), sum(trainable.values()), {"adamw": 2}.get(optimizer, 0)
+
+
+def max_size(
+    model: str,
+    *,
+    device: str,
+    dim: str = "batch",
+    dtype: str | None = None,
+    budget: str | int | Budget = "device",
+    optimizer: str = "adamw",
+    overrides: Mapping[str, Any] | None = None,
+    batch: int | None = None,
+    seq: int | None = None,
+    units: Any = None,
+    attention: str = "auto",
+    start: int = 1,
+    limit: int = 1 << 20,
+    progress: Callable[[str], None] | None = None,
+) -> FitResult:
+    """The largest ``batch`` (or ``seq``) whose best plan fits ``budget`` on ``device``.
+
+    Args:
+        model: a built-in name or ``package.module:factory`` taking ``batch=`` / ``seq=``.
+        device: a name from :mod:`remat.devices`.
+        dim: ``batch`` or ``seq``: the size searched; the other is ``batch`` / ``seq`` (or the
+            factory's default).
+        dtype: parameters' and inputs' dtype (``bfloat16``, ...; default: the factory's).
+        budget: ``device`` (capacity less the reserve), ``device:NAME`` or a size.
+        optimizer, units, attention: as :func:`remat.profile`.
+        overrides: more factory arguments (``n_layer``, ``d_model``, ...).
+        start, limit: the first size tried and the largest considered.
+        progress: called with a line of text per size tried (the CLI writes them to stderr).
+
+    Returns:
+        A :class:`FitResult`; status ``NONE_FITS`` when size ``start`` does not fit.
+
+    Raises:
+        NotEstimableError: the model runs data-dependent ops (no shape-only form).
+        ValueError: an unknown device or dimension, a budget that depends on the profile.
+
+    Example:
+        >>> result = max_size("mlp", device="cpu", budget="4MiB", optimizer="sgd",
+        ...                   overrides={"n_blocks": 2, "width": 128})
+        >>> fits = {point.size: point.fits for point in result.table}
+        >>> result.status, fits[result.max_size], fits[result.max_size + 1]
+        ('FOUND', True, False)
+        >>> result.solved.predicted_peak_bytes <= result.budget_bytes
+        True
+    """
+    from remat.models.spec import load_model
+    from remat.profiling.estimate import estimate_profile
+
+    if dim not in DIMENSIONS:
+        raise ValueError(f"dim: got {dim!r}; expected one of {', '.join(DIMENSIONS)}")
+    spec = get_device(device)
+    parsed = Budget.parse(budget)
+    if parsed.kind not in ("bytes", "device"):
+        raise ValueError(
+            f"budget: got {parsed.text!r}, which depends on each size's profile; expected a size"
+            " (22GiB) or device, which stay the same as the size changes"
+        )
+    budget_bytes = parsed.resolve(static_bytes=0, peak_bytes=0, device=spec.name)
+    say = progress or (lambda text: logger.info("%s", text))
+    points: dict[int, SizePoint] = {}
+    sizes = {"batch": batch, "seq": seq}
+
+    def build(size: int) -> Any:
+        return load_model(
+            model,
+            device="meta",
+            dtype=dtype,
+            **{**sizes, dim: size},
+            overrides=overrides,
+        )
+
+    def estimate(size: int, timing: bool) -> tuple[Any, Profile]:
+        built = build(size)
+        prof = estimate_profile(
+            built.model,
+            built.example_inputs,
+            device=spec,
+            loss_fn=built.loss_fn,
+            optimizer=optimizer,
+            units=units,
+            attention=attention,
+            timing=timing,
+        )
+        return built, prof
+
+    def probe(size: int) -> bool:
+        _, prof = estimate(size, timing=False)
+        least = solve(prof, "min")
+        point = SizePoint(
+            size=size,
+            fits=least.min_peak_bytes <= budget_bytes,
+            static_bytes=prof.static_bytes,
+            none_peak_bytes=prof.peak_bytes,
+            full_peak_bytes=prof.full_peak_bytes,
+            min_peak_bytes=least.min_peak_bytes,
+        )
+        points[size] = point
+        say(
+            f"fit: {dim} {size}: least peak {format_bytes(point.min_peak_bytes)}"
+            f" ({'fits' if point.fits else 'does not fit'} {format_bytes(budget_bytes)})"
+        )
+        return point.fits
+
+    dtype_name = str(dtype or "as built")
+    if not probe(start):
+        return FitResult(
+            status=NONE_FITS,
+            dim=dim,
+            max_size=None,
+            device=spec.name,
+            dtype=dtype_name,
+            budget_bytes=budget_bytes,
+            table=sorted(points.values(), key=lambda p: p.size),
+        )
+    low, high = start, None
+    while high is None:
+        candidate = min(low * 2, limit)
+        if candidate == low:
+            break
+        if probe(candidate):
+            low = candidate
+        else:
+            high = candidate
+    while high is not None and high - low > 1:
+        middle = (low + high) // 2
+        if probe(middle):
+            low = middle
+        else:
+            high = middle
+    say(f"fit: {dim} {low}: solving with roofline times on {spec.name}")
+    built, prof = estimate(low, timing=True)
+    solved = solve(prof, budget_bytes)
+    assert solved.status != INFEASIBLE, "the probe found a plan that fits at this size"
+    params, trainable, states = _static_parts(built.model, optimizer)
+    breakdown = memory_breakdown(
+        prof,
+        solved.plan,
+        parameter_bytes=params,
+        trainable_bytes=trainable,
+        optimizer_states=states,
+    )
+    return FitResult(
+        status=FOUND if high is not None else AT_LIMIT,
+        dim=dim,
+        max_size=low,
+        device=spec.name,
+        dtype=prof.dtype,
+        budget_bytes=budget_bytes,
+        profile=prof,
+        solved=solved,
+        table=sorted(points.values(), key=lambda p: p.size),
+        breakdown=breakdown,
+    )
+
+
+def baseline_peaks(profile: Profile) -> dict[str, int]:
+    """Predicted peaks of ``none`` and ``full`` (what the table shows beside the solver's).
+
+    Example:
+        >>> from remat.cost.model import example_profile
+        >>> baseline_peaks(example_profile())
+        {'none': 1450, 'full': 1260}
+    """
+    return {
+        name: simulate(profile, baseline_plan(name, profile.unit_fqns)).peak_bytes
+        for name in ("none", "full")
+    }
