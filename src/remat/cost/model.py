@@ -139,6 +139,17 @@ class Profile:
     cross_unit: list[dict[str, Any]] = field(default_factory=list)
     """Tensors that live across non-adjacent units (skip connections): from, to, bytes."""
     notes: list[str] = field(default_factory=list)
+    world_size: int = 1
+    """Ranks the figures are per rank for (1: one process; see :mod:`remat.cost.distributed`)."""
+    fsdp: bool = False
+    """Whether parameters, gradients and optimizer state are sharded (FSDP2) across the ranks."""
+    parameters: list[dict[str, Any]] = field(default_factory=list)
+    """Per parameter (counted once): ``owner`` (the unit FQN, ``""`` outside units), ``dim0``,
+    ``row_bytes`` (bytes per index of dim 0) and ``trainable``: what sharding needs."""
+    start_peak_bytes: int | None = None
+    """Peak before the first unit's forward (part of ``fixed_peak_bytes``)."""
+    optimizer_peak_bytes: int | None = None
+    """Peak of the optimizer step (part of ``fixed_peak_bytes``)."""
 
     @property
     def unit_fqns(self) -> list[str]:

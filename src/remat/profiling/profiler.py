@@ -25,6 +25,7 @@ from torch import nn
 from remat._compat import in_backward
 from remat.apply.apply import apply_, fingerprint
 from remat.apply.units import UnitSpec, call_model, execution_order, find_units, tensors_in
+from remat.cost.distributed import per_rank
 from remat.cost.model import Profile, UnitProfile
 from remat.plan import Plan
 from remat.profiling.step import (
@@ -260,6 +261,8 @@ def profile(
     warmup: int = 1,
     repeats: int = 3,
     progress: Callable[[str], None] | None = None,
+    world_size: int = 1,
+    fsdp: bool = False,
 ) -> Profile:
     """Measure a model's training step for the planner.
 
@@ -272,6 +275,10 @@ def profile(
         units: what plans may act on (see :func:`remat.find_units`).
         warmup, repeats: untimed and timed steps for the medians (real devices only).
         progress: called with a line of text as each measured step starts.
+        world_size, fsdp: plan for one of ``world_size`` data-parallel ranks, under DDP
+            (``fsdp=False``) or FSDP2 (``fsdp=True``: parameters, gradients and optimizer state
+            sharded). ``example_inputs`` is then one rank's batch; the step is measured in this
+            process and the figures are made per rank by :func:`remat.cost.distributed.per_rank`.
 
     Returns:
         A :class:`~remat.cost.model.Profile`; units are in execution order.
@@ -289,6 +296,11 @@ def profile(
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer: got {optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(
+            f"world_size: got {world_size!r}; expected an integer >= 1 (the number of"
+            " data-parallel ranks)"
+        )
     loss_fn = loss_fn or default_loss
     unit_fqns = execution_order(model, find_units(model, units), example_inputs)
     modules = dict(model.named_modules())
@@ -327,6 +339,8 @@ def profile(
     fixed = max(
         m.peak_bytes for x in "KRS" for m in runs[x][1] if m.label[0] in ("start", "optimizer")
     )
+    start_peak = max(m.peak_bytes for x in "KRS" for m in runs[x][1] if m.label[0] == "start")
+    optimizer_peaks = [m.peak_bytes for x in "KRS" for m in runs[x][1] if m.label[0] == "optimizer"]
     base = K[("forward", 0)].start_bytes
 
     def starts(run: dict[tuple[str, int], Mark]) -> list[int]:
@@ -409,7 +423,7 @@ def profile(
             )
         )
     static_bytes = _static_bytes(model, example_inputs, optimizer)
-    return Profile(
+    result = Profile(
         units=units_out,
         static_bytes=static_bytes,
         base_bytes=base,
@@ -427,7 +441,25 @@ def profile(
         fingerprint=fingerprint(model, unit_fqns),
         cross_unit=cross,
         notes=notes,
+        parameters=_parameters(model, unit_fqns),
+        start_peak_bytes=start_peak,
+        optimizer_peak_bytes=max(optimizer_peaks) if optimizer_peaks else None,
     )
+    return per_rank(result, world_size=world_size, fsdp=fsdp)
+
+
+def _parameters(model: nn.Module, unit_fqns: list[str]) -> list[dict[str, Any]]:
+    """Each parameter once: its owner unit (``""`` outside units), dim 0 and bytes per row of it,
+    and whether it trains: what :func:`remat.cost.distributed.per_rank` shards."""
+    found = []
+    for name, param in model.named_parameters():
+        owner = next((u for u in unit_fqns if name.startswith(u + ".")), "")
+        dim0 = param.shape[0] if param.dim() > 0 else 1
+        row_bytes = param.numel() // dim0 * param.element_size() if dim0 else 0
+        found.append(
+            {"owner": owner, "dim0": dim0, "row_bytes": row_bytes, "trainable": param.requires_grad}
+        )
+    return found
 
 
 def _unit_sizes(marks: _UnitMarks, n: int) -> list[tuple[int, int]]:
