@@ -59,7 +59,9 @@ def train(model: torch.nn.Module, idx: torch.Tensor, targets: torch.Tensor) -> d
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--configs", nargs="+", default=["ddp", "fsdp", "fsdp_compile"])
+    parser.add_argument(
+        "--configs", nargs="+", default=["ddp", "ddp_sqrt_n", "fsdp", "fsdp_compile"]
+    )
     args = parser.parse_args()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -76,25 +78,38 @@ def main() -> None:
         results["reference"] = train(copy.deepcopy(initial), idx, targets)
     units = remat.find_units(initial)
 
-    def solve_plan() -> remat.Plan:
-        # Only rank 0 profiles and solves; the budget makes the solver checkpoint some blocks.
-        model = copy.deepcopy(initial)
-        prof = remat.profile(
-            model,
-            (local_idx,),
-            loss_fn=lambda logits: F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), local_targets.reshape(-1)
-            ),
-            optimizer="sgd",
-            units=units,
-            repeats=1,
-        )
-        return remat.solve(prof, "40%").plan
+    profiled: list[remat.Profile] = []
 
-    plan = broadcast_plan(solve_plan if rank == 0 else None)
-    results["plan"] = plan.to_dict()
+    def solve_plan(fsdp: bool) -> remat.Plan:
+        # Only rank 0 profiles (one process, its own half batch) and solves, per rank of `world`.
+        if not profiled:
+            profiled.append(
+                remat.profile(
+                    copy.deepcopy(initial),
+                    (local_idx,),
+                    loss_fn=lambda logits: F.cross_entropy(
+                        logits.reshape(-1, logits.shape[-1]), local_targets.reshape(-1)
+                    ),
+                    optimizer="sgd",
+                    units=units,
+                    repeats=1,
+                )
+            )
+        return remat.solve(profiled[0], "min", world_size=world, fsdp=fsdp).plan
+
+    plans = {
+        fsdp: broadcast_plan((lambda fsdp=fsdp: solve_plan(fsdp)) if rank == 0 else None)
+        for fsdp in (False, True)
+    }
+    # Every rank reports the plans it received: they must be the same.
+    received: list = [None] * world
+    dist.all_gather_object(received, {k: v.to_dict() for k, v in plans.items()})
+    results["plans_per_rank"] = received
     for config in args.configs:
         model = copy.deepcopy(initial)
+        plan = plans[config.startswith("fsdp")]
+        if config == "ddp_sqrt_n":  # segments of several units, which DDP allows
+            plan = remat.baseline_plan("sqrt_n", plan.units or units)
         handle = remat.apply_(model, plan)  # 1. remat
         if config.endswith("_compile"):
             # 2. torch.compile per block (inside remat's wrapper for the recomputed ones)
@@ -111,7 +126,7 @@ def main() -> None:
             dist.all_reduce(loss)
             loss /= world
         out["losses"] = losses
-        out["checkpointed"] = handle.checkpointed
+        out["actions"] = handle.actions
         if config.startswith("ddp"):
             out["grads"] = {k.removeprefix("module."): v for k, v in out["grads"].items()}
             out["params"] = {k.removeprefix("module."): v for k, v in out["params"].items()}
