@@ -143,5 +143,5 @@ def test_fsdp2_static_bytes_per_rank_on_8_fake_ranks(
 def test_broadcast_plan_without_process_group_returns_it() -> None:
     plan = remat.Plan(actions={"_default": "recompute"})
     assert broadcast_plan(plan) is plan
-    with pytest.raises(ValueError, match="expected a remat.Plan"):
+    with pytest.raises(ValueError, match=r"expected a remat\.Plan"):
         broadcast_plan(None)
