@@ -24,6 +24,7 @@ __all__ = [
     "global_forward_hook_count",
     "in_backward",
     "is_fake_tensor",
+    "local_tensor",
     "tensor_version",
     "tree_flatten",
     "tree_unflatten",
@@ -75,3 +76,14 @@ def flop_formula(func: Any) -> Callable[..., int] | None:
     from torch.utils.flop_counter import flop_registry
 
     return flop_registry.get(getattr(func, "overloadpacket", func))
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The rank's own part of a ``DTensor`` (FSDP2's sharded parameters and gradients), else the
+    tensor itself: memory is accounted by the storage the rank holds.
+
+    ``DTensor._local_tensor`` is a private attribute; the public ``to_local()`` returns a new view
+    with autograd attached, which a dispatch-mode tracker must not create for every op.
+    """
+    local = getattr(tensor, "_local_tensor", None)
+    return local if isinstance(local, torch.Tensor) else tensor

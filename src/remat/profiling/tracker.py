@@ -282,6 +282,7 @@ class MemoryTracker(TorchDispatchMode):
     def _storage(self, tensor: torch.Tensor) -> torch.UntypedStorage | None:
         if self._device_type is not None and tensor.device.type != self._device_type:
             return None
+        tensor = _compat.local_tensor(tensor)
         try:
             return tensor.untyped_storage()
         except (RuntimeError, NotImplementedError):  # sparse, nested: no single storage
