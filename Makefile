@@ -27,8 +27,8 @@ demo: venv
 	$(BIN)/remat verify gpt --plan out/plan.json
 
 lint: venv
-	$(BIN)/ruff check src tests scripts benchmarks
-	$(BIN)/ruff format --check src tests scripts benchmarks
+	$(BIN)/ruff check src tests scripts benchmarks examples
+	$(BIN)/ruff format --check src tests scripts benchmarks examples
 
 test: venv lint
 	$(BIN)/python -m pytest -q -x --durations=15

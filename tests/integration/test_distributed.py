@@ -150,3 +150,19 @@ def test_broadcast_plan_without_process_group_returns_it() -> None:
     assert broadcast_plan(plan) is plan
     with pytest.raises(ValueError, match=r"expected a remat\.Plan"):
         broadcast_plan(None)
+
+
+def test_train_fsdp_example_runs_under_torchrun() -> None:
+    out = torchrun(
+        ROOT / "examples" / "train_fsdp.py",
+        *("--steps", "3", "--budget", "min", "--compile", "aot_eager"),
+        *("--n-layer", "2", "--d-model", "32", "--n-head", "2", "--vocab", "64"),
+        *("--seq", "16", "--batch", "2"),
+    )
+    assert "OPTIMAL plan for 2 ranks" in out, out
+    losses = [
+        float(line.split("loss ")[1].split(",")[0]) for line in out.splitlines() if "loss " in line
+    ]
+    assert len(losses) == 3 and losses[-1] < losses[0], out  # it trains
+    for rank in (0, 1):
+        assert f"rank {rank}: peak " in out and "step " in out, out
