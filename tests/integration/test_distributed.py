@@ -166,3 +166,13 @@ def test_train_fsdp_example_runs_under_torchrun() -> None:
     assert len(losses) == 3 and losses[-1] < losses[0], out  # it trains
     for rank in (0, 1):
         assert f"rank {rank}: peak " in out and "step " in out, out
+
+
+def test_fully_shard_units_refuses_segments() -> None:
+    torch.manual_seed(0)
+    model = build(batch=1, seq=4, n_layer=4, d_model=8, n_head=2, vocab=16).model
+    units = remat.find_units(model)
+    remat.apply_(model, remat.baseline_plan("sqrt_n", units))
+    # Checked before any process group is needed: a segment cannot replay under FSDP2.
+    with pytest.raises(ValueError, match="segment"):
+        fully_shard_units(model, units)

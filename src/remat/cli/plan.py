@@ -91,6 +91,11 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--budget is required with --strategy auto (e.g. --budget 60%)")
     if args.world_size < 1:
         raise UsageError(f"--world-size: got {args.world_size}; expected an integer >= 1")
+    if args.fsdp and args.strategy.startswith("sqrt_n"):
+        raise UsageError(
+            "--fsdp with --strategy sqrt_n: its segments cannot replay under FSDP2 (a segment's"
+            " earlier units have sharded parameters then); use auto, full or every_n:K"
+        )
     distributed = args.world_size > 1 or args.fsdp
     built = load_model_from_args(args)
     try:

@@ -119,7 +119,8 @@ def fully_shard_units(
         The model (``fully_shard`` changes modules in place).
 
     Raises:
-        ValueError: a unit is not a module of the model, or the plan lists no units.
+        ValueError: a unit is not a module of the model, the plan lists no units, or a unit is in a
+            remat segment (which cannot replay under FSDP2).
 
     Example:
         >>> from torch import nn
@@ -141,6 +142,16 @@ def fully_shard_units(
             raise ValueError(
                 f"fully_shard_units: {fqn!r} is not a module of {type(model).__name__}; expected"
                 " unit FQNs as in model.named_modules() (e.g. plan.units)"
+            )
+    for fqn in names:
+        region = getattr(modules[fqn].__dict__.get("forward"), "__remat_region__", None)
+        if region is not None and len(region.units) > 1:
+            raise ValueError(
+                f"fully_shard_units: {fqn} is in a remat segment of {len(region.units)} units"
+                f" ({region.name}); under FSDP2 a segment's replay runs its earlier units while"
+                " their parameters are sharded, which fails. Solve with fsdp=True (plans without"
+                " segments: remat.solve(profile, budget, world_size=N, fsdp=True)) or use the"
+                " 'full' or 'every_n:K' baseline."
             )
     from torch.distributed.fsdp import fully_shard
 
