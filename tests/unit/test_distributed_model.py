@@ -88,6 +88,8 @@ def test_fsdp_unit_terms() -> None:
     assert four[3].backward_need_keep_bytes == one[3].backward_need_keep_bytes + 600 + 320
     # Base: the units' parameters are shards; the root's are gathered on top of its shards.
     assert fsdp.base_bytes == prof.base_bytes - 4 * (300 - 80) + 138
+    # Before the first unit: the same, plus the root's all-gather buffers (138 + 4 * 138).
+    assert fsdp.start_peak_bytes == prof.start_peak_bytes - 4 * (300 - 80) + 138 + 5 * 138
     assert fsdp.peak_bytes == simulate(fsdp, Plan()).peak_bytes
     assert (
         fsdp.full_peak_bytes == simulate(fsdp, Plan(actions={"_default": "recompute"})).peak_bytes

@@ -12,7 +12,8 @@ FSDP2 (``fully_shard`` on each unit, then on the root; ``reshard_after_forward=T
   ``Shard(0)``). Buffers and inputs are not sharded.
 - Forward and backward: the root's own parameters (outside units: embeddings, head) stay gathered
   from the root's forward to the end of backward (FSDP2 does not reshard the root after forward),
-  on top of their shards; each unit's parameters are gathered only while it runs.
+  on top of their shards; each unit's parameters are gathered only while it runs. Gathering the
+  root's adds its all-gather buffers to the moments before the first unit.
 - A unit's forward: its gathered parameters, and while gathering, the all-gather's input and
   output buffers (``S`` and ``N * S``).
 - A unit's backward: its gathered parameters, the next unit to run backward's (FSDP2 prefetches one
@@ -172,7 +173,9 @@ def per_rank(profile: Profile, *, world_size: int, fsdp: bool = False) -> Profil
         root = owners[""]
         units_saved = sum(owners[u.fqn].full - owners[u.fqn].shard for u in units)
         base = profile.base_bytes - units_saved + root.shard
-        start += root.shard - units_saved
+        # Before the first unit: the root's all-gather buffers (input and output), placed at the
+        # interval's worst moment like the units' (see _shard_units).
+        start += root.shard - units_saved + root.shard + world_size * root.shard
         optimizer = None if optimizer is None else optimizer - at_rest
         _shard_units(units, owners, world_size)
         note = (
