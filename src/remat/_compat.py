@@ -24,6 +24,7 @@ __all__ = [
     "global_forward_hook_count",
     "in_backward",
     "is_fake_tensor",
+    "is_module_compiled",
     "local_tensor",
     "tensor_version",
     "tree_flatten",
@@ -87,3 +88,9 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """
     local = getattr(tensor, "_local_tensor", None)
     return local if isinstance(local, torch.Tensor) else tensor
+
+
+def is_module_compiled(module: torch.nn.Module) -> bool:
+    """Whether ``module.compile()`` was called on it: ``nn.Module.compile`` stores the compiled
+    ``_call_impl`` in the private attribute ``_compiled_call_impl`` (``None`` otherwise)."""
+    return getattr(module, "_compiled_call_impl", None) is not None

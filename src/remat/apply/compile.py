@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from remat import _compat
+
 __all__ = ["compile_units_"]
 
 
@@ -48,6 +50,8 @@ def compile_units_(
     Example:
         >>> import torch, remat
         >>> from torch import nn
+
+from remat import _compat
         >>> model = nn.Sequential(*[nn.Sequential(nn.Linear(4, 4), nn.Tanh()) for _ in range(2)])
         >>> handle = remat.apply_(model, remat.Plan(actions={"0": "recompute"}))
         >>> compile_units_(model, handle, backend="eager")
@@ -73,7 +77,7 @@ def compile_units_(
         if region is None:
             module.compile(**compile_kwargs)
             continue
-        if getattr(module, "_compiled_call_impl", None) is not None:
+        if _compat.is_module_compiled(module):
             raise ValueError(
                 f"compile_units_: {fqn} was compiled with module.compile() after remat's plan was"
                 " applied; its replay in backward would run eagerly and save other tensors."
