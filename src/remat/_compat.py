@@ -26,6 +26,7 @@ __all__ = [
     "is_fake_tensor",
     "is_module_compiled",
     "local_tensor",
+    "on_storage_resize",
     "tensor_version",
     "tree_flatten",
     "tree_unflatten",
@@ -94,3 +95,42 @@ def is_module_compiled(module: torch.nn.Module) -> bool:
     """Whether ``module.compile()`` was called on it: ``nn.Module.compile`` stores the compiled
     ``_call_impl`` in the private attribute ``_compiled_call_impl`` (``None`` otherwise)."""
     return getattr(module, "_compiled_call_impl", None) is not None
+
+
+_RESIZE_CALLBACKS: list[Callable[[torch.UntypedStorage], None]] = []
+_ORIGINAL_RESIZE: list[Any] = []
+
+
+class _ResizeHandle:
+    def __init__(self, callback: Callable[[torch.UntypedStorage], None]) -> None:
+        self.callback = callback
+
+    def remove(self) -> None:
+        if self.callback in _RESIZE_CALLBACKS:
+            _RESIZE_CALLBACKS.remove(self.callback)
+        if not _RESIZE_CALLBACKS and _ORIGINAL_RESIZE:
+            torch.UntypedStorage.resize_ = _ORIGINAL_RESIZE.pop()  # type: ignore[method-assign]
+
+
+def on_storage_resize(callback: Callable[[torch.UntypedStorage], None]) -> _ResizeHandle:
+    """Call ``callback(storage)`` after every ``UntypedStorage.resize_`` until the handle's
+    ``remove()``.
+
+    FSDP2 frees a unit's gathered parameters and allocates them again by resizing their storage
+    (``free_storage`` / ``alloc_storage`` in ``torch.distributed.fsdp._fully_shard._fsdp_param``),
+    a call that no dispatch mode sees. torch offers no hook for it, so the Python method
+    ``UntypedStorage.resize_`` is wrapped while a callback is registered and restored after.
+    """
+    if not _ORIGINAL_RESIZE:
+        original = torch.UntypedStorage.resize_
+        _ORIGINAL_RESIZE.append(original)
+
+        def resize_(self: torch.UntypedStorage, size: int) -> Any:
+            result = original(self, size)
+            for registered in list(_RESIZE_CALLBACKS):
+                registered(self)
+            return result
+
+        torch.UntypedStorage.resize_ = resize_  # type: ignore[method-assign]
+    _RESIZE_CALLBACKS.append(callback)
+    return _ResizeHandle(callback)

@@ -172,12 +172,22 @@ def per_rank(profile: Profile, *, world_size: int, fsdp: bool = False) -> Profil
         # the units' parameters are shards except the unit running.
         root = owners[""]
         units_saved = sum(owners[u.fqn].full - owners[u.fqn].shard for u in units)
-        base = profile.base_bytes - units_saved + root.shard
+        # Gathered parameters keep FSDP2's padding: N shards each.
+        root_gathered = world_size * root.shard
+        base = profile.base_bytes - units_saved + root.shard + root_gathered - root.full
         # Before the first unit: the root's all-gather buffers (input and output), placed at the
         # interval's worst moment like the units' (see _shard_units).
-        start += root.shard - units_saved + root.shard + world_size * root.shard
-        optimizer = None if optimizer is None else optimizer - at_rest
-        _shard_units(units, owners, world_size)
+        # Before the first unit the root's all-gather output is held too (FSDP2 frees a forward
+        # all-gather's output at the next unit's copy-out, to overlap them).
+        start += root.shard + root_gathered - root.full - units_saved + root_gathered
+        if optimizer is not None:
+            # The optimizer's temporaries (foreach AdamW's per-parameter intermediates) shrink
+            # with the shards they are computed from.
+            full = sum(p.trainable_full for p in owners.values())
+            shards = sum(p.trainable_shard for p in owners.values())
+            temporaries = max(optimizer - profile.static_bytes, 0)
+            optimizer = static + (temporaries * shards // full if full else temporaries)
+        _shard_units(units, owners, world_size, root_gathered)
         note = (
             f"per rank of {world_size} under FSDP2: parameters, gradients and optimizer state"
             f" sharded ({at_rest:,} bytes less at rest); each unit's parameters gathered while it"
@@ -203,25 +213,33 @@ def per_rank(profile: Profile, *, world_size: int, fsdp: bool = False) -> Profil
 
 
 def _shard_units(
-    units: list[UnitProfile], owners: dict[str, ParameterBytes], world_size: int
+    units: list[UnitProfile], owners: dict[str, ParameterBytes], world_size: int, root: int
 ) -> None:
-    """Add FSDP2's per-unit terms to the units' needs (in place; see the module docstring)."""
+    """Add FSDP2's per-unit terms to the units' needs (in place; see the module docstring).
+    ``root``: the root's gathered bytes."""
+    gathered_of = [world_size * owners[unit.fqn].shard for unit in units]  # padded, as gathered
     for j, unit in enumerate(units):
-        own = owners[unit.fqn]
-        gathering = own.shard + world_size * own.shard  # all-gather input and output buffers
+        gathered = gathered_of[j]
+        # Forward: the unit's gathered parameters and its all-gather output, held until the next
+        # unit's copy-out; while gathering, the previous one's output (the root's for the first).
+        previous = gathered_of[j - 1] if j > 0 else root
         for name in (
             "forward_need_keep_bytes",
             "forward_need_recompute_bytes",
             "forward_need_inner_bytes",
             "forward_excess_bytes",
         ):
-            setattr(unit, name, own.full + max(getattr(unit, name), gathering))
-        prefetched = owners[units[j - 1].fqn].full if j > 0 else 0
+            need = getattr(unit, name)
+            setattr(unit, name, max(need + 2 * gathered, previous + gathered))
+        prefetched = gathered_of[j - 1] if j > 0 else 0
         # Units after this one finished backward: their gradients are shards by now.
         done = sum(
             owners[u.fqn].trainable_full - owners[u.fqn].trainable_shard for u in units[j + 1 :]
         )
-        reduce_scatter = world_size * own.trainable_shard
+        # FSDP2 holds a reduce-scatter's input until the next one: during this unit's backward,
+        # that of the unit whose backward ran before it (the next unit; none for the last).
+        later = owners[units[j + 1].fqn].trainable_shard if j + 1 < len(units) else 0
+        reduce_scatter = world_size * later
         for name, extra in (
             ("backward_need_keep_bytes", reduce_scatter),
             ("backward_need_recompute_bytes", reduce_scatter),
@@ -229,4 +247,4 @@ def _shard_units(
         ):
             value = getattr(unit, name)
             if value is not None:
-                setattr(unit, name, value - done + own.full + prefetched + extra)
+                setattr(unit, name, value - done + gathered + prefetched + extra)
