@@ -9,9 +9,12 @@ on 8 ranks.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,8 @@ import torch.distributed as dist
 import remat
 from remat.integrations.distributed import broadcast_plan, fully_shard_units
 from remat.models.gpt import build
+from remat.models.spec import load_model
+from remat.profiling.step import make_optimizer, measure_step
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tests" / "integration" / "dist_scripts" / "train_check.py"
@@ -94,15 +99,23 @@ def test_documented_order_remat_compile_fully_shard(runs: dict) -> None:
     assert_matches_one_process(runs["fsdp_compile"], runs["reference"])
 
 
-@pytest.fixture
-def fake_world_of_8() -> object:
+@contextlib.contextmanager
+def fake_world(world_size: int) -> Iterator[None]:
+    """This process as rank 0 of ``world_size`` on the fake process group: collectives do nothing,
+    but FSDP2 shards, gathers and reduce-scatters buffers of the real sizes."""
     from torch.testing._internal.distributed.fake_pg import FakeStore  # private torch test API
 
-    dist.init_process_group("fake", rank=0, world_size=8, store=FakeStore())
+    dist.init_process_group("fake", rank=0, world_size=world_size, store=FakeStore())
     try:
         yield
     finally:
         dist.destroy_process_group()
+
+
+@pytest.fixture
+def fake_world_of_8() -> Iterator[None]:
+    with fake_world(8):
+        yield
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
@@ -176,3 +189,46 @@ def test_fully_shard_units_refuses_segments() -> None:
     # Checked before any process group is needed: a segment cannot replay under FSDP2.
     with pytest.raises(ValueError, match="segment"):
         fully_shard_units(model, units)
+
+
+FSDP_MODELS = {
+    "gpt": {"n_layer": 3, "d_model": 20, "n_head": 2, "vocab": 50, "seq": 8},
+    "unet": {"image_size": 16, "base_channels": 5, "depth": 2},
+}
+
+
+@pytest.mark.parametrize("name", sorted(FSDP_MODELS))
+def test_fsdp2_per_rank_peaks_match_measured_on_fake_ranks(name: str) -> None:
+    # A real FSDP2 step on CPU as rank 0 of 3 (fake collectives, real buffers; sizes that do not
+    # divide by 3 pad dim 0), measured by the tracker, against the per-rank prediction made from a
+    # one-process profile. On torch 2.13 they agree to the byte; the model must never be below.
+    with fake_world(3):
+        sizes = dict(FSDP_MODELS[name])
+        seq = sizes.pop("seq", None)
+        torch.manual_seed(0)
+        built = load_model(name, batch=2, seq=seq, overrides=sizes)
+        ranked = remat.profile(
+            built.model,
+            built.example_inputs,
+            loss_fn=built.loss_fn,
+            optimizer="adamw",
+            repeats=0,
+            world_size=3,
+            fsdp=True,
+        )
+        for strategy in ("none", "every_n:2"):  # all kept; kept and recomputed units
+            plan = remat.baseline_plan(strategy, ranked.unit_fqns)
+            model = copy.deepcopy(built.model)
+            remat.apply_(model, plan)
+            fully_shard_units(model, ranked.unit_fqns)
+            opt = make_optimizer("adamw", model)
+            measured = measure_step(
+                model, built.example_inputs, loss_fn=built.loss_fn, optimizer=opt
+            )
+            predicted = remat.simulate(ranked, plan).peak_bytes
+            assert measured.peak_bytes <= predicted <= 1.01 * measured.peak_bytes, (
+                name,
+                strategy,
+                predicted,
+                measured.peak_bytes,
+            )
