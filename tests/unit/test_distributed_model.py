@@ -78,22 +78,26 @@ def test_fsdp_unit_terms() -> None:
     prof = profile_with_parameters("sgd")
     fsdp = per_rank(prof, world_size=4, fsdp=True)
     one, four = prof.units, fsdp.units
-    # Forward: the unit's gathered 300 B on top of the larger of its need and the all-gather
-    # buffers (input 80 B and output 4 * 80 B).
-    assert four[0].forward_need_keep_bytes == 300 + max(one[0].forward_need_keep_bytes, 400)
-    # Backward of b.1: gathered b.1 and prefetched b.0 (300 each), reduce-scatter input 4 * 80,
-    # and b.2, b.3 finished: their gradients are shards (220 B less each).
-    assert four[1].backward_need_keep_bytes == one[1].backward_need_keep_bytes + 600 + 320 - 440
-    # The last unit's backward runs first: nothing finished, its predecessor prefetched.
-    assert four[3].backward_need_keep_bytes == one[3].backward_need_keep_bytes + 600 + 320
-    # Base: the units' parameters are shards; the root's are gathered on top of its shards.
-    assert fsdp.base_bytes == prof.base_bytes - 4 * (300 - 80) + 138
-    # Before the first unit: the same, plus the root's all-gather buffers (138 + 4 * 138).
-    assert fsdp.start_peak_bytes == prof.start_peak_bytes - 4 * (300 - 80) + 138 + 5 * 138
+    # Gathered: 4 shards of 80 B = 320 B (padded, 300 B unpadded); the root: 4 * 138 = 552 B.
+    # Forward: gathered parameters and the all-gather output held (2 * 320), or while gathering,
+    # the previous unit's output and its own (the root's for the first unit).
+    assert four[0].forward_need_keep_bytes == max(one[0].forward_need_keep_bytes + 640, 552 + 320)
+    assert four[1].forward_need_keep_bytes == max(one[1].forward_need_keep_bytes + 640, 640)
+    # Backward of b.1: gathered b.1, b.0's all-gather output prefetched (320 each), b.2's
+    # reduce-scatter input still held (4 * 80), and b.2, b.3 finished: their gradients are shards
+    # (220 B less each).
+    assert four[1].backward_need_keep_bytes == one[1].backward_need_keep_bytes + 640 + 320 - 440
+    # The last unit's backward runs first: no reduce-scatter before it, nothing finished.
+    assert four[3].backward_need_keep_bytes == one[3].backward_need_keep_bytes + 640
+    # The first unit's backward runs last: nothing left to prefetch.
+    assert four[0].backward_need_keep_bytes == one[0].backward_need_keep_bytes + 320 + 320 - 660
+    # Base: the units' parameters are shards; the root's are gathered (padded) on top of its
+    # shards, instead of whole.
+    assert fsdp.base_bytes == prof.base_bytes - 4 * (300 - 80) + 138 + 552 - 528
+    # Before the first unit, the root's all-gather output is held as well.
+    assert fsdp.start_peak_bytes == prof.start_peak_bytes - 4 * (300 - 80) + 138 + 552 - 528 + 552
     assert fsdp.peak_bytes == simulate(fsdp, Plan()).peak_bytes
-    assert (
-        fsdp.full_peak_bytes == simulate(fsdp, Plan(actions={"_default": "recompute"})).peak_bytes
-    )
+    assert fsdp.full_peak_bytes == simulate(fsdp, Plan(actions={"_default": "recompute"})).peak_bytes
 
 
 def test_fsdp_plans_have_no_segments() -> None:

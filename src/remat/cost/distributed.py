@@ -3,30 +3,33 @@ of ``world_size`` ranks holds under DDP or FSDP2. Imports no torch.
 
 The activations of a rank are those of its own batch (profile with the per-rank batch); what changes
 with the ranks is static memory and what the data-parallel engine adds around each unit. The model,
-term by term (``docs/distributed.md`` says the same with the reasons):
+term by term, with ``S`` a rank's shard of a unit's parameters and ``G = N * S`` the unit gathered
+(``docs/distributed.md`` says the same with the reasons):
 
 FSDP2 (``fully_shard`` on each unit, then on the root; ``reshard_after_forward=True``):
 
-- At rest (``static_bytes``, the optimizer step): every parameter, gradient and optimizer state is
-  a shard: dim 0 split over the ranks and padded, ``ceil(dim0 / N)`` rows of each (FSDP2's
-  ``Shard(0)``). Buffers and inputs are not sharded.
-- Forward and backward: the root's own parameters (outside units: embeddings, head) stay gathered
-  from the root's forward to the end of backward (FSDP2 does not reshard the root after forward),
-  on top of their shards; each unit's parameters are gathered only while it runs. Gathering the
-  root's adds its all-gather buffers to the moments before the first unit.
-- A unit's forward: its gathered parameters, and while gathering, the all-gather's input and
-  output buffers (``S`` and ``N * S``).
-- A unit's backward: its gathered parameters, the next unit to run backward's (FSDP2 prefetches one
-  all-gather in backward), its full gradients (as in one process) plus the reduce-scatter input
-  (``N`` shards of them); the gradients of the units whose backward finished are shards.
+- At rest (``static_bytes``): every parameter, gradient and optimizer state is a shard: dim 0 split
+  over the ranks and padded, ``ceil(dim0 / N)`` rows of each (FSDP2's ``Shard(0)``). Buffers and
+  inputs are not sharded. The optimizer step's temporaries shrink in the same proportion; what the
+  caller still holds then (the output, the loss) does not.
+- Gathered parameters keep the padding: ``G`` bytes. The root's own parameters (outside units:
+  embeddings, head) stay gathered, on top of their shards, from the root's forward to the end of
+  backward (FSDP2 does not reshard the root after forward).
+- A unit's forward: its gathered parameters and its all-gather output (``2 G``), since FSDP2 keeps
+  a forward all-gather's output until the next unit's copy-out; while gathering, the previous
+  unit's output (the root's for the first unit) with its own.
+- A unit's backward: its gathered parameters, the all-gather output of the unit prefetched for the
+  next backward (FSDP2 prefetches one), the reduce-scatter input of the unit whose backward ran
+  before it (FSDP2 keeps it until the next reduce-scatter); the gradients of the units whose
+  backward finished are shards.
 
 DDP: every rank holds full parameters, gradients and optimizer state, plus the gradient buckets that
 all-reduce them: with ``gradient_as_bucket_view=False`` (the default) the buckets hold every
 gradient a second time, from DDP's construction on.
 
-The byte figures that only shift (static, base, fixed, the needs) are exact under these assumptions;
-the transients are placed at the unit's worst moment, so the model is conservative by at most the
-buffers of one unit. ``peak_bytes`` and ``full_peak_bytes`` become the simulator's predictions.
+The FSDP2 terms were fitted to, and are tested against, steps measured by the tracker on ranks of
+the fake process group (tests/integration/test_distributed.py); ``peak_bytes`` and
+``full_peak_bytes`` of a per-rank profile are the simulator's predictions.
 """
 
 from __future__ import annotations
@@ -175,18 +178,21 @@ def per_rank(profile: Profile, *, world_size: int, fsdp: bool = False) -> Profil
         # Gathered parameters keep FSDP2's padding: N shards each.
         root_gathered = world_size * root.shard
         base = profile.base_bytes - units_saved + root.shard + root_gathered - root.full
-        # Before the first unit: the root's all-gather buffers (input and output), placed at the
-        # interval's worst moment like the units' (see _shard_units).
         # Before the first unit the root's all-gather output is held too (FSDP2 frees a forward
         # all-gather's output at the next unit's copy-out, to overlap them).
         start += root.shard + root_gathered - root.full - units_saved + root_gathered
         if optimizer is not None:
-            # The optimizer's temporaries (foreach AdamW's per-parameter intermediates) shrink
-            # with the shards they are computed from.
+            # Beyond static memory, the optimizer step holds what the caller still holds (the
+            # output, the loss: not sharded) and its temporaries (foreach AdamW's per-parameter
+            # intermediates), which shrink with the shards they are computed from.
             full = sum(p.trainable_full for p in owners.values())
             shards = sum(p.trainable_shard for p in owners.values())
-            temporaries = max(optimizer - profile.static_bytes, 0)
-            optimizer = static + (temporaries * shards // full if full else temporaries)
+            held = 0
+            if profile.optimizer_start_bytes is not None:  # states are made in the first step
+                before_states = profile.static_bytes - states * full
+                held = max(profile.optimizer_start_bytes - before_states, 0)
+            temporaries = max(optimizer - profile.static_bytes - held, 0)
+            optimizer = static + held + (-(-temporaries * shards // full) if full else temporaries)
         _shard_units(units, owners, world_size, root_gathered)
         note = (
             f"per rank of {world_size} under FSDP2: parameters, gradients and optimizer state"

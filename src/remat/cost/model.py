@@ -150,6 +150,8 @@ class Profile:
     """Peak before the first unit's forward (part of ``fixed_peak_bytes``)."""
     optimizer_peak_bytes: int | None = None
     """Peak of the optimizer step (part of ``fixed_peak_bytes``)."""
+    optimizer_start_bytes: int | None = None
+    """Live total when the optimizer step starts (its states not created yet: first step)."""
 
     @property
     def unit_fqns(self) -> list[str]:

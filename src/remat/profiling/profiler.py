@@ -340,7 +340,8 @@ def profile(
         m.peak_bytes for x in "KRS" for m in runs[x][1] if m.label[0] in ("start", "optimizer")
     )
     start_peak = max(m.peak_bytes for x in "KRS" for m in runs[x][1] if m.label[0] == "start")
-    optimizer_peaks = [m.peak_bytes for x in "KRS" for m in runs[x][1] if m.label[0] == "optimizer"]
+    optimizer_marks = [m for x in "KRS" for m in runs[x][1] if m.label[0] == "optimizer"]
+    optimizer_mark = max(optimizer_marks, key=lambda m: m.peak_bytes, default=None)
     base = K[("forward", 0)].start_bytes
 
     def starts(run: dict[tuple[str, int], Mark]) -> list[int]:
@@ -443,7 +444,8 @@ def profile(
         notes=notes,
         parameters=_parameters(model, unit_fqns),
         start_peak_bytes=start_peak,
-        optimizer_peak_bytes=max(optimizer_peaks) if optimizer_peaks else None,
+        optimizer_peak_bytes=optimizer_mark.peak_bytes if optimizer_mark else None,
+        optimizer_start_bytes=optimizer_mark.start_bytes if optimizer_mark else None,
     )
     return per_rank(result, world_size=world_size, fsdp=fsdp)
 
