@@ -97,7 +97,9 @@ def test_fsdp_unit_terms() -> None:
     # Before the first unit, the root's all-gather output is held as well.
     assert fsdp.start_peak_bytes == prof.start_peak_bytes - 4 * (300 - 80) + 138 + 552 - 528 + 552
     assert fsdp.peak_bytes == simulate(fsdp, Plan()).peak_bytes
-    assert fsdp.full_peak_bytes == simulate(fsdp, Plan(actions={"_default": "recompute"})).peak_bytes
+    assert (
+        fsdp.full_peak_bytes == simulate(fsdp, Plan(actions={"_default": "recompute"})).peak_bytes
+    )
 
 
 def test_fsdp_plans_have_no_segments() -> None:

@@ -30,33 +30,33 @@ def compile_units_(
 ) -> list[str]:
     """``torch.compile`` each unit of ``model`` in place, around or inside remat's wrapper.
 
-    Call it after :func:`remat.apply_` and before ``fully_shard`` / DDP. Removing the plan
-    (``handle.remove()``) restores the units' uncompiled ``forward``; units the plan kept stay
-    compiled (``module.compile()``).
+        Call it after :func:`remat.apply_` and before ``fully_shard`` / DDP. Removing the plan
+        (``handle.remove()``) restores the units' uncompiled ``forward``; units the plan kept stay
+        compiled (``module.compile()``).
 
-    Args:
-        model: the model, with its plan applied (or none: then every unit is ``module.compile()``-d).
-        units: unit FQNs, or anything with a ``units`` list (a :class:`remat.Plan`, a
-            :class:`remat.Handle`).
-        compile_kwargs: passed to ``torch.compile`` (``backend``, ``mode``, ``dynamic``, ...).
+        Args:
+            model: the model, with its plan applied (or none: then every unit is ``module.compile()``-d).
+            units: unit FQNs, or anything with a ``units`` list (a :class:`remat.Plan`, a
+                :class:`remat.Handle`).
+            compile_kwargs: passed to ``torch.compile`` (``backend``, ``mode``, ``dynamic``, ...).
 
-    Returns:
-        The FQNs compiled inside remat's wrapper (the recomputed units).
+        Returns:
+            The FQNs compiled inside remat's wrapper (the recomputed units).
 
-    Raises:
-        ValueError: a unit is not a module of the model, or a planned unit was already compiled
-            with ``module.compile()`` (its replay would not run the compiled graph).
+        Raises:
+            ValueError: a unit is not a module of the model, or a planned unit was already compiled
+                with ``module.compile()`` (its replay would not run the compiled graph).
 
-    Example:
-        >>> import torch, remat
-        >>> from torch import nn
+        Example:
+            >>> import torch, remat
+            >>> from torch import nn
 
-from remat import _compat
-        >>> model = nn.Sequential(*[nn.Sequential(nn.Linear(4, 4), nn.Tanh()) for _ in range(2)])
-        >>> handle = remat.apply_(model, remat.Plan(actions={"0": "recompute"}))
-        >>> compile_units_(model, handle, backend="eager")
-        ['0']
-        >>> model(torch.randn(3, 4, requires_grad=True)).sum().backward()
+    from remat import _compat
+            >>> model = nn.Sequential(*[nn.Sequential(nn.Linear(4, 4), nn.Tanh()) for _ in range(2)])
+            >>> handle = remat.apply_(model, remat.Plan(actions={"0": "recompute"}))
+            >>> compile_units_(model, handle, backend="eager")
+            ['0']
+            >>> model(torch.randn(3, 4, requires_grad=True)).sum().backward()
     """
     names = getattr(units, "units", units)
     if names is None:
