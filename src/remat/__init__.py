@@ -8,6 +8,7 @@ does not initialise CUDA.
 
 from remat import fit
 from remat.apply import Handle, apply_, execution_order, find_units, fingerprint
+from remat.apply.compile import compile_units_
 from remat.auto import InfeasibleBudgetError, auto_
 from remat.cost import Profile, UnitProfile, simulate
 from remat.plan import Action, Plan
@@ -31,6 +32,7 @@ __all__ = [
     "apply_",
     "auto_",
     "baseline_plan",
+    "compile_units_",
     "execution_order",
     "find_units",
     "fingerprint",

@@ -25,7 +25,10 @@ __all__ = [
     "global_forward_hook_count",
     "in_backward",
     "is_fake_tensor",
+    "is_module_compiled",
+    "local_tensor",
     "no_dispatch_modes",
+    "on_storage_resize",
     "op_is_view",
     "op_writes_inputs",
     "tensor_version",
@@ -114,3 +117,59 @@ def function_modes() -> list[Any]:
     from torch.overrides import _get_current_function_mode_stack
 
     return list(_get_current_function_mode_stack())
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The rank's own part of a ``DTensor`` (FSDP2's sharded parameters and gradients), else the
+    tensor itself: memory is accounted by the storage the rank holds.
+
+    ``DTensor._local_tensor`` is a private attribute; the public ``to_local()`` returns a new view
+    with autograd attached, which a dispatch-mode tracker must not create for every op.
+    """
+    local = getattr(tensor, "_local_tensor", None)
+    return local if isinstance(local, torch.Tensor) else tensor
+
+
+def is_module_compiled(module: torch.nn.Module) -> bool:
+    """Whether ``module.compile()`` was called on it: ``nn.Module.compile`` stores the compiled
+    ``_call_impl`` in the private attribute ``_compiled_call_impl`` (``None`` otherwise)."""
+    return getattr(module, "_compiled_call_impl", None) is not None
+
+
+_RESIZE_CALLBACKS: list[Callable[[torch.UntypedStorage], None]] = []
+_ORIGINAL_RESIZE: list[Any] = []
+
+
+class _ResizeHandle:
+    def __init__(self, callback: Callable[[torch.UntypedStorage], None]) -> None:
+        self.callback = callback
+
+    def remove(self) -> None:
+        if self.callback in _RESIZE_CALLBACKS:
+            _RESIZE_CALLBACKS.remove(self.callback)
+        if not _RESIZE_CALLBACKS and _ORIGINAL_RESIZE:
+            torch.UntypedStorage.resize_ = _ORIGINAL_RESIZE.pop()  # type: ignore[method-assign]
+
+
+def on_storage_resize(callback: Callable[[torch.UntypedStorage], None]) -> _ResizeHandle:
+    """Call ``callback(storage)`` after every ``UntypedStorage.resize_`` until the handle's
+    ``remove()``.
+
+    FSDP2 frees a unit's gathered parameters and allocates them again by resizing their storage
+    (``free_storage`` / ``alloc_storage`` in ``torch.distributed.fsdp._fully_shard._fsdp_param``),
+    a call that no dispatch mode sees. torch offers no hook for it, so the Python method
+    ``UntypedStorage.resize_`` is wrapped while a callback is registered and restored after.
+    """
+    if not _ORIGINAL_RESIZE:
+        original = torch.UntypedStorage.resize_
+        _ORIGINAL_RESIZE.append(original)
+
+        def resize_(self: torch.UntypedStorage, size: int) -> Any:
+            result = original(self, size)
+            for registered in list(_RESIZE_CALLBACKS):
+                registered(self)
+            return result
+
+        torch.UntypedStorage.resize_ = resize_  # type: ignore[method-assign]
+    _RESIZE_CALLBACKS.append(callback)
+    return _ResizeHandle(callback)

@@ -172,3 +172,23 @@ def test_cli_reference_matches_help(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (ROOT / "docs" / "cli.md").read_text() == expected, (
         "docs/cli.md is stale: run .venv/bin/python scripts/gen_cli_docs.py and commit it"
     )
+
+
+def test_plan_per_rank_under_fsdp(capsys: pytest.CaptureFixture[str]) -> None:
+    one = run_json(capsys, "plan", "gpt", *TINY_GPT, "--budget", "min", "--no-measure")
+    ranked = run_json(
+        capsys, "plan", "gpt", *TINY_GPT, "--budget", "min", "--world-size", "4", "--fsdp"
+    )
+    assert (ranked["world_size"], ranked["fsdp"], one["world_size"], one["fsdp"]) == (
+        4,
+        True,
+        1,
+        False,
+    )
+    assert ranked["static_bytes"] < one["static_bytes"] / 3  # sharded over 4 ranks
+    assert ranked["measured_peak_bytes"] is None  # one process cannot measure a rank
+    assert not any(a.startswith("segment") for a in ranked["plan"]["actions"].values())
+    for wrong in (["--strategy", "sqrt_n", "--fsdp"], ["--budget", "60%", "--world-size", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["plan", "gpt", *TINY_GPT, *wrong])
+        assert exit_info.value.code == 2

@@ -61,6 +61,20 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="skip the closed loop that measures the chosen plan's peak",
     )
+    parser.add_argument(
+        "--world-size",
+        type=int,
+        default=1,
+        metavar="N",
+        help="plan for one of N data-parallel ranks (torchrun); the model's inputs are one"
+        " rank's batch. Peaks are then predicted per rank and not measured (default: 1)",
+    )
+    parser.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="the ranks shard parameters, gradients and optimizer state with FSDP2 (fully_shard"
+        " per unit); without it, DDP replicas (see docs/distributed.md)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     add_estimate_arguments(parser)
     parser.set_defaults(func=run)
@@ -92,6 +106,14 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"{error}, or auto") from None
     elif budget is None:
         raise UsageError("--budget is required with --strategy auto (e.g. --budget 60%)")
+    if args.world_size < 1:
+        raise UsageError(f"--world-size: got {args.world_size}; expected an integer >= 1")
+    if args.fsdp and args.strategy.startswith("sqrt_n"):
+        raise UsageError(
+            "--fsdp with --strategy sqrt_n: its segments cannot replay under FSDP2 (a segment's"
+            " earlier units have sharded parameters then); use auto, full or every_n:K"
+        )
+    distributed = args.world_size > 1 or args.fsdp
     actions = None
     if args.actions is not None:
         actions = [a.strip() for a in args.actions.split(",") if a.strip()]
@@ -116,9 +138,12 @@ def run(args: argparse.Namespace) -> int:
         units=units,
         progress=None if args.json else _progress,
         options=options,
+        world_size=args.world_size,
+        fsdp=args.fsdp,
     )
     solver_actions = actions if actions is not None else list(ACTIONS)
-    measure = not args.no_measure
+    # The closed loop measures this one process, not a rank of a sharded or replicated run.
+    measure = not args.no_measure and not distributed
     if args.strategy == "auto":
         if measure:
             result = solve_measured(
@@ -197,6 +222,8 @@ def run(args: argparse.Namespace) -> int:
         "min_peak_bytes": min_peak,
         "unplanned_peak_bytes": prof.peak_bytes,
         "static_bytes": prof.static_bytes,
+        "world_size": prof.world_size,
+        "fsdp": prof.fsdp,
         "peak_at": where,
         "plan": plan.to_dict(),
         "out": args.out,
@@ -220,6 +247,9 @@ def _print_human(payload: dict[str, Any], prof: Any, plan: Any) -> None:
         f" {format_bytes(payload['unplanned_peak_bytes'])}, static"
         f" {format_bytes(payload['static_bytes'])}"
     )
+    if prof.world_size > 1 or prof.fsdp:
+        engine = "FSDP2" if prof.fsdp else "DDP"
+        print(f"per rank of {prof.world_size} under {engine} (predicted; not measured)")
     if payload["budget_bytes"] is not None:
         print(
             f"budget {payload['budget']} -> {payload['budget_bytes']:,} bytes"

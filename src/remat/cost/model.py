@@ -191,6 +191,19 @@ class Profile:
     kernels: list[str] = field(default_factory=list)
     """Estimate mode: the device-dependent kernels assumed for the target (attention, dropout,
     optimizer path); empty for measured profiles."""
+    world_size: int = 1
+    """Ranks the figures are per rank for (1: one process; see :mod:`remat.cost.distributed`)."""
+    fsdp: bool = False
+    """Whether parameters, gradients and optimizer state are sharded (FSDP2) across the ranks."""
+    parameters: list[dict[str, Any]] = field(default_factory=list)
+    """Per parameter (counted once): ``owner`` (the unit FQN, ``""`` outside units), ``dim0``,
+    ``row_bytes`` (bytes per index of dim 0) and ``trainable``: what sharding needs."""
+    start_peak_bytes: int | None = None
+    """Peak before the first unit's forward (part of ``fixed_peak_bytes``)."""
+    optimizer_peak_bytes: int | None = None
+    """Peak of the optimizer step (part of ``fixed_peak_bytes``)."""
+    optimizer_start_bytes: int | None = None
+    """Live total when the optimizer step starts (its states not created yet: first step)."""
 
     @property
     def unit_fqns(self) -> list[str]:

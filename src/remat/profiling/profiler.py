@@ -26,6 +26,7 @@ from remat._compat import in_backward
 from remat.apply.apply import apply_, fingerprint
 from remat.apply.selective import op_name
 from remat.apply.units import UnitSpec, call_model, execution_order, find_units, tensors_in
+from remat.cost.distributed import per_rank
 from remat.cost.model import OptionProfile, Profile, UnitProfile
 from remat.plan import Action, Plan
 from remat.profiling.options import (
@@ -272,6 +273,8 @@ def profile(
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
     attention: str = "auto",
+    world_size: int = 1,
+    fsdp: bool = False,
 ) -> Profile:
     """Measure a model's training step for the planner, or estimate it for a target device.
 
@@ -293,6 +296,10 @@ def profile(
             ``meta`` for ``device`` (a name from :mod:`remat.devices`) in ``dtype``, modelling the
             target's kernels, with times from a roofline (see :mod:`remat.profiling.estimate`).
         device, dtype, attention: the target, for ``mode="estimate"`` only.
+        world_size, fsdp: plan for one of ``world_size`` data-parallel ranks, under DDP
+            (``fsdp=False``) or FSDP2 (``fsdp=True``: parameters, gradients and optimizer state
+            sharded). ``example_inputs`` is then one rank's batch; the step is measured in this
+            process and the figures are made per rank by :func:`remat.cost.distributed.per_rank`.
 
     Returns:
         A :class:`~remat.cost.model.Profile`; units are in execution order.
@@ -342,6 +349,11 @@ def profile(
         )
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer: got {optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(
+            f"world_size: got {world_size!r}; expected an integer >= 1 (the number of"
+            " data-parallel ranks)"
+        )
     loss_fn = loss_fn or default_loss
     option_actions = _option_actions(options, next((p.device for p in model.parameters()), None))
     unit_fqns = execution_order(model, find_units(model, units), example_inputs)
@@ -409,6 +421,9 @@ def profile(
     fixed = max(
         m.peak_bytes for x in "KRS" for m in runs[x][1] if m.label[0] in ("start", "optimizer")
     )
+    start_peak = max(m.peak_bytes for x in "KRS" for m in runs[x][1] if m.label[0] == "start")
+    optimizer_marks = [m for x in "KRS" for m in runs[x][1] if m.label[0] == "optimizer"]
+    optimizer_mark = max(optimizer_marks, key=lambda m: m.peak_bytes, default=None)
     base = K[("forward", 0)].start_bytes
 
     def starts(run: dict[tuple[str, int], Mark]) -> list[int]:
@@ -525,7 +540,7 @@ def profile(
     for unit in units_out:
         unit.options = _pareto_options(unit, time_source, auto_actions)
     static_bytes = _static_bytes(model, example_inputs, optimizer)
-    return Profile(
+    result = Profile(
         units=units_out,
         static_bytes=static_bytes,
         base_bytes=base,
@@ -543,7 +558,26 @@ def profile(
         fingerprint=fingerprint(model, unit_fqns),
         cross_unit=cross,
         notes=notes,
+        parameters=_parameters(model, unit_fqns),
+        start_peak_bytes=start_peak,
+        optimizer_peak_bytes=optimizer_mark.peak_bytes if optimizer_mark else None,
+        optimizer_start_bytes=optimizer_mark.start_bytes if optimizer_mark else None,
     )
+    return per_rank(result, world_size=world_size, fsdp=fsdp)
+
+
+def _parameters(model: nn.Module, unit_fqns: list[str]) -> list[dict[str, Any]]:
+    """Each parameter once: its owner unit (``""`` outside units), dim 0 and bytes per row of it,
+    and whether it trains: what :func:`remat.cost.distributed.per_rank` shards."""
+    found = []
+    for name, param in model.named_parameters():
+        owner = next((u for u in unit_fqns if name.startswith(u + ".")), "")
+        dim0 = param.shape[0] if param.dim() > 0 else 1
+        row_bytes = param.numel() // dim0 * param.element_size() if dim0 else 0
+        found.append(
+            {"owner": owner, "dim0": dim0, "row_bytes": row_bytes, "trainable": param.requires_grad}
+        )
+    return found
 
 
 _DEFAULT_OPTIONS = ("selective:save_matmuls", "selective:megatron", "selective:auto")

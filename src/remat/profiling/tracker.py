@@ -277,6 +277,7 @@ class MemoryTracker(TorchDispatchMode):
             nn_module.register_module_forward_hook(self._on_forward_post),
             register_optimizer_step_pre_hook(self._on_optimizer_pre),
             register_optimizer_step_post_hook(self._on_optimizer_post),
+            _compat.on_storage_resize(self._on_resize),
         ]
         super().__enter__()
         return self
@@ -323,6 +324,7 @@ class MemoryTracker(TorchDispatchMode):
     def _storage(self, tensor: torch.Tensor) -> torch.UntypedStorage | None:
         if self._device_type is not None and tensor.device.type != self._device_type:
             return None
+        tensor = _compat.local_tensor(tensor)
         try:
             return tensor.untyped_storage()
         except (RuntimeError, NotImplementedError):  # sparse, nested: no single storage
@@ -377,6 +379,28 @@ class MemoryTracker(TorchDispatchMode):
         self.current_bytes -= info.nbytes
         if self._live.get(key) is info:
             del self._live[key]
+
+    def _on_resize(self, storage: torch.UntypedStorage) -> None:
+        """A storage resized outside any op (FSDP2 frees and re-allocates gathered parameters
+        so): the old size dies and the new one is born now, so the breakdown at the peak holds."""
+        key = id(storage)
+        info = self._live.get(key)
+        if not self._active or info is None:
+            return
+        size = self._size(storage)
+        if size == info.nbytes:
+            return
+        self._event += 1
+        info.died_at = self._event
+        self.current_bytes -= info.nbytes
+        fqn = self._current_fqn()
+        reborn = _Storage(size, info.device, 0, self._phase, self._segment, fqn, info.category)
+        self._event += 1
+        reborn.created_at = self._event
+        self._track(storage, reborn)
+        self.current_bytes += size
+        if size > info.nbytes:
+            self._on_growth(self._phase, fqn)
 
     # ---------------------------------------------------------------------------------- hooks
     def _name(self, module: torch.nn.Module) -> str:

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from remat.cost.distributed import per_rank
 from remat.cost.model import Block, BlockCost, Profile, block_cost, evaluate_blocks
 from remat.plan import Plan
 from remat.solve.budget import Budget
@@ -345,6 +346,8 @@ def solve(
     *,
     actions: Sequence[str] = ACTIONS,
     max_segment: int | None = None,
+    world_size: int | None = None,
+    fsdp: bool | None = None,
 ) -> SolveResult:
     """The plan with the least recompute cost whose predicted peak is within ``budget``.
 
@@ -356,6 +359,10 @@ def solve(
         max_segment: longest segment considered; default: all (exact) up to 64 units, else
             ``max(12, ceil(1.5 * sqrt(n)))`` (sqrt(n) is the optimal segment length for equal
             units), which keeps 96 units under a second.
+        world_size, fsdp: solve for one of ``world_size`` data-parallel ranks under DDP or FSDP2
+            (see :func:`remat.cost.distributed.per_rank`); default: the profile's own. Under FSDP2
+            plans use no segments: a unit's replay must run while FSDP2 has gathered its
+            parameters, which it does for one unit at a time.
 
     Returns:
         A :class:`SolveResult`; ``INFEASIBLE`` (never an exception) when no plan fits, with the
@@ -378,6 +385,14 @@ def solve(
         raise ValueError(
             f"actions: got {list(actions)}; expected a subset of {list(ACTIONS)} that includes keep"
         )
+    if world_size is not None or fsdp is not None:
+        profile = per_rank(
+            profile,
+            world_size=profile.world_size if world_size is None else world_size,
+            fsdp=profile.fsdp if fsdp is None else fsdp,
+        )
+    if profile.fsdp:
+        actions = [a for a in actions if a not in ("segment", "nested")]
     parsed = Budget.parse(budget)
     n = len(profile.units)
     exact = max_segment is None and n <= EXACT_UP_TO_UNITS
