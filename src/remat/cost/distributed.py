@@ -188,9 +188,8 @@ def per_rank(profile: Profile, *, world_size: int, fsdp: bool = False) -> Profil
             full = sum(p.trainable_full for p in owners.values())
             shards = sum(p.trainable_shard for p in owners.values())
             held = 0
-            if profile.optimizer_start_bytes is not None:  # states are made in the first step
-                before_states = profile.static_bytes - states * full
-                held = max(profile.optimizer_start_bytes - before_states, 0)
+            if profile.optimizer_start_bytes is not None:  # the states exist (steady state)
+                held = max(profile.optimizer_start_bytes - profile.static_bytes, 0)
             temporaries = max(optimizer - profile.static_bytes - held, 0)
             optimizer = static + held + (-(-temporaries * shards // full) if full else temporaries)
         _shard_units(units, owners, world_size, root_gathered)

@@ -27,6 +27,10 @@ def make_optimizer(name: str | torch.optim.Optimizer | None, model: nn.Module) -
     """``"adamw"`` (two states per parameter), ``"sgd"`` (none), ``"none"`` (no step), or an
     optimizer instance passed through.
 
+    AdamW's states are made now, zero, as its first step would make them: a measured step is then
+    any step of training, whose forward and backward run with the states alive (the first step's
+    peak would miss them), and the numbers computed are those of a first step all the same.
+
     Example:
         >>> type(make_optimizer("sgd", torch.nn.Linear(2, 2))).__name__
         'SGD'
@@ -41,12 +45,35 @@ def make_optimizer(name: str | torch.optim.Optimizer | None, model: nn.Module) -
         else {"foreach": target.optimizer_foreach}
     )
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=1e-3, **foreach)
+        opt = torch.optim.AdamW(params, lr=1e-3, **foreach)
+        _materialize_adamw_state(opt)
+        return opt
     if name == "sgd":
         return torch.optim.SGD(params, lr=1e-3, **foreach)
     if name == "none":
         return None
     raise ValueError(f"optimizer: got {name!r}; expected one of {', '.join(OPTIMIZERS)}")
+
+
+def _materialize_adamw_state(opt: torch.optim.Optimizer) -> None:
+    """Fill AdamW's per-parameter state as its first ``step`` would (``step`` 0, zero moments);
+    that step then finds the state and computes exactly what it computes from scratch."""
+    for group in opt.param_groups:
+        for param in group["params"]:
+            state = opt.state[param]
+            if state:
+                continue
+            state["step"] = (
+                torch.zeros((), dtype=torch.float32, device=param.device)
+                if group.get("capturable") or group.get("fused")
+                else torch.tensor(0.0, dtype=torch.float32)
+            )
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            if group.get("amsgrad"):
+                state["max_exp_avg_sq"] = torch.zeros_like(
+                    param, memory_format=torch.preserve_format
+                )
 
 
 def default_loss(output: Any) -> torch.Tensor:
