@@ -389,8 +389,9 @@ def test_default_gpt_full_saves_at_least_60_percent(default_gpt_meta: dict) -> N
     _check_categories(none)
     _check_categories(full)
     assert full.peak_bytes <= 0.4 * none.peak_bytes
-    # measured on torch 2.13: 805,990,408 vs 170,402,824 bytes (-78.9%)
-    assert 1 - full.peak_bytes / none.peak_bytes > 0.75
+    # measured on torch 2.13, AdamW states alive (steady state): 831,881,624 vs 225,654,168 bytes
+    # (-72.9%)
+    assert 1 - full.peak_bytes / none.peak_bytes > 0.7
     assert none.peak_phase == full.peak_phase == "backward"
     assert full.static_bytes == none.static_bytes
 
