@@ -1,0 +1,116 @@
+"""Selective recompute against whole-unit plans on the built-in GPT (issue 4's must-show).
+
+At 80%, 60% and 40% budgets: the solver's plan with every action (keep, recompute, segment, nested,
+selective) against its plan without selective options, predicted (from one profile) and measured
+(steps of the two plans interleaved, A B A B ..., medians; peaks from the tracker).
+
+    .venv/bin/python benchmarks/selective.py [--steps 7] [--out benchmarks/results/selective.json]
+
+Run it on a quiet machine: the step times are wall-clock medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import remat
+from remat.models import build_builtin
+from remat.profiling.step import make_optimizer, measure_step, preserved_state, training_step
+
+WITHOUT = ("keep", "recompute", "segment", "nested")
+WITH = (*WITHOUT, "selective")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=7, help="timed steps per plan (after warm-up)")
+    parser.add_argument("--budgets", default="80%,60%,40%")
+    parser.add_argument("--out", default="benchmarks/results/selective.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    log = logging.getLogger("selective")
+    torch.manual_seed(0)
+    built = build_builtin("gpt")
+    model, inputs = built.model, built.example_inputs
+    started = time.perf_counter()
+    prof = remat.profile(model, inputs, loss_fn=built.loss_fn, progress=log.info)
+    profile_s = time.perf_counter() - started
+    rows = []
+    for budget in args.budgets.split(","):
+        plans = {
+            "with selective": remat.solve(prof, budget, actions=WITH),
+            "without selective": remat.solve(prof, budget, actions=WITHOUT),
+        }
+        measured: dict[str, list[float]] = {name: [] for name in plans}
+        peaks = {}
+        for name, result in plans.items():
+            with remat.apply_(model, result.plan):
+                peaks[name] = measure_step(model, inputs, loss_fn=built.loss_fn).peak_bytes
+        with preserved_state(model):
+            optimizers = {name: make_optimizer("adamw", model) for name in plans}
+            for step in range(args.steps + 1):
+                for name, result in plans.items():
+                    with remat.apply_(model, result.plan):
+                        start = time.perf_counter()
+                        training_step(
+                            model, inputs, loss_fn=built.loss_fn, optimizer=optimizers[name]
+                        )
+                        elapsed_ms = (time.perf_counter() - start) * 1e3
+                    for param in model.parameters():
+                        param.grad = None
+                    if step > 0:  # the first round is warm-up
+                        measured[name].append(elapsed_ms)
+        for name, result in plans.items():
+            row = {
+                "budget": budget,
+                "solver": name,
+                "status": result.status,
+                "budget_bytes": result.budget_bytes,
+                "predicted_peak_bytes": result.predicted_peak_bytes,
+                "measured_peak_bytes": peaks[name],
+                "predicted_step_ms": result.predicted_step_ms,
+                "measured_step_ms": statistics.median(measured[name]),
+                "samples_ms": measured[name],
+                "actions": sorted({str(a) for a in result.plan.actions.values()}),
+            }
+            rows.append(row)
+            log.info(
+                "%s %-18s predicted %.0f ms, measured %.0f ms, peak %d (budget %d)",
+                budget,
+                name,
+                row["predicted_step_ms"] or 0,
+                row["measured_step_ms"],
+                peaks[name],
+                result.budget_bytes,
+            )
+    result = {
+        "format_version": 1,
+        "kind": "remat.benchmark.selective",
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "load_average": os.getloadavg()[0],
+        "torch_version": torch.__version__,
+        "model": "gpt (built-in defaults)",
+        "profile_s": profile_s,
+        "unplanned_step_ms": prof.step_ms,
+        "rows": rows,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    log.info("wrote %s", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
