@@ -2,12 +2,14 @@
 
 Measure what each unit of a model holds for backward (:func:`track_memory`, :func:`profile`),
 solve for the cheapest plan that fits a budget (:func:`solve`), install it in place
-(:func:`apply_`), renaming nothing and undoably, or do all three with :func:`auto_`. Importing remat
+(:func:`apply_`), renaming nothing and undoably, or do all three with :func:`auto_`; compare
+strategies side by side with :func:`bench`. Importing remat
 does not initialise CUDA.
 """
 
 from remat.apply import Handle, apply_, execution_order, find_units, fingerprint
 from remat.auto import InfeasibleBudgetError, auto_
+from remat.benchmarking import BenchResult, bench
 from remat.cost import Profile, UnitProfile, simulate
 from remat.plan import Action, Plan
 from remat.profiling import MemoryReport, ModuleStats, track_memory
@@ -17,6 +19,7 @@ from remat.verify import VerifyReport, verify
 
 __all__ = [
     "Action",
+    "BenchResult",
     "Budget",
     "Handle",
     "InfeasibleBudgetError",
@@ -30,6 +33,7 @@ __all__ = [
     "apply_",
     "auto_",
     "baseline_plan",
+    "bench",
     "execution_order",
     "find_units",
     "fingerprint",
