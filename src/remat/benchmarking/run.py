@@ -65,6 +65,7 @@ from remat.solve.solver import INFEASIBLE
 __all__ = [
     "DEFAULT_BUDGETS",
     "DEFAULT_COMPILE_FRACTIONS",
+    "DEFAULT_PEERS",
     "Step",
     "Timing",
     "bench",
@@ -77,7 +78,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_BUDGETS = ("80%", "60%", "50%", "40%", "25%", "min")
 DEFAULT_COMPILE_FRACTIONS = (1.0, 0.5, 0.1)
 """``activation_memory_budget`` values for ``--with-compile`` (1.0 is torch.compile's default)."""
-_PEERS = ("none", "full", "every_n:2", "every_n:3", "sqrt_n", "megatron", "save_matmuls")
+DEFAULT_PEERS = ("none", "full", "every_n:2", "every_n:3", "sqrt_n", "megatron", "save_matmuls")
 
 Clock = Callable[[], float]
 Progress = Callable[[str], None]
@@ -93,7 +94,7 @@ def default_strategies(device: str | torch.device = "cpu") -> list[str]:
         >>> default_strategies("cuda")[-1]
         'offload'
     """
-    peers = list(_PEERS)
+    peers = list(DEFAULT_PEERS)
     if torch.device(device).type == "cuda":
         peers.append("offload")
     return peers
