@@ -62,7 +62,7 @@ def _setting(result: BenchResult) -> str:
         f"{result.model} on {result.device} ({result.dtype}), optimizer {result.optimizer},"
         f" seed {result.seed}, torch {result.torch_version}; {result.warmup_steps} warm-up and"
         f" {result.steps} timed steps per strategy, interleaved, medians; {result.machine};"
-        f" {result.date}"
+        f" {result.date}" + (f"; load average {result.load_avg}" if result.load_avg else "")
     )
 
 

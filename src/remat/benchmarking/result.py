@@ -82,8 +82,8 @@ class StrategyResult:
     samples_ms: list[float] = field(default_factory=list)
     """Every timed step, in the order run."""
     loss: float | None = None
-    """The loss of the first timed step (every eager strategy starts from the same weights and
-    seed, so these agree)."""
+    """The loss of the strategy's first step (every step starts from the same weights and seed,
+    so the eager strategies' losses agree)."""
     solve_status: str | None = None
     same_as: str | None = None
     """An earlier strategy with exactly the same plan: measured once, reported under both names."""
@@ -271,12 +271,12 @@ def check_claims(rows: Sequence[StrategyResult], dominance: Sequence[Dominance])
         )
     )
 
-    judged = [d for d in dominance if d.reason != "peak not measured"]
+    judged = [d for d in dominance if d.reason not in ("peak not measured", "peer failed")]
     beaten = [d.peer for d in judged if not d.dominated]
     unjudged = [d.peer for d in dominance if d not in judged]
     detail = f"not dominated: {', '.join(beaten)}" if beaten else f"{len(judged)} peers dominated"
     if unjudged:
-        detail += f"; peak not measured, not judged: {', '.join(unjudged)}"
+        detail += f"; not judged (failed, or peak not measured): {', '.join(unjudged)}"
     claims.append(
         Claim(
             name="pareto",
@@ -391,9 +391,23 @@ class BenchResult:
     unplanned_peak_bytes: int | None = None
     """The ``none`` strategy's measured peak: the 100% of percentage budgets."""
     wall_s: float | None = None
+    cpu_count: int | None = None
+    load_avg: list[float] = field(default_factory=list)
+    """The machine's 1-minute load average before and after the timed rounds (Unix): above
+    ``cpu_count``, other processes competed for the cores and the step times are unreliable."""
     dominance: list[Dominance] = field(default_factory=list)
     claims: list[Claim] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def busy(self) -> bool:
+        """Whether the load average exceeded the cores while timing (see ``load_avg``).
+
+        Example:
+            >>> BenchResult(model="m", results=[], cpu_count=2, load_avg=[0.4, 3.1]).busy
+            True
+        """
+        return bool(self.cpu_count and self.load_avg and max(self.load_avg) > self.cpu_count)
 
     def row(self, strategy: str) -> StrategyResult:
         """The row of one strategy (``KeyError`` naming the strategies there are)."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import platform
 import statistics
 import time
@@ -210,6 +211,13 @@ def _default_peak(optimizer: str, loss_fn: LossFn | None) -> PeakFn:
         return measure_step(model, example_inputs, loss_fn=loss_fn, optimizer=optimizer).peak_bytes
 
     return peak
+
+
+def _load_avg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):  # not on Windows
+        return None
 
 
 def _machine() -> str:
@@ -458,6 +466,7 @@ def bench(
         return Step(run=run, before=before, after=after)
 
     runnable = [r.strategy for r in rows if r.status == "ok" and r.same_as is None]
+    load_avg = [_load_avg()]
     with preserved_state(model):
         initial = [t.detach().clone() for t in params]
         sync = torch.cuda.synchronize if device.type == "cuda" else None
@@ -469,6 +478,7 @@ def bench(
             synchronize=sync,
             progress=say,
         )
+    load_avg.append(_load_avg())
     for row in rows:
         source = row.same_as or row.strategy
         if source in timings:
@@ -503,6 +513,15 @@ def bench(
         notes=notes,
     )
     result.wall_s = time.perf_counter() - started
+    affinity = getattr(os, "sched_getaffinity", None)  # the cores this process may use (Linux)
+    result.cpu_count = len(affinity(0)) if affinity is not None else os.cpu_count()
+    result.load_avg = [v for v in load_avg if v is not None]
+    if result.busy:
+        result.notes.append(
+            f"the machine was busy while timing (load average {max(result.load_avg):.1f} on"
+            f" {result.cpu_count} cores): step times and overheads are unreliable; run again on a"
+            " quiet machine"
+        )
     return result
 
 
@@ -525,7 +544,12 @@ def _allocator_peak(
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
-            training_step(compiled or model, example_inputs, loss_fn=loss_fn, optimizer=opt)
+            training_step(
+                model if compiled is None else compiled,
+                example_inputs,
+                loss_fn=loss_fn,
+                optimizer=opt,
+            )
             if not cuda:
                 return None
             torch.cuda.synchronize()
