@@ -89,10 +89,11 @@ def compile_with_activation_budget(model: torch.nn.Module, fraction: float) -> t
     """
     import types
 
-    import torch._functorch.config as functorch_config
-    from torch._inductor.compile_fx import compile_fx
-
     def backend(graph: Any, example_inputs: Any) -> Any:
+        # imported here: inductor takes seconds to import, and only compiling needs it
+        import torch._functorch.config as functorch_config
+        from torch._inductor.compile_fx import compile_fx
+
         with functorch_config.patch(activation_memory_budget=fraction):
             return compile_fx(graph, example_inputs)
 

@@ -284,3 +284,17 @@ def test_bench_refuses_bad_arguments() -> None:
         remat.bench(model, inputs, steps=0)
     with pytest.raises(ValueError, match="budget"):
         remat.bench(model, inputs, budgets=["lots"])
+
+
+def test_compiled_models_at_different_budgets_do_not_share_a_cache_entry() -> None:
+    """Dynamo caches compiled graphs per code object, with no guard on the functorch config: two
+    compiles of one model must start from different code objects, or the second fraction would
+    silently reuse the first one's graph. Nothing is compiled here (that takes seconds)."""
+    from remat import _compat
+
+    model, _ = tiny_model()
+    first = _compat.compile_with_activation_budget(model, 1.0)
+    second = _compat.compile_with_activation_budget(model, 0.0)
+    codes = {m._orig_mod.forward.__code__ for m in (first, second)}  # type: ignore[union-attr]
+    assert len(codes) == 2
+    assert [p.data_ptr() for p in first.parameters()] == [p.data_ptr() for p in model.parameters()]
