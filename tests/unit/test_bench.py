@@ -298,3 +298,28 @@ def test_compiled_models_at_different_budgets_do_not_share_a_cache_entry() -> No
     codes = {m._orig_mod.forward.__code__ for m in (first, second)}  # type: ignore[union-attr]
     assert len(codes) == 2
     assert [p.data_ptr() for p in first.parameters()] == [p.data_ptr() for p in model.parameters()]
+
+
+def test_a_peer_that_fails_is_reported_not_fatal() -> None:
+    model, inputs = tiny_model()
+
+    def peak(m: nn.Module, _inputs: object) -> int:
+        if any("forward" in child.__dict__ for child in m.children()):
+            raise RuntimeError("this policy does not apply here")
+        return 10**9
+
+    result = remat.bench(
+        model,
+        inputs,
+        strategies=["full"],
+        budgets=[],
+        steps=1,
+        optimizer="sgd",
+        measure_peak=peak,
+        clock=itertools.count().__next__,  # every step takes 1 s
+    )
+    full = result.row("full")
+    assert full.status == "failed" and "does not apply" in full.notes[0]
+    assert full.samples_ms == [] and result.row("none").samples_ms == [1000.0]
+    pareto = next(c for c in result.claims if c.name == "pareto")
+    assert "full" in pareto.detail and pareto.status == "pass"

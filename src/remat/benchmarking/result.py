@@ -213,7 +213,7 @@ def check_dominance(
                 Dominance(
                     peer=peer.strategy,
                     dominated_by=best.strategy,
-                    margin=best.step_ms / peer.step_ms - 1,
+                    margin=best.step_ms / peer.step_ms - 1 if peer.step_ms > 0 else 0.0,
                 )
             )
             continue
@@ -225,7 +225,7 @@ def check_dominance(
             assert fastest.step_ms is not None
             reason = (
                 f"the fastest remat plan within its peak, {fastest.strategy}, takes"
-                f" {fastest.step_ms / peer.step_ms - 1:+.1%} time"
+                f" {fastest.step_ms / max(peer.step_ms, 1e-9) - 1:+.1%} time"
             )
         else:
             reason = "no remat plan reaches its peak"

@@ -347,8 +347,18 @@ def bench(
         if row.same_as is not None:
             continue
         say(f"bench: measuring the peak of {row.strategy}")
-        with apply_(model, plans[row.strategy]):
-            row.peak_bytes = measure(model, example_inputs)
+        try:
+            with apply_(model, plans[row.strategy]):
+                row.peak_bytes = measure(model, example_inputs)
+        except (ValueError, RuntimeError, NotImplementedError) as error:
+            if row.strategy == "none":
+                raise  # nothing to compare with
+            # e.g. a selective policy that does not apply to this model: reported, not fatal
+            row.status = "failed"
+            row.notes.append(f"{type(error).__name__}: {error}")
+            del plans[row.strategy]
+            for key in [k for k, name in keys.items() if name == row.strategy]:
+                del keys[key]
 
     if with_compile:
         for fraction in compile_fractions:
