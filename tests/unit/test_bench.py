@@ -186,6 +186,12 @@ def test_claims_follow_the_numbers() -> None:
         "overhead_at_full_memory": "fail",
     }
     assert claims_of(rows_with(105.0, 117.0, 300)[:2])["overhead_at_50pct"] == "not_evaluated"
+    # a budget below the least achievable peak fits no plan at all: listed, not held against remat
+    below = rows_with(105.0, 117.0, 300)
+    below[3] = StrategyResult(
+        strategy="remat:min", kind="remat", budget="100B", budget_bytes=100, status="infeasible"
+    )
+    assert claims_of(below)["fits_where_peers_do_not"] == "not_evaluated"
 
 
 def test_bench_result_round_trips_and_refuses_other_json() -> None:
