@@ -172,10 +172,16 @@ def render_plot(result: BenchResult) -> bytes:
             label="remat plans",
             zorder=4,
         )
+        labels: dict[tuple[float, int], list[str]] = {}  # a plan measured once, named often
         for row in plans:
+            labels.setdefault((row.step_ms, row.peak_bytes), []).append(  # type: ignore[arg-type]
+                row.strategy.removeprefix("remat:")
+            )
+        for (step_ms, peak_bytes), names in labels.items():
+            text = ", ".join(names[:3]) + (f" +{len(names) - 3}" if len(names) > 3 else "")
             ax.annotate(
-                row.strategy.removeprefix("remat:"),
-                (row.step_ms, row.peak_bytes / mib),  # type: ignore[operator]
+                text,
+                (step_ms, peak_bytes / mib),
                 textcoords="offset points",
                 xytext=(5, 4),
                 fontsize=7,
