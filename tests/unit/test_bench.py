@@ -189,9 +189,17 @@ def test_claims_follow_the_numbers() -> None:
     # a budget below the least achievable peak fits no plan at all: listed, not held against remat
     below = rows_with(105.0, 117.0, 300)
     below[3] = StrategyResult(
-        strategy="remat:min", kind="remat", budget="100B", budget_bytes=100, status="infeasible"
+        strategy="remat:min",
+        kind="remat",
+        budget="100B",
+        budget_bytes=100,
+        status="infeasible",
+        min_peak_bytes=300,
     )
     assert claims_of(below)["fits_where_peers_do_not"] == "not_evaluated"
+    # infeasible although the solver predicted a plan under the budget: the closed loop failed
+    below[3].min_peak_bytes = 90
+    assert claims_of(below)["fits_where_peers_do_not"] == "fail"
 
 
 def test_bench_result_round_trips_and_refuses_other_json() -> None:

@@ -85,6 +85,8 @@ class StrategyResult:
     """The loss of the strategy's first step (every step starts from the same weights and seed,
     so the eager strategies' losses agree)."""
     solve_status: str | None = None
+    min_peak_bytes: int | None = None
+    """For remat plans: the least peak the solver predicts any plan reaches."""
     same_as: str | None = None
     """An earlier strategy with exactly the same plan: measured once, reported under both names."""
     plan: dict[str, Any] | None = None
@@ -298,7 +300,14 @@ def check_claims(rows: Sequence[StrategyResult], dominance: Sequence[Dominance])
         if not any(p.peak_bytes is not None and p.peak_bytes <= r.budget_bytes for p in peers)  # type: ignore[operator]
     ]
     # A budget below the least peak any plan reaches cannot be met by any strategy: not counted.
-    below_min = [r for r in open_budgets if r.status == "infeasible"]
+    below_min = [
+        r
+        for r in open_budgets
+        if r.status == "infeasible"
+        and r.min_peak_bytes is not None
+        and r.budget_bytes is not None
+        and r.budget_bytes < r.min_peak_bytes
+    ]
     open_budgets = [r for r in open_budgets if r not in below_min]
     unmet = [r.strategy for r in open_budgets if not r.budget_met]
     detail = f"budgets no peer fits: {', '.join(r.budget or '' for r in open_budgets) or 'none'}"

@@ -412,6 +412,7 @@ def bench(
             predicted_peak_bytes=result.predicted_peak_bytes,
             predicted_overhead=result.predicted_overhead,
             solve_status=result.status,
+            min_peak_bytes=result.min_peak_bytes,
             notes=list(result.notes),
         )
         if result.status == INFEASIBLE:
