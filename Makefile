@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   the main job (profile and plan the built-in GPT; the benchmark when it lands)
+#   make demo   the main job: remat bench on the built-in GPT (table on stdout, report in out/bench)
 #   make test   lint and the test suite
 # Both create .venv and install remat into it. torch is pinned to the CPU build on this machine's disk.
 PYTHON ?= python3
@@ -22,9 +22,7 @@ venv: $(VENV)/.installed
 
 demo: venv
 	$(BIN)/remat env
-	$(BIN)/remat profile gpt
-	$(BIN)/remat plan gpt --budget 40% --out out/plan.json
-	$(BIN)/remat verify gpt --plan out/plan.json
+	$(BIN)/remat bench gpt --out out/bench
 
 lint: venv
 	$(BIN)/ruff check src tests scripts benchmarks examples

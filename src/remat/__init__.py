@@ -2,7 +2,8 @@
 
 Measure what each unit of a model holds for backward (:func:`track_memory`, :func:`profile`),
 solve for the cheapest plan that fits a budget (:func:`solve`), install it in place
-(:func:`apply_`), renaming nothing and undoably, or do all three with :func:`auto_`. Importing remat
+(:func:`apply_`), renaming nothing and undoably, or do all three with :func:`auto_`; compare
+strategies side by side with :func:`bench`. Importing remat
 does not initialise CUDA.
 """
 
@@ -10,6 +11,7 @@ from remat import fit
 from remat.apply import Handle, apply_, execution_order, find_units, fingerprint
 from remat.apply.compile import compile_units_
 from remat.auto import InfeasibleBudgetError, auto_
+from remat.benchmarking import BenchResult, bench
 from remat.cost import Profile, UnitProfile, simulate
 from remat.plan import Action, Plan
 from remat.profiling import MemoryReport, ModuleStats, track_memory
@@ -19,6 +21,7 @@ from remat.verify import VerifyReport, verify
 
 __all__ = [
     "Action",
+    "BenchResult",
     "Budget",
     "Handle",
     "InfeasibleBudgetError",
@@ -32,6 +35,7 @@ __all__ = [
     "apply_",
     "auto_",
     "baseline_plan",
+    "bench",
     "compile_units_",
     "execution_order",
     "find_units",

@@ -19,6 +19,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 __all__ = [
     "TorchDispatchMode",
+    "compile_with_activation_budget",
     "flop_formula",
     "forward_hook_count",
     "function_modes",
@@ -173,3 +174,42 @@ def on_storage_resize(callback: Callable[[torch.UntypedStorage], None]) -> _Resi
         torch.UntypedStorage.resize_ = resize_  # type: ignore[method-assign]
     _RESIZE_CALLBACKS.append(callback)
     return _ResizeHandle(callback)
+
+
+def compile_with_activation_budget(model: torch.nn.Module, fraction: float) -> torch.nn.Module:
+    """``torch.compile(model)`` whose partitioner keeps at most ``fraction`` of the saved
+    activation bytes (``torch._functorch.config.activation_memory_budget``, private, 0..1).
+
+    The config is read when the joint graph is partitioned, inside the backend, so the backend
+    sets it around inductor's ``compile_fx`` (private). Dynamo caches compiled graphs on the code
+    object of the frame it starts from, with no guard on this config, so each call wraps the model
+    in a module whose ``forward`` has a code object of its own: models compiled at different
+    fractions then compile separately instead of sharing the first one's graph.
+    """
+    import types
+
+    def backend(graph: Any, example_inputs: Any) -> Any:
+        # imported here: inductor takes seconds to import, and only compiling needs it
+        import torch._functorch.config as functorch_config
+        from torch._inductor.compile_fx import compile_fx
+
+        with functorch_config.patch(activation_memory_budget=fraction):
+            return compile_fx(graph, example_inputs)
+
+    code = _BudgetWrapper.forward.__code__.replace(co_name=f"forward_budget_{id(backend)}")
+    wrapper = _BudgetWrapper(model)
+    wrapper.forward = types.MethodType(  # type: ignore[method-assign]
+        types.FunctionType(code, _BudgetWrapper.forward.__globals__), wrapper
+    )
+    return torch.compile(wrapper, backend=backend)
+
+
+class _BudgetWrapper(torch.nn.Module):
+    """Holds the model as ``inner`` (so parameters are shared) and forwards every call to it."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner(*args, **kwargs)

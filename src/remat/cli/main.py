@@ -11,13 +11,14 @@ import os
 import sys
 from collections.abc import Sequence
 
+from remat.cli import bench as bench_cmd
 from remat.cli import env as env_cmd
 from remat.cli import plan as plan_cmd
 from remat.cli import profile as profile_cmd
 from remat.cli import verify as verify_cmd
 from remat.cli._common import EXIT_ERROR, EXIT_USAGE, UsageError
 
-_SUBCOMMANDS = (env_cmd, profile_cmd, plan_cmd, verify_cmd)
+_SUBCOMMANDS = (env_cmd, profile_cmd, plan_cmd, verify_cmd, bench_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
