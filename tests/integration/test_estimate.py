@@ -66,7 +66,7 @@ def test_moe_routing_is_reported_as_not_estimable() -> None:
         )
 
 
-GPT_BUDGET = 134000  # this GPT's least peak is 130,036 bytes at batch 5, 139,016 at 6
+GPT_BUDGET = 189000  # this GPT's least peak is 181,880 bytes at batch 5, 196,984 at 6
 
 
 @pytest.mark.slow
@@ -75,7 +75,7 @@ GPT_BUDGET = 134000  # this GPT's least peak is 130,036 bytes at batch 5, 139,01
     [  # budgets between the least peaks at batch 5 and 6, so that the search stays short
         ("mlp", {"n_blocks": 3, "width": 64, "in_features": 32}, 477600),
         ("gpt", {"n_layer": 2, "d_model": 16, "n_head": 2, "seq": 8, "vocab": 32}, GPT_BUDGET),
-        ("cnn", {"image_size": 8, "channels": (4, 8), "blocks_per_stage": 1}, 65000),
+        ("cnn", {"image_size": 8, "channels": (4, 8), "blocks_per_stage": 1}, 77000),
     ],
 )
 def test_max_batch_fits_and_the_next_size_does_not(name: str, overrides: dict, budget: int) -> None:

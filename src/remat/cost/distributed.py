@@ -177,10 +177,14 @@ def per_rank(profile: Profile, *, world_size: int, fsdp: bool = False) -> Profil
         units_saved = sum(owners[u.fqn].full - owners[u.fqn].shard for u in units)
         # Gathered parameters keep FSDP2's padding: N shards each.
         root_gathered = world_size * root.shard
-        base = profile.base_bytes - units_saved + root.shard + root_gathered - root.full
+        # The optimizer states are alive through the step (steady state), as shards.
+        states_saved = states * saved_trainable
+        base = (
+            profile.base_bytes - units_saved - states_saved + root.shard + root_gathered - root.full
+        )
         # Before the first unit the root's all-gather output is held too (FSDP2 frees a forward
         # all-gather's output at the next unit's copy-out, to overlap them).
-        start += root.shard + root_gathered - root.full - units_saved + root_gathered
+        start += root.shard + root_gathered - root.full - units_saved + root_gathered - states_saved
         if optimizer is not None:
             # Beyond static memory, the optimizer step holds what the caller still holds (the
             # output, the loss: not sharded) and its temporaries (foreach AdamW's per-parameter

@@ -66,7 +66,7 @@ def _materialize_adamw_state(opt: torch.optim.Optimizer) -> None:
             state["step"] = (
                 torch.zeros((), dtype=torch.float32, device=param.device)
                 if group.get("capturable") or group.get("fused")
-                else torch.tensor(0.0, dtype=torch.float32)
+                else torch.tensor(0.0, dtype=torch.float32, device="cpu")  # as AdamW's own
             )
             state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
