@@ -32,6 +32,7 @@ __all__ = [
     "on_storage_resize",
     "op_is_view",
     "op_writes_inputs",
+    "sdpa_backend",
     "tensor_version",
     "tree_flatten",
     "tree_unflatten",
@@ -213,3 +214,19 @@ class _BudgetWrapper(torch.nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.inner(*args, **kwargs)
+
+
+def sdpa_backend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: Any,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float | None,
+) -> str:
+    """The kernel ``F.scaled_dot_product_attention`` picks for these arguments on their device
+    (``"flash_attention"``, ``"efficient_attention"``, ``"math"``, ...): the private
+    ``torch._fused_sdp_choice``, which returns an ``SDPBackend`` value."""
+    choice = torch._fused_sdp_choice(q, k, v, attn_mask, dropout_p, is_causal, scale=scale)
+    return torch.nn.attention.SDPBackend(choice).name.lower()

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from remat import _compat
 from remat._compat import TorchDispatchMode, flop_formula, tree_flatten
 from remat.apply.units import UnitSpec, call_model
 from remat.cost.model import Profile
@@ -207,10 +208,9 @@ class _TargetKernels(TorchFunctionMode):
                     q, k, v, a["attn_mask"], a["dropout_p"], a["is_causal"], scale=a["scale"]
                 )[0]
             else:
-                choice = torch._fused_sdp_choice(
-                    q, k, v, a["attn_mask"], a["dropout_p"], a["is_causal"], scale=a["scale"]
+                kernel = _compat.sdpa_backend(
+                    q, k, v, a["attn_mask"], a["dropout_p"], a["is_causal"], a["scale"]
                 )
-                kernel = torch.nn.attention.SDPBackend(choice).name.lower()
                 out = F.scaled_dot_product_attention(
                     q, k, v, **{n: a[n] for n in ("attn_mask", "dropout_p", "is_causal", "scale")}
                 )
