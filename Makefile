@@ -22,7 +22,7 @@ venv: $(VENV)/.installed
 
 demo: venv
 	$(BIN)/remat env
-	$(BIN)/remat bench gpt --out out/bench
+	$(BIN)/remat bench gpt --steps 3 --budgets 80%,60%,50%,40%,min --out out/bench
 
 lint: venv
 	$(BIN)/ruff check src tests scripts benchmarks examples
