@@ -176,19 +176,16 @@ def _restore_rng(rng: tuple[torch.Tensor | None, dict[int, torch.Tensor]]) -> No
         torch.cuda.set_rng_state(state, index)
 
 
-def _signature(args: Any, kwargs: Any) -> tuple[Any, ...]:
-    return tuple(
-        (tuple(t.shape), t.dtype)
-        for t in tree_flatten((args, kwargs))[0]
-        if isinstance(t, torch.Tensor)
-    )
+def _signature(tensors: list[torch.Tensor]) -> tuple[Any, ...]:
+    return tuple((tuple(t.shape), t.dtype) for t in tensors)
 
 
 def _check_signature(func: Any, expected: tuple[Any, ...] | None, args: Any, kwargs: Any) -> None:
     """The replay's op with this number must read what the forward's did; if not, the two runs
     executed different ops (code that runs only in forward, such as a hook that copies outputs
     but skips backward, or data-dependent control flow)."""
-    if expected is not None and _signature(args, kwargs) != expected:
+    tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+    if expected is not None and _signature(tensors) != expected:
         raise CheckpointMismatchError(
             f"remat: replaying a selective unit, {op_name(func)} call received other shapes than in"
             " the forward: the replay runs different ops (a forward hook or code that runs only"
@@ -298,26 +295,23 @@ class OpLog(TorchDispatchMode):
         key = (func, self.counter[func])
         self.counter[func] += 1
         name = op_name(func)
-        inputs = {
-            _storage_id(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
-        }
+        arg_tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        inputs = {_storage_id(t) for t in arg_tensors}
         fed_by_core = any(
             (ref := self.core.get(sid)) is not None and ref() is not None for sid in inputs
         )
         flat, spec = tree_flatten(out)
-        signature = _signature(args, kwargs)
+        signature = _signature(arg_tensors)
         if name not in SHAPE_ONLY_OPS:  # empty_like(x) reads x's layout, not its values
             self.deps[key] = {w for sid in inputs for w in self._writers_of(sid)}
         if op_writes_inputs(func):
-            for leaf in tree_flatten((args, kwargs))[0]:
-                if isinstance(leaf, torch.Tensor):
-                    sid = _storage_id(leaf)
-                    writers = self._writers_of(sid)
-                    if writers:
-                        # An alias kept at this level may not share the output's version
-                        # counter, so in-place writes into kept outputs are noted here.
-                        self.overwritten.update(w for w in writers if w in self.kept)
-                        writers.append(key)
+            for leaf in arg_tensors:
+                writers = self._writers_of(_storage_id(leaf))
+                if writers:
+                    # An alias kept at this level may not share the output's version counter, so
+                    # in-place writes into kept outputs are noted here.
+                    self.overwritten.update(w for w in writers if w in self.kept)
+                    writers.append(key)
 
         new = []
         for leaf in flat:
