@@ -32,6 +32,7 @@ __all__ = [
     "on_storage_resize",
     "op_is_view",
     "op_writes_inputs",
+    "op_writes_self",
     "sdpa_backend",
     "tensor_version",
     "tree_flatten",
@@ -98,6 +99,23 @@ def op_writes_inputs(func: Any) -> bool:
     if schema is None:
         return True  # unknown: assume it may
     return any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
+
+
+def op_writes_self(func: Any) -> bool:
+    """Whether an aten op is an in-place op on its first argument that returns it (``bernoulli_``,
+    ``div_``): the first argument and the only return are annotated ``Tensor(a!)`` in the private
+    ``OpOverload._schema``."""
+    schema = getattr(func, "_schema", None)
+    if schema is None or not schema.arguments or len(schema.returns) != 1:
+        return False
+    first, result = schema.arguments[0].alias_info, schema.returns[0].alias_info
+    return (
+        first is not None
+        and first.is_write
+        and result is not None
+        and result.is_write
+        and set(first.before_set) == set(result.before_set)
+    )
 
 
 def no_dispatch_modes() -> Any:

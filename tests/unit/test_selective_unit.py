@@ -161,6 +161,91 @@ def test_oplog_does_not_keep_an_output_changed_in_place() -> None:
     assert not kept
 
 
+def _dropout_with_log(policy: str, seed: int = 5) -> tuple[OpLog, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(seed)
+    x = torch.randn(6, 8, requires_grad=True)
+    log = OpLog(policy_for(policy))
+    masks: list[torch.Tensor] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if not log.keep(tensor):
+            log.note_recomputed(tensor)
+        masks.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), log:
+        y = torch.nn.functional.dropout(x, 0.5, training=True)  # empty_like, bernoulli_, div_
+    return log, x, masks[0] if masks else y
+
+
+def test_oplog_keeps_a_tensor_filled_in_place_as_a_whole() -> None:
+    log, _x, mask = _dropout_with_log("ops.div_")
+    kept, skippable = log.finish()
+    names = sorted(op_name(key[0]) for key in kept)
+    # The mask is handed out where empty_like made it; bernoulli_ and div_ are skipped.
+    assert names == ["bernoulli_", "div_", "empty_like"], names
+    assert [op_name(k[0]) for k in log.kept_outputs] == ["div_"]
+    (covered,) = log.covers.values()
+    assert sorted(op_name(k[0]) for k in covered) == ["bernoulli_", "div_", "empty_like"]
+    assert not any(op_name(k[0]) in ("bernoulli_", "empty_like") for k in log.needed)
+    assert not any(op_name(k[0]) == "empty_like" for k in skippable)
+    assert torch.equal(log.kept_outputs[next(iter(log.kept_outputs))], mask)
+
+
+def test_replay_of_a_kept_filled_tensor_draws_nothing_and_restores_the_generator() -> None:
+    log, x, mask = _dropout_with_log("ops.div_", seed=11)
+    after_forward = torch.rand(7)  # what the forward's generator drew next
+    kept, skippable = log.finish()
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: Counter[str] = Counter()
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):
+            self.seen[op_name(func)] += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(11)
+    torch.randn(6, 8)  # the replay starts where the forward started
+    ops, saved = Ops(), []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ops:
+        with ReplayCache(kept, skippable):
+            torch.nn.functional.dropout(x, 0.5, training=True)
+    assert ops.seen["bernoulli_"] == 0 and ops.seen["div_"] == 0
+    assert len(saved) == 1 and torch.equal(saved[0], mask)  # the mask mul saves: the kept one
+    assert torch.equal(torch.rand(7), after_forward)  # later random ops draw what they drew
+
+
+def test_oplog_names_a_filled_tensor_by_its_last_writer() -> None:
+    log, *_ = _dropout_with_log("ops.bernoulli_")
+    kept, _ = log.finish()
+    assert not kept  # bernoulli_ filled the mask, div_ wrote it last: policies name div_
+
+
+def test_oplog_does_not_keep_a_tensor_written_through_a_view() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 4, requires_grad=True)
+    log = OpLog(policy_for("ops.fill_.empty_like"))
+    saved: list[bool] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(log.keep(tensor))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), log:
+        scale = torch.empty_like(x)
+        scale.fill_(2.0)
+        scale[:2].fill_(3.0)  # a write into part of it: not a whole-tensor chain
+        _ = x * scale
+    assert saved == [False]
+
+
 def test_eager_keep_sees_in_place_changes_after_the_op() -> None:
     torch.manual_seed(0)
     x, w = torch.randn(4, 4), torch.randn(4, 4)
@@ -505,3 +590,37 @@ def test_replay_that_runs_other_ops_than_the_forward_is_refused_by_name() -> Non
         loss = model(x).sum()
         with pytest.raises(CheckpointMismatchError, match="runs different ops"):
             loss.backward()
+
+
+# ------------------------------------------------------------------ save sets for the profile
+
+
+def test_candidates_count_what_a_kept_op_covers() -> None:
+    from remat.profiling.options import op_set_candidates
+
+    empty, bern, div, gelu = (
+        aten.empty_like.default,
+        aten.bernoulli_.float,
+        aten.div_.Scalar,
+        aten.gelu.default,
+    )
+    times = [{(empty, 0): (0.1, 0), (bern, 0): (9.0, 0), (div, 0): (0.5, 0), (gelu, 0): (2.0, 0)}]
+    kept = [{(div, 0): 400, (gelu, 0): 400}]
+    # Alone, div_ is cheaper to replay per byte than gelu...
+    assert op_set_candidates(times, kept, count=1) == ["ops.gelu"]
+    # ... but keeping the mask saves drawing it again: bernoulli_ counts for div_.
+    covers = [{(div, 0): ((div, 0), (empty, 0), (bern, 0))}]
+    assert op_set_candidates(times, kept, count=1, covers=covers) == ["ops.div_"]
+
+
+def test_kept_by_policy_reports_the_covers_of_a_dropout_mask() -> None:
+    from remat.profiling.options import kept_by_policy
+
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5))
+    model = nn.Sequential(block)
+    covers: list[dict[Any, tuple[Any, ...]]] = []
+    kept = kept_by_policy(model, (torch.randn(4, 8),), ["0"], "ops.div_", covers=covers)
+    (key,) = kept[0]
+    assert op_name(key[0]) == "div_" and kept[0][key] == 4 * 8 * 4
+    assert sorted(op_name(k[0]) for k in covers[0][key]) == ["bernoulli_", "div_", "empty_like"]

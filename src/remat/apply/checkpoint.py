@@ -388,6 +388,9 @@ class Region:
         """``selective``: per op key kept by the last call, the bytes of its output."""
         self.last_replayed: set[Any] = set()
         """``selective``: the op keys the last call's replay runs (views aside)."""
+        self.last_covers: dict[Any, tuple[Any, ...]] = {}
+        """``selective``: per op key kept by the last call, the ops the replay skips for it
+        (itself; for a tensor filled in place, also its creator and the writers before it)."""
         self.last_offloaded_bytes = 0
         """``offload``: bytes the last call sent to host memory."""
         self._open: _Frame | None = None
@@ -448,7 +451,10 @@ class Region:
                 kept, skippable = log.finish()
                 frame.calls[call].kept_ops = kept
                 frame.calls[call].skippable_ops = skippable
-                region.last_kept_bytes = {key: _output_bytes(v[0]) for key, v in kept.items()}
+                region.last_kept_bytes = {
+                    key: _output_bytes(value) for key, value in log.kept_outputs.items()
+                }
+                region.last_covers = dict(log.covers)
                 region.last_replayed = set(log.needed)
             changed = [(b, old) for b, version, old in before if tensor_version(b) != version]
             region.learn_buffers(position, [b for b, _ in changed])

@@ -43,6 +43,7 @@ from remat._compat import (
     TorchDispatchMode,
     op_is_view,
     op_writes_inputs,
+    op_writes_self,
     tensor_version,
     tree_flatten,
     tree_unflatten,
@@ -116,6 +117,80 @@ def _is_random(func: Any) -> bool:
     return torch.Tag.nondeterministic_seeded in getattr(func, "tags", ())
 
 
+class _OpInfo:
+    """What the op log asks of an op on every call, worked out once per op."""
+
+    __slots__ = ("name", "random", "shape_only", "view", "writes_inputs", "writes_self")
+
+    def __init__(self, func: Any) -> None:
+        self.name = op_name(func)
+        self.random = _is_random(func)
+        self.writes_inputs = op_writes_inputs(func)
+        self.writes_self = op_writes_self(func)
+        self.view = op_is_view(func)
+        self.shape_only = self.name in SHAPE_ONLY_OPS
+
+
+_INFO: dict[int, tuple[Any, _OpInfo]] = {}
+
+
+def _info(func: Any) -> _OpInfo:
+    found = _INFO.get(id(func))
+    if found is None or found[0] is not func:
+        found = _INFO[id(func)] = (func, _OpInfo(func))
+    return found[1]
+
+
+_ONE = object()
+"""Output structure of an op that returns one tensor."""
+
+
+class _Seq:
+    __slots__ = ("kind",)
+
+    def __init__(self, kind: type) -> None:
+        self.kind = kind
+
+
+_TUPLE, _LIST = _Seq(tuple), _Seq(list)
+
+
+def _flatten(out: Any) -> tuple[list[Any], Any]:
+    """``tree_flatten`` for what aten ops return, fast for one tensor or a flat tuple or list."""
+    if isinstance(out, torch.Tensor):
+        return [out], _ONE
+    kind = type(out)
+    if kind is tuple or kind is list:
+        if not any(isinstance(x, (list, tuple, dict)) for x in out):
+            return list(out), _TUPLE if kind is tuple else _LIST
+    return tree_flatten(out)
+
+
+def _unflatten(values: list[Any], spec: Any) -> Any:
+    if spec is _ONE:
+        return values[0]
+    if isinstance(spec, _Seq):
+        return spec.kind(values)
+    return tree_unflatten(values, spec)
+
+
+def _tensors_of(args: Any, kwargs: Any) -> list[torch.Tensor]:
+    """The tensor arguments of an aten call (tensors and lists of them), in order."""
+    found: list[torch.Tensor] = []
+    for value in (*args, *kwargs.values()) if kwargs else args:
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                if isinstance(item, torch.Tensor):
+                    found.append(item)
+                elif isinstance(item, (list, tuple, dict)):
+                    return [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        elif isinstance(value, dict):
+            return [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+    return found
+
+
 def eager_policy(label: str) -> bool:
     """Whether a policy keeps its ops' outputs even where autograd does not save them
     (``save_matmuls``, as torchtitan's op-level mode) rather than only where it does.
@@ -184,8 +259,9 @@ def _check_signature(func: Any, expected: tuple[Any, ...] | None, args: Any, kwa
     """The replay's op with this number must read what the forward's did; if not, the two runs
     executed different ops (code that runs only in forward, such as a hook that copies outputs
     but skips backward, or data-dependent control flow)."""
-    tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-    if expected is not None and _signature(tensors) != expected:
+    if expected is None:
+        return
+    if _signature(_tensors_of(args, kwargs or {})) != expected:
         raise CheckpointMismatchError(
             f"remat: replaying a selective unit, {op_name(func)} call received other shapes than in"
             " the forward: the replay runs different ops (a forward hook or code that runs only"
@@ -199,6 +275,15 @@ def _storage_id(tensor: torch.Tensor) -> int | None:
         return id(tensor.untyped_storage())
     except (RuntimeError, NotImplementedError):
         return None
+
+
+class _Skip:
+    """Replay entry of an op whose in-place write into a kept tensor is already in it."""
+
+    __slots__ = ("rng", "signature")
+
+    def __init__(self, rng: Any, signature: Any) -> None:
+        self.rng, self.signature = rng, signature
 
 
 class _Leaf:
@@ -274,6 +359,14 @@ class OpLog(TorchDispatchMode):
         the replay may skip."""
         self.needed_roots: set[tuple[Any, int]] = set()
         """Ops that wrote saved tensors that are not kept: the replay must produce those."""
+        self.rng_after: dict[tuple[Any, int], Any] = {}
+        """Random op key -> the generator states after it."""
+        self.chains: dict[tuple[Any, int], tuple[tuple[Any, int], ...]] = {}
+        """Kept in-place op key -> the ops that wrote the same memory before it (its creator
+        first): a tensor made and then filled in place (dropout's mask: ``empty_like``,
+        ``bernoulli_``, ``div_``) is kept as a whole, and the replay runs none of them."""
+        self.covers: dict[tuple[Any, int], tuple[tuple[Any, int], ...]] = {}
+        """After :meth:`finish`: kept op key -> every op the replay skips because of it."""
 
     def _writers_of(self, sid: int | None) -> list[tuple[Any, int]]:
         if sid is None:
@@ -294,17 +387,18 @@ class OpLog(TorchDispatchMode):
             return out  # our own detach / as_strided while keeping: not the unit's ops
         key = (func, self.counter[func])
         self.counter[func] += 1
-        name = op_name(func)
-        arg_tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        info = _info(func)
+        name = info.name
+        arg_tensors = _tensors_of(args, kwargs)
         inputs = {_storage_id(t) for t in arg_tensors}
         fed_by_core = any(
             (ref := self.core.get(sid)) is not None and ref() is not None for sid in inputs
         )
-        flat, spec = tree_flatten(out)
+        flat, spec = _flatten(out)
         signature = _signature(arg_tensors)
-        if name not in SHAPE_ONLY_OPS:  # empty_like(x) reads x's layout, not its values
+        if not info.shape_only:  # empty_like(x) reads x's layout, not its values
             self.deps[key] = {w for sid in inputs for w in self._writers_of(sid)}
-        if op_writes_inputs(func):
+        if info.writes_inputs:
             for leaf in arg_tensors:
                 writers = self._writers_of(_storage_id(leaf))
                 if writers:
@@ -325,9 +419,9 @@ class OpLog(TorchDispatchMode):
                     self.writers[sid] = [key]
                     new.append(sid)
         tensors = [x for x in flat if isinstance(x, torch.Tensor)]
-        if len(tensors) != len(flat) or not tensors or _is_random(func):
+        if len(tensors) != len(flat) or not tensors or info.random:
             self.always.add(key)  # Python values, nothing, or random draws: the replay runs it
-        elif len(new) == len(tensors) and not op_is_view(func):
+        elif len(new) == len(tensors) and not info.view:
             # Every output is new memory (no alias of an input, such as _unsafe_view's): the
             # replay may stand in for it if nothing it must produce reads them.
             self.shapes[key] = (spec, [(x.shape, x.stride(), x.dtype, x.device) for x in tensors])
@@ -335,8 +429,10 @@ class OpLog(TorchDispatchMode):
         if name in CORE_ATTENTION_OPS or (fed_by_core and name not in MATMUL_OPS):
             for sid in new:
                 self.core[sid] = self.created[sid][1]
+        rng = None
+        if info.random:
+            rng = self.rng_after[key] = _rng_after(flat)
         if self.rule(name, fed_by_core):
-            rng = _rng_after(flat) if _is_random(func) else None
             if self.eager:
                 self._busy = True
                 try:
@@ -344,10 +440,14 @@ class OpLog(TorchDispatchMode):
                 finally:
                     self._busy = False
                 versions = [tensor_version(v) for v in values if isinstance(v, torch.Tensor)]
-                self.kept[key] = (tree_unflatten(values, spec), versions, rng)
+                self.kept[key] = (_unflatten(values, spec), versions, rng)
                 self.signatures[key] = signature
             else:
                 leaves = [_Leaf(x) if isinstance(x, torch.Tensor) else x for x in flat]
+                if leaves and isinstance(leaves[0], _Leaf) and info.writes_self:
+                    # Autograd bumps the version of what an in-place op wrote after this mode
+                    # returns (the ADInplaceOrView key sits above Python dispatch).
+                    leaves[0].version += 1
                 self.saveable[key] = (spec, leaves, rng)
                 self.signatures[key] = signature
         return out
@@ -361,6 +461,9 @@ class OpLog(TorchDispatchMode):
         if found is None or found[1]() is None:
             return False
         key = found[0]
+        writers = self.writers.get(sid, [key])
+        if writers[-1] != key:
+            return self._keep_filled(tensor, sid, key, writers)
         if key in self.kept:
             return True
         entry = self.saveable.get(key)
@@ -378,10 +481,47 @@ class OpLog(TorchDispatchMode):
         if any(v is None for v, x in zip(values, leaves, strict=True) if isinstance(x, _Leaf)):
             return False  # an output died, or changed in place (a mask that bernoulli_ fills)
         self.kept[key] = (
-            tree_unflatten(values, spec),
+            _unflatten(values, spec),
             [tensor_version(v) for v in values if isinstance(v, torch.Tensor)],
             rng,
         )
+        return True
+
+    def _keep_filled(
+        self, tensor: torch.Tensor, sid: int, creator: Any, writers: list[Any]
+    ) -> bool:
+        """Keep a tensor that ops filled in place after its creator made it, if the policy saves
+        the last of them, each wrote into the whole tensor as the creator made it, and it has not
+        changed since: the replay hands the kept tensor out as the creator's output and skips the
+        writers (restoring the generator after random ones)."""
+        last = writers[-1]
+        if last in self.kept:
+            return True
+        entry = self.saveable.get(last)
+        layout = self.shapes.get(creator)
+        if entry is None or layout is None or len(layout[1]) != 1:
+            return False
+        if any(w[0] is None or not op_writes_self(w[0]) for w in writers[1:]):
+            return False
+        _spec, leaves, _rng = entry
+        if len(leaves) != 1 or not isinstance(leaves[0], _Leaf):
+            return False
+        self._busy = True
+        try:
+            value = leaves[0].recover(tensor, sid)
+        finally:
+            self._busy = False
+        shape, stride, dtype, device = layout[1][0]
+        if (
+            value is None
+            or tuple(value.shape) != tuple(shape)
+            or tuple(value.stride()) != tuple(stride)
+            or value.storage_offset() != 0
+            or value.dtype != dtype
+        ):
+            return False  # written through a view, or changed again since
+        self.kept[last] = (value, [tensor_version(value)], None)
+        self.chains[last] = tuple(writers[:-1])
         return True
 
     def watch_outputs(self, output: Any) -> None:
@@ -411,28 +551,43 @@ class OpLog(TorchDispatchMode):
             tensors = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
             if [tensor_version(t) for t in tensors] != versions or key in self.overwritten:
                 del self.kept[key]  # changed in place after the op: the replay runs it
+                self.chains.pop(key, None)
+        covered = {k for key in self.kept for k in self.chains.get(key, ())}
+        done = covered | set(self.kept)
         needed: set[tuple[Any, int]] = set()
-        stack = [k for k in (self.needed_roots | self.always) if k not in self.kept]
+        stack = [k for k in (self.needed_roots | self.always) if k not in done]
         while stack:
             key = stack.pop()
             if key in needed:
                 continue
             needed.add(key)
-            stack.extend(
-                d for d in self.deps.get(key, ()) if d not in needed and d not in self.kept
-            )
+            stack.extend(d for d in self.deps.get(key, ()) if d not in needed and d not in done)
         skippable = {
             key: (*shapes, self.signatures.get(key))
             for key, shapes in self.shapes.items()
-            if key not in needed and key not in self.kept
+            if key not in needed and key not in done
         }
-        for key in self.kept:
-            self.kept[key] = (
-                *self.kept[key][:3],
-                self.kept[key][3] if len(self.kept[key]) > 3 else [],
-                self.signatures.get(key),
+        self.covers = {key: (key, *self.chains.get(key, ())) for key in self.kept}
+        self.kept_outputs = {key: entry[0] for key, entry in self.kept.items()}
+        replay: dict[Any, Any] = {}
+        for key, entry in self.kept.items():
+            chain = self.chains.get(key)
+            watch = entry[3] if len(entry) > 3 else []
+            if chain is None:
+                replay[key] = (*entry[:3], watch, self.signatures.get(key))
+                continue
+            # The creator hands out the filled tensor; the writers after it are skipped.
+            creator = chain[0]
+            replay[creator] = (
+                *entry[:2],
+                self.rng_after.get(creator),
+                watch,
+                self.signatures.get(creator),
             )
+            for writer in (*chain[1:], key):
+                replay[writer] = _Skip(self.rng_after.get(writer), self.signatures.get(writer))
         self.needed = needed
+        self.kept = replay
         self.created.clear()
         self.saveable.clear()
         self.core.clear()
@@ -440,6 +595,8 @@ class OpLog(TorchDispatchMode):
         self.signatures.clear()
         self.deps.clear()
         self.shapes.clear()
+        self.chains.clear()
+        self.rng_after.clear()
         return self.kept, skippable
 
 
@@ -470,11 +627,18 @@ class ReplayCache(TorchDispatchMode):
         key = (func, self.counter[func])
         self.counter[func] += 1
         entry = self.kept.pop(key, None)
+        if isinstance(entry, _Skip):
+            # An in-place writer of a kept tensor: what it wrote is in the tensor already.
+            _check_signature(func, entry.signature, args, kwargs)
+            self.skipped += 1
+            if entry.rng is not None:
+                _restore_rng(entry.rng)
+            return args[0]
         if entry is not None:
             output, versions, rng, *rest = entry
             watch = rest[0] if rest else []
             _check_signature(func, rest[1] if len(rest) > 1 else None, args, kwargs)
-            tensors = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
+            tensors = [t for t in _flatten(output)[0] if isinstance(t, torch.Tensor)]
             changed = [tensor_version(t) for t in tensors] != versions or any(
                 tensor_version(alias) != version for alias, version in watch
             )
@@ -495,7 +659,7 @@ class ReplayCache(TorchDispatchMode):
             spec, layouts, *signature = stand_in
             _check_signature(func, signature[0] if signature else None, args, kwargs)
             self.skipped += 1
-            return tree_unflatten(
+            return _unflatten(
                 [
                     torch.empty_strided(shape, stride, dtype=dtype, device=device)
                     for shape, stride, dtype, device in layouts

@@ -102,9 +102,18 @@ def time_unit_ops(
 
 
 def kept_by_policy(
-    model: nn.Module, example_inputs: Any, unit_fqns: Sequence[str], policy: str
+    model: nn.Module,
+    example_inputs: Any,
+    unit_fqns: Sequence[str],
+    policy: str,
+    *,
+    covers: list[dict[OpKey, tuple[OpKey, ...]]] | None = None,
 ) -> list[dict[OpKey, int]]:
     """Per unit, the ops whose outputs ``selective:<policy>`` keeps in one forward, and their bytes.
+
+    ``covers``, if given, is filled with one dict per unit: kept op -> the ops the replay skips
+    for it (itself; for a tensor filled in place, such as dropout's mask, also the ops that made
+    and filled it).
 
     Example:
         >>> import torch
@@ -118,10 +127,10 @@ def kept_by_policy(
     modules = dict(model.named_modules())
     with apply_(model, plan):
         call_model(model, example_inputs)
-        return [
-            dict(modules[fqn].__dict__["forward"].__remat_region__.last_kept_bytes)
-            for fqn in unit_fqns
-        ]
+        regions = [modules[fqn].__dict__["forward"].__remat_region__ for fqn in unit_fqns]
+        if covers is not None:
+            covers[:] = [dict(region.last_covers) for region in regions]
+        return [dict(region.last_kept_bytes) for region in regions]
 
 
 def op_set_candidates(
@@ -130,10 +139,12 @@ def op_set_candidates(
     *,
     count: int = 2,
     time_source: str = "measured",
+    covers: Sequence[dict[OpKey, tuple[OpKey, ...]]] | None = None,
 ) -> list[str]:
     """``selective`` policies (``ops.<op>...``) worth measuring: ops ranked by the replay time
     their kept outputs save per byte, cut where the kept bytes reach 1/(count+1), 2/(count+1)...
-    of all that can be kept.
+    of all that can be kept. With ``covers`` (from :func:`kept_by_policy`), keeping an op saves
+    the time of every op it covers (a dropout mask's ``div_`` saves its ``bernoulli_`` too).
 
     Example:
         >>> mm, gelu, add = (torch.ops.aten.mm.default, torch.ops.aten.gelu.default,
@@ -145,12 +156,14 @@ def op_set_candidates(
     """
     per_op_bytes: dict[str, int] = defaultdict(int)
     per_op_cost: dict[str, float] = defaultdict(float)
-    for unit_times, unit_kept in zip(op_times, kept, strict=True):
+    unit_covers = list(covers) if covers is not None else [{} for _ in kept]
+    for unit_times, unit_kept, unit_cover in zip(op_times, kept, unit_covers, strict=True):
         for key, nbytes in unit_kept.items():
             name = op_name(key[0])
             per_op_bytes[name] += nbytes
-            ms, flops = unit_times.get(key, (0.0, 0))
-            per_op_cost[name] += ms if time_source == "measured" else flops
+            for covered in unit_cover.get(key, (key,)):
+                ms, flops = unit_times.get(covered, (0.0, 0))
+                per_op_cost[name] += ms if time_source == "measured" else flops
     total = sum(per_op_bytes.values())
     if total == 0:
         return []

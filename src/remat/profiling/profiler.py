@@ -16,6 +16,7 @@ import logging
 import statistics
 import time
 import weakref
+from contextlib import nullcontext
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -209,7 +210,12 @@ def _time_steps(
     device: torch.device,
     warmup: int,
     repeats: int,
-) -> tuple[float, list[float], list[float]]:
+    plans: Sequence[Plan] = (),
+) -> list[tuple[float, list[float], list[float]]]:
+    """Medians of step time and of each unit's forward and backward time: first for the model as
+    it is, then for each of ``plans`` applied to it. The plans' steps are interleaved with the
+    model's (one round runs each once), so drift of the machine touches all alike; the warm-up
+    rounds run the model as it is only."""
     opt = make_optimizer(optimizer, model)
     events: list[tuple[tuple[str, int], float]] = []
 
@@ -217,45 +223,55 @@ def _time_steps(
         _sync(device)
         events.append((label, time.perf_counter()))
 
-    step_ms: list[float] = []
-    forward: list[list[float]] = [[] for _ in unit_modules]
-    backward: list[list[float]] = [[] for _ in unit_modules]
+    variants: list[Plan | None] = [None, *plans]
+    step_ms: list[list[float]] = [[] for _ in variants]
+    forward = [[[] for _ in unit_modules] for _ in variants]
+    backward = [[[] for _ in unit_modules] for _ in variants]
     marks = _UnitMarks(unit_modules, stamp)
     try:
         for step in range(warmup + repeats):
-            events.clear()
-            for param in model.parameters():
-                param.grad = None
-            _sync(device)
-            start = time.perf_counter()
-            loss = loss_fn(call_model(model, example_inputs))
-            stamp(("loss", -1))
-            loss.backward()
-            stamp(("backward_end", -1))
-            if opt is not None:
-                opt.step()
-            _sync(device)
-            end = time.perf_counter()
-            if step < warmup:
-                continue
-            step_ms.append((end - start) * 1e3)
-            times = {label: t for label, t in events}
-            order = [label for label, _ in events]
-            for index in range(len(unit_modules)):
-                if ("forward", index) in times and ("after", index) in times:
-                    forward[index].append(
-                        (times[("after", index)] - times[("forward", index)]) * 1e3
-                    )
-                if ("backward", index) in times:
-                    position = order.index(("backward", index))
-                    following = events[position + 1][1] if position + 1 < len(events) else end
-                    backward[index].append((following - times[("backward", index)]) * 1e3)
+            for which, plan in enumerate(variants):
+                if step < warmup and plan is not None:
+                    continue
+                events.clear()
+                for param in model.parameters():
+                    param.grad = None
+                with apply_(model, plan) if plan is not None else nullcontext():
+                    _sync(device)
+                    start = time.perf_counter()
+                    loss = loss_fn(call_model(model, example_inputs))
+                    stamp(("loss", -1))
+                    loss.backward()
+                    stamp(("backward_end", -1))
+                    if opt is not None:
+                        opt.step()
+                    _sync(device)
+                    end = time.perf_counter()
+                if step < warmup:
+                    continue
+                step_ms[which].append((end - start) * 1e3)
+                times = {label: t for label, t in events}
+                order = [label for label, _ in events]
+                for index in range(len(unit_modules)):
+                    if ("forward", index) in times and ("after", index) in times:
+                        forward[which][index].append(
+                            (times[("after", index)] - times[("forward", index)]) * 1e3
+                        )
+                    if ("backward", index) in times:
+                        position = order.index(("backward", index))
+                        following = events[position + 1][1] if position + 1 < len(events) else end
+                        backward[which][index].append(
+                            (following - times[("backward", index)]) * 1e3
+                        )
     finally:
         marks.remove()
         for param in model.parameters():
             param.grad = None
     median = lambda xs: statistics.median(xs) if xs else 0.0  # noqa: E731
-    return median(step_ms), [median(x) for x in forward], [median(x) for x in backward]
+    return [
+        (median(step_ms[w]), [median(x) for x in forward[w]], [median(x) for x in backward[w]])
+        for w in range(len(variants))
+    ]
 
 
 def profile(
@@ -373,6 +389,7 @@ def profile(
     say = progress or (lambda text: logger.info("%s", text))
     names = {"K": "every unit kept", "R": "every unit recomputed", "S": "one segment"}
     times: tuple[Any, list[Any], list[Any]] = (None, [None] * n, [None] * n)
+    option_times: dict[str, tuple[float, list[float], list[float]]] = {}
     with preserved_state(model):  # profiling runs optimizer steps; it must not train the model
         for number, (key, plan) in enumerate(plans.items(), start=1):
             say(f"profile: tracked step {number}/{3 + len(option_actions)} ({names[key]})")
@@ -387,9 +404,15 @@ def profile(
             op_times = time_unit_ops(model, example_inputs, unit_modules)
         if "selective:auto" in option_actions:
             every_op = sorted({op_name(key[0]) for unit in op_times for key in unit})
-            kept_all = kept_by_policy(model, example_inputs, unit_fqns, "ops." + ".".join(every_op))
+            covers: list[dict[Any, tuple[Any, ...]]] = []
+            kept_all = kept_by_policy(
+                model, example_inputs, unit_fqns, "ops." + ".".join(every_op), covers=covers
+            )
             auto = op_set_candidates(
-                op_times, kept_all, time_source="measured" if device.type != "meta" else "flops"
+                op_times,
+                kept_all,
+                time_source="measured" if device.type != "meta" else "flops",
+                covers=covers,
             )
             index = option_actions.index("selective:auto")
             option_actions[index : index + 1] = [
@@ -411,9 +434,25 @@ def profile(
                 offloaded[action] = [r.last_offloaded_bytes for r in regions]
         if device.type != "meta" and repeats > 0:
             say(f"profile: timing {warmup} warm-up and {repeats} measured steps")
-            times = _time_steps(
-                model, example_inputs, loss_fn, optimizer, unit_modules, device, warmup, repeats
+            timed_options = [a for a in option_actions if a.startswith("selective:")]
+            if timed_options:
+                say(f"profile: timing {len(timed_options)} options, interleaved")
+            timed = _time_steps(
+                model,
+                example_inputs,
+                loss_fn,
+                optimizer,
+                unit_modules,
+                device,
+                warmup,
+                repeats,
+                plans=[
+                    Plan(actions=dict.fromkeys(unit_fqns, action), units=unit_fqns)
+                    for action in timed_options
+                ],
             )
+            times = timed[0]
+            option_times = dict(zip(timed_options, timed[1:], strict=True))
     none_peak, _, k_units, _, fo_k = runs["K"]
     full_peak, _, _, _, fo_r = runs["R"]
     _, _, _, s_freed, fo_s = runs["S"]
@@ -532,8 +571,16 @@ def profile(
                 replay_ms = sum(ops[key][0] for key in replayed[action][j] if key in ops)
                 replay_flops = sum(ops[key][1] for key in replayed[action][j] if key in ops)
                 if unit.forward_ms is not None:
+                    # At least the share of the unit's forward that the replayed ops take...
                     share = replay_ms / total_ms if total_ms > 0 else 1.0
                     option.cost_ms = unit.forward_ms * min(share, 1.0)
+                if action in option_times and unit.forward_ms is not None:
+                    # ...and what the unit's forward and backward under the option took over the
+                    # unit kept, in the same rounds: this counts what op times miss, the op
+                    # log's dispatch in forward and in the replay.
+                    _, forward_x, backward_x = option_times[action]
+                    extra_ms = forward_x[j] + backward_x[j] - unit.forward_ms - unit.backward_ms
+                    option.cost_ms = max(option.cost_ms or 0.0, extra_ms)
                 option.cost_flops = float(replay_flops)
             unit.options.append(option)
     time_source = "measured" if times[0] is not None else "flops"
