@@ -15,9 +15,8 @@ Oracles:
 
 from __future__ import annotations
 
-import dataclasses
-
 import contextlib
+import dataclasses
 import itertools
 import weakref
 from collections import Counter

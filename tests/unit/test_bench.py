@@ -20,6 +20,7 @@ from remat.benchmarking.result import (
     check_claims,
     check_dominance,
     summarize,
+    time_ratio,
 )
 from remat.benchmarking.run import Step, run_interleaved
 
@@ -89,6 +90,33 @@ def test_overhead_is_against_none_of_the_same_rows() -> None:
     other_run = [StrategyResult(strategy="none", kind="peer", samples_ms=[20.0]), rows[0]]
     summarize(other_run)
     assert rows[0].overhead == pytest.approx(0.65)  # only the rows given count
+
+
+def test_overhead_and_dominance_pair_samples_of_the_same_round() -> None:
+    # The machine runs at half speed in rounds 2 and 3: every strategy's step takes twice as long.
+    none = StrategyResult(strategy="none", kind="peer", samples_ms=[10.0, 20.0, 20.0, 10.0, 10.0])
+    peer = StrategyResult(
+        strategy="every_n:2", kind="peer", samples_ms=[12.0, 24.0, 24.0, 12.0, 12.0], peak_bytes=50
+    )
+    plan = StrategyResult(
+        strategy="remat:@every_n:2",
+        kind="remat",
+        samples_ms=[11.5, 23.0, 23.0, 11.5, 11.5],
+        peak_bytes=50,
+    )
+    summarize([none, peer, plan])
+    assert peer.overhead == pytest.approx(1.2) and plan.overhead == pytest.approx(1.15)
+    # Medians of each alone would agree here; a slow round in the plan's place would not:
+    plan.samples_ms[0] = 23.0  # the plan's first step hit a slow moment, the others did not
+    summarize([none, peer, plan])
+    assert plan.overhead == pytest.approx(1.15)  # the median of per-round ratios holds
+    assert time_ratio(plan, peer) == pytest.approx(11.5 / 12.0)
+    (verdict,) = check_dominance([none, peer, plan])[1:]
+    assert verdict.dominated_by == "remat:@every_n:2"
+    assert verdict.margin == pytest.approx(11.5 / 12.0 - 1)
+    # Samples of different lengths (another run) fall back to the ratio of medians.
+    other = StrategyResult(strategy="x", kind="peer", samples_ms=[30.0], step_ms=30.0)
+    assert time_ratio(other, none) == 3.0
 
 
 def row(strategy: str, peak: int, ms: float, **extra: object) -> StrategyResult:

@@ -185,7 +185,9 @@ def _tensors_of(args: Any, kwargs: Any) -> list[torch.Tensor]:
                 if isinstance(item, torch.Tensor):
                     found.append(item)
                 elif isinstance(item, (list, tuple, dict)):
-                    return [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+                    return [
+                        t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
+                    ]
         elif isinstance(value, dict):
             return [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
     return found
@@ -511,7 +513,7 @@ class OpLog(TorchDispatchMode):
             value = leaves[0].recover(tensor, sid)
         finally:
             self._busy = False
-        shape, stride, dtype, device = layout[1][0]
+        shape, stride, dtype, _device = layout[1][0]
         if (
             value is None
             or tuple(value.shape) != tuple(shape)

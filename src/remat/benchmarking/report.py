@@ -83,8 +83,8 @@ def render_markdown(result: BenchResult) -> str:
         lines.append("| " + " | ".join(_cells(row)) + " |")
     lines.append("")
     lines.append(
-        "Overhead: step time over `none`'s in this run. Peaks: the tracker's, one tracked step per"
-        " strategy (never timed)."
+        "Overhead: step time over `none`'s in the same round, median over the rounds."
+        " Peaks: the tracker's, one tracked step per strategy (never timed)."
         " `remat:<budget>` is remat's plan for that budget; `remat:@<peer>` is remat's plan with"
         " the peer's measured peak as its budget."
     )
@@ -235,8 +235,8 @@ def render_html(result: BenchResult, png: bytes | None = None) -> str:
         f"<h1>remat bench: {esc(result.model)}</h1>",
         f"<p>{esc(_setting(result))}</p>",
         f"<table><thead><tr>{head}</tr></thead><tbody>\n{body}\n</tbody></table>",
-        "<p>Overhead: step time over <code>none</code>'s in this run. <code>remat:@peer</code>"
-        " is remat's plan with that peer's measured peak as its budget.</p>",
+        "<p>Overhead: step time over <code>none</code>'s in the same round, median over the"
+        " rounds. <code>remat:@peer</code> is remat's plan with that peer's measured peak as its budget.</p>",
     ]
     if png is not None:
         data = base64.b64encode(png).decode("ascii")

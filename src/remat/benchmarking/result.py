@@ -33,6 +33,7 @@ __all__ = [
     "check_claims",
     "check_dominance",
     "summarize",
+    "time_ratio",
 ]
 
 FORMAT_VERSION = 1
@@ -164,9 +165,29 @@ def summarize(rows: Sequence[StrategyResult]) -> None:
         row.step_ms = statistics.median(row.samples_ms) if row.samples_ms else None
         if row.budget_bytes is not None and row.peak_bytes is not None:
             row.budget_met = row.peak_bytes <= row.budget_bytes
-    base = next((r.step_ms for r in rows if r.strategy == "none"), None)
+    base = next((r for r in rows if r.strategy == "none"), None)
     for row in rows:
-        row.overhead = row.step_ms / base if row.step_ms is not None and base else None
+        row.overhead = time_ratio(row, base) if base is not None else None
+
+
+def time_ratio(row: StrategyResult, other: StrategyResult) -> float | None:
+    """How much longer ``row``'s step takes than ``other``'s: with samples from the same rounds
+    (interleaved, one of each per round), the median of the per-round ratios, which a machine
+    that slows down and speeds up between rounds touches far less than the ratio of medians;
+    otherwise the ratio of the medians.
+
+    Example:
+        >>> a = StrategyResult(strategy="a", kind="peer", samples_ms=[10.0, 20.0, 10.0])
+        >>> b = StrategyResult(strategy="b", kind="peer", samples_ms=[11.0, 22.0, 11.0])
+        >>> summarize([a, b]); round(time_ratio(b, a), 3)
+        1.1
+    """
+    mine, theirs = row.samples_ms, other.samples_ms
+    if mine and theirs and len(mine) == len(theirs) and all(t > 0 for t in theirs):
+        return statistics.median(m / t for m, t in zip(mine, theirs, strict=True))
+    if row.step_ms is None or not other.step_ms:
+        return None
+    return row.step_ms / other.step_ms
 
 
 def _measured(row: StrategyResult) -> bool:
@@ -177,7 +198,8 @@ def check_dominance(
     rows: Sequence[StrategyResult], margin: float = NOISE_MARGIN
 ) -> list[Dominance]:
     """For every measured peer (and compile strategy), the fastest remat plan whose measured peak
-    is no higher and whose step time is at most ``margin`` above the peer's.
+    is no higher and whose step time is at most ``margin`` above the peer's (compared by
+    :func:`time_ratio`: per round, where both have samples from the same rounds).
 
     Example:
         >>> rows = [
@@ -200,22 +222,21 @@ def check_dominance(
             verdicts.append(Dominance(peer=peer.strategy, dominated_by=None, reason=reason))
             continue
         assert peer.peak_bytes is not None and peer.step_ms is not None
-        winners = [
-            r
+        ratios = {
+            r.strategy: ratio
             for r in remat_rows
             if r.peak_bytes is not None
-            and r.step_ms is not None
             and r.peak_bytes <= peer.peak_bytes
-            and r.step_ms <= peer.step_ms * (1 + margin)
-        ]
+            and (ratio := time_ratio(r, peer)) is not None
+        }
+        winners = [r for r in remat_rows if ratios.get(r.strategy, float("inf")) <= 1 + margin]
         if winners:
-            best = min(winners, key=lambda r: (r.step_ms, r.peak_bytes))
-            assert best.step_ms is not None
+            best = min(winners, key=lambda r: (ratios[r.strategy], r.peak_bytes))
             verdicts.append(
                 Dominance(
                     peer=peer.strategy,
                     dominated_by=best.strategy,
-                    margin=best.step_ms / peer.step_ms - 1 if peer.step_ms > 0 else 0.0,
+                    margin=ratios[best.strategy] - 1,
                 )
             )
             continue
@@ -223,11 +244,10 @@ def check_dominance(
             r for r in remat_rows if r.peak_bytes is not None and r.peak_bytes <= peer.peak_bytes
         ]
         if low:
-            fastest = min(low, key=lambda r: r.step_ms or float("inf"))
-            assert fastest.step_ms is not None
+            fastest = min(low, key=lambda r: ratios.get(r.strategy, float("inf")))
             reason = (
                 f"the fastest remat plan within its peak, {fastest.strategy}, takes"
-                f" {fastest.step_ms / max(peer.step_ms, 1e-9) - 1:+.1%} time"
+                f" {ratios.get(fastest.strategy, float('nan')) - 1:+.1%} time"
             )
         else:
             reason = "no remat plan reaches its peak"

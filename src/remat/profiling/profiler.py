@@ -16,8 +16,8 @@ import logging
 import statistics
 import time
 import weakref
-from contextlib import nullcontext
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
