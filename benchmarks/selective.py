@@ -2,11 +2,13 @@
 
 At 80%, 60% and 40% budgets: the solver's plan with every action (keep, recompute, segment, nested,
 selective) against its plan without selective options, predicted (from one profile) and measured
-(steps of the two plans interleaved, A B A B ..., medians; peaks from the tracker).
+(steps of the two plans interleaved, A B A B ..., medians; peaks from the tracker). The measured
+comparison is the median over rounds of the with/without ratio of the same round, as
+``remat bench`` compares strategies; "at least as fast" allows its 2% noise margin.
 
-    .venv/bin/python benchmarks/selective.py [--steps 7] [--out benchmarks/results/selective.json]
+    .venv/bin/python benchmarks/selective.py [--steps 11] [--out benchmarks/results/selective.json]
 
-Run it on a quiet machine: the step times are wall-clock medians.
+Run it on a quiet machine: the step times are wall-clock.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 import torch
 
 import remat
+from remat.benchmarking.result import NOISE_MARGIN
 from remat.models import build_builtin
 from remat.profiling.step import make_optimizer, measure_step, preserved_state, training_step
 
@@ -34,7 +37,9 @@ WITH = (*WITHOUT, "selective")
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=7, help="timed steps per plan (after warm-up)")
+    parser.add_argument(
+        "--steps", type=int, default=11, help="timed steps per plan (after warm-up)"
+    )
     parser.add_argument("--budgets", default="80%,60%,40%")
     parser.add_argument("--out", default="benchmarks/results/selective.json")
     args = parser.parse_args(argv)
@@ -71,6 +76,24 @@ def main(argv: list[str] | None = None) -> int:
                         param.grad = None
                     if step > 0:  # the first round is warm-up
                         measured[name].append(elapsed_ms)
+        ratios = [
+            a / b
+            for a, b in zip(measured["with selective"], measured["without selective"], strict=True)
+        ]
+        ratio = statistics.median(ratios)
+        predicted_ratio = (
+            plans["with selective"].predicted_step_ms / plans["without selective"].predicted_step_ms
+        )
+        same = plans["with selective"].plan.actions == plans["without selective"].plan.actions
+        log.info(
+            "%s with/without selective: predicted %.3f, measured %.3f (median of %d per-round"
+            " ratios)%s",
+            budget,
+            predicted_ratio,
+            ratio,
+            len(ratios),
+            ", the same plan" if same else "",
+        )
         for name, result in plans.items():
             row = {
                 "budget": budget,
@@ -83,7 +106,16 @@ def main(argv: list[str] | None = None) -> int:
                 "measured_step_ms": statistics.median(measured[name]),
                 "samples_ms": measured[name],
                 "actions": sorted({str(a) for a in result.plan.actions.values()}),
+                "plan": {fqn: str(a) for fqn, a in result.plan.actions.items()},
             }
+            if name == "with selective":
+                row.update(
+                    predicted_ratio_to_without=predicted_ratio,
+                    measured_ratio_to_without=ratio,
+                    same_plan_as_without=same,
+                    at_least_as_fast_predicted=predicted_ratio <= 1.0,
+                    at_least_as_fast_measured=ratio <= 1.0 + NOISE_MARGIN,
+                )
             rows.append(row)
             log.info(
                 "%s %-18s predicted %.0f ms, measured %.0f ms, peak %d (budget %d)",

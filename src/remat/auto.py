@@ -97,9 +97,15 @@ def solve_measured(
 
     Returns the last result with ``measured_peak_bytes`` and ``iterations`` set; its status is
     ``INFEASIBLE`` when no plan fits, or when the measured peak still exceeds the budget after
-    ``max_iterations`` solves (a note says so).
+    ``max_iterations`` solves (a note says so). For ``"min"`` the least-peak plans with every
+    action, without segments and with whole units only are each measured, and the lowest
+    measured peak is the result (and its budget): the simulator's least peak is a prediction.
     """
     parsed = Budget.parse(budget)
+    if parsed.kind == "min":
+        return _least_measured(
+            model, example_inputs, prof, loss_fn=loss_fn, optimizer=optimizer, actions=actions
+        )
     result = solve(prof, parsed, actions=actions)
     budget_bytes = result.budget_bytes
     target = budget_bytes
@@ -132,6 +138,53 @@ def solve_measured(
             *result.notes,
             f"measured peak still above the budget after {max_iterations} solves",
         ],
+    )
+
+
+def _least_measured(
+    model: nn.Module,
+    example_inputs: Any,
+    prof: Profile,
+    *,
+    loss_fn: Callable[[Any], torch.Tensor] | None,
+    optimizer: str,
+    actions: Sequence[str],
+) -> SolveResult:
+    """``min``: the least-peak plans with every allowed action, without the multi-unit blocks
+    (``segment``, ``nested``: their peaks are the simulator's least certain, with skip tensors)
+    and with whole units only, each measured; the lowest measured peak wins (then the lowest
+    predicted time), and becomes the budget."""
+    subsets = [
+        list(actions),
+        [a for a in actions if a not in ("segment", "nested")],
+        [a for a in actions if a in ("keep", "recompute")],
+    ]
+    measured: list[tuple[int, float, SolveResult]] = []
+    seen: set[tuple[tuple[str, str], ...]] = set()
+    for subset in subsets:
+        if "keep" not in subset:
+            continue
+        result = solve(prof, "min", actions=subset)
+        key = tuple(sorted((fqn, str(a)) for fqn, a in result.plan.actions.items()))
+        if result.status == INFEASIBLE or key in seen:
+            continue
+        seen.add(key)
+        with apply_(model, result.plan):
+            peak = measure_step(model, example_inputs, loss_fn=loss_fn, optimizer=optimizer)
+        measured.append((peak.peak_bytes, result.predicted_step_ms or 0.0, result))
+    if not measured:
+        return solve(prof, "min", actions=actions)
+    peak_bytes, _, best = min(measured, key=lambda m: (m[0], m[1]))
+    note = (
+        f"min: the lowest measured peak of {len(measured)} least-peak plans"
+        f" ({', '.join(f'{m[0]:,}' for m in measured)} bytes)"
+    )
+    return dataclasses.replace(
+        best,
+        budget_bytes=peak_bytes,
+        measured_peak_bytes=peak_bytes,
+        iterations=len(measured),
+        notes=[*best.notes, note],
     )
 
 

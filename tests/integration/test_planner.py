@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import remat
+from remat.auto import solve_measured
 from remat.cli.main import main
 from remat.models import build_builtin
 from remat.profiling.step import measure_step
@@ -127,6 +128,18 @@ def test_auto_applies_a_plan_that_fits_and_keeps_gradients() -> None:
     ):
         assert torch.equal(a.grad, b.grad), n
     handle.remove()
+
+
+@pytest.mark.parametrize("name", ["unet", "gpt"])
+def test_min_is_the_lowest_measured_peak_of_the_least_peak_plans(name: str, profiles: dict) -> None:
+    built, prof = profiles[name]
+    result = solve_measured(built.model, built.example_inputs, prof, "min", loss_fn=built.loss_fn)
+    assert result.status != INFEASIBLE
+    assert result.budget_bytes == result.measured_peak_bytes == _measure(built, result.plan)
+    assert any("least-peak plans" in note for note in result.notes), result.notes
+    # Never above the lowest peak the whole-unit plans reach, which is one of those measured.
+    whole_units = remat.solve(prof, "min", actions=["keep", "recompute"]).plan
+    assert result.measured_peak_bytes <= _measure(built, whole_units)
 
 
 def test_auto_raises_when_no_plan_fits() -> None:
