@@ -54,7 +54,8 @@ def readme_block(result: BenchResult) -> str:
     lines.append(
         f"Measured {result.date[:10]}: {result.model} on {result.device} ({result.dtype}), torch"
         f" {result.torch_version}, {result.machine}{load}; {result.steps} timed steps per"
-        " strategy after a warm-up, interleaved, medians."
+        " strategy after a warm-up, interleaved, medians; overheads are medians of per-round"
+        " ratios to none."
     )
     lines += [f"Note: {note}" for note in result.notes]
     return "\n".join(lines)
