@@ -228,6 +228,50 @@ def test_oplog_names_a_filled_tensor_by_its_last_writer() -> None:
     assert not kept  # bernoulli_ filled the mask, div_ wrote it last: policies name div_
 
 
+def test_oplog_does_not_keep_a_tensor_read_before_its_last_write() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 4, requires_grad=True)
+    log = OpLog(policy_for("ops.relu_"))
+    kept: list[bool] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        kept.append(log.keep(tensor))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), log:
+        h = x * 3  # mul saves nothing for x's grad here but the constant
+        doubled = h * 2  # reads h before relu_ writes it: the replay needs h as it was then
+        h.relu_()  # saves its output
+        _ = doubled + h
+    assert kept == [False]
+    log2 = OpLog(policy_for("ops.relu_"))
+    kept.clear()
+    log = log2
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), log:
+        h = x * 3
+        h.relu_()  # nothing read h before: kept whole, handed out where mul made it
+        _ = h * 2
+    assert kept == [True]
+
+
+def test_oplog_keeps_a_tensor_another_in_place_op_only_reads() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 4, requires_grad=True)
+    log = OpLog(policy_for("ops.mm"))
+    kept: list[bool] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        kept.append(log.keep(tensor))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), log:
+        h = x @ x  # mm saves x twice (not made here)
+        acc = torch.zeros(4, 4)
+        acc.add_(h)  # reads h, writes acc: h is still mm's own output
+        y = h.sin()  # saves h
+    assert kept[-1] is True and y.shape == (4, 4)
+
+
 def test_oplog_does_not_keep_a_tensor_written_through_a_view() -> None:
     torch.manual_seed(0)
     x = torch.randn(4, 4, requires_grad=True)

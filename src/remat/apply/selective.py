@@ -367,6 +367,9 @@ class OpLog(TorchDispatchMode):
         """Kept in-place op key -> the ops that wrote the same memory before it (its creator
         first): a tensor made and then filled in place (dropout's mask: ``empty_like``,
         ``bernoulli_``, ``div_``) is kept as a whole, and the replay runs none of them."""
+        self.first_read: dict[int, int] = {}
+        """Storage id -> how many ops had written it when an op that does not write it first
+        read it."""
         self.covers: dict[tuple[Any, int], tuple[tuple[Any, int], ...]] = {}
         """After :meth:`finish`: kept op key -> every op the replay skips because of it."""
 
@@ -400,14 +403,25 @@ class OpLog(TorchDispatchMode):
         signature = _signature(arg_tensors)
         if not info.shape_only:  # empty_like(x) reads x's layout, not its values
             self.deps[key] = {w for sid in inputs for w in self._writers_of(sid)}
+        written: set[int | None] = set()
         if info.writes_inputs:
-            for leaf in arg_tensors:
-                writers = self._writers_of(_storage_id(leaf))
+            # An in-place op writes its first argument only; for other writers (out= variants)
+            # every argument is taken as written.
+            targets = arg_tensors[:1] if info.writes_self else arg_tensors
+            for leaf in targets:
+                sid = _storage_id(leaf)
+                writers = self._writers_of(sid)
                 if writers:
                     # An alias kept at this level may not share the output's version counter, so
                     # in-place writes into kept outputs are noted here.
                     self.overwritten.update(w for w in writers if w in self.kept)
                     writers.append(key)
+                    written.add(sid)
+        for sid in inputs - written:
+            if sid in self.writers and self._writers_of(sid):
+                # How many ops had written it when something first read it: a tensor read
+                # before its last write cannot be handed out whole, filled, in the replay.
+                self.first_read.setdefault(sid, len(self.writers[sid]))
 
         new = []
         for leaf in flat:
@@ -505,6 +519,8 @@ class OpLog(TorchDispatchMode):
             return False
         if any(w[0] is None or not op_writes_self(w[0]) for w in writers[1:]):
             return False
+        if self.first_read.get(sid, len(writers)) < len(writers):
+            return False  # read before its last write: the replay must see the earlier values
         _spec, leaves, _rng = entry
         if len(leaves) != 1 or not isinstance(leaves[0], _Leaf):
             return False
@@ -599,6 +615,7 @@ class OpLog(TorchDispatchMode):
         self.shapes.clear()
         self.chains.clear()
         self.rng_after.clear()
+        self.first_read.clear()
         return self.kept, skippable
 
 
