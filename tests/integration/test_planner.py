@@ -200,3 +200,17 @@ def test_cli_plan_needs_a_budget_for_auto(capsys: pytest.CaptureFixture[str]) ->
     with pytest.raises(SystemExit) as info:
         main(["plan", "gpt"])
     assert info.value.code == 2
+
+
+def test_recompute_cost_is_measured_against_the_kept_unit() -> None:
+    built = _build("mlp")
+    prof = remat.profile(built.model, built.example_inputs, loss_fn=built.loss_fn, repeats=2)
+    for unit in prof.units:
+        assert unit.forward_ms is not None and unit.recompute_ms is not None
+        # The replay and the checkpoint's own work: never less than the forward it replays.
+        assert unit.recompute_ms >= unit.forward_ms
+        assert unit.recompute_cost("measured") == unit.recompute_ms
+        assert unit.recompute_cost("flops") == float(unit.forward_flops)
+    assert remat.Profile.from_json(prof.to_json()) == prof
+    without = remat.profile(built.model, built.example_inputs, loss_fn=built.loss_fn, repeats=0)
+    assert all(unit.recompute_ms is None for unit in without.units)

@@ -133,6 +133,9 @@ class UnitProfile:
     """Live total when its backward starts, recomputed (before the replay)."""
     forward_ms: float | None = None
     backward_ms: float | None = None
+    recompute_ms: float | None = None
+    """What recomputing it added to its forward and backward, measured (the replay and the
+    checkpoint's own work); ``None``: not measured, the forward time stands in."""
     forward_flops: int = 0
     options: list[OptionProfile] = field(default_factory=list)
     """Measured ``selective:<policy>`` and ``offload`` options: for solver-chosen op sets, the
@@ -144,6 +147,8 @@ class UnitProfile:
 
     def recompute_cost(self, time_source: str) -> float:
         """What recomputing this unit costs: ms, or FLOPs when no time was measured."""
+        if time_source in TIMED_SOURCES and self.recompute_ms is not None:
+            return self.recompute_ms
         if time_source in TIMED_SOURCES and self.forward_ms is not None:
             return self.forward_ms
         return float(self.forward_flops)

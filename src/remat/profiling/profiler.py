@@ -390,6 +390,7 @@ def profile(
     names = {"K": "every unit kept", "R": "every unit recomputed", "S": "one segment"}
     times: tuple[Any, list[Any], list[Any]] = (None, [None] * n, [None] * n)
     option_times: dict[str, tuple[float, list[float], list[float]]] = {}
+    recompute_times: tuple[Any, list[Any], list[Any]] | None = None
     with preserved_state(model):  # profiling runs optimizer steps; it must not train the model
         for number, (key, plan) in enumerate(plans.items(), start=1):
             say(f"profile: tracked step {number}/{3 + len(option_actions)} ({names[key]})")
@@ -435,8 +436,7 @@ def profile(
         if device.type != "meta" and repeats > 0:
             say(f"profile: timing {warmup} warm-up and {repeats} measured steps")
             timed_options = [a for a in option_actions if a.startswith("selective:")]
-            if timed_options:
-                say(f"profile: timing {len(timed_options)} options, interleaved")
+            say(f"profile: timing recompute and {len(timed_options)} options, interleaved")
             timed = _time_steps(
                 model,
                 example_inputs,
@@ -447,12 +447,15 @@ def profile(
                 warmup,
                 repeats,
                 plans=[
-                    Plan(actions=dict.fromkeys(unit_fqns, action), units=unit_fqns)
-                    for action in timed_options
+                    plans["R"],
+                    *(
+                        Plan(actions=dict.fromkeys(unit_fqns, action), units=unit_fqns)
+                        for action in timed_options
+                    ),
                 ],
             )
-            times = timed[0]
-            option_times = dict(zip(timed_options, timed[1:], strict=True))
+            times, recompute_times = timed[0], timed[1]
+            option_times = dict(zip(timed_options, timed[2:], strict=True))
     none_peak, _, k_units, _, fo_k = runs["K"]
     full_peak, _, _, _, fo_r = runs["R"]
     _, _, _, s_freed, fo_s = runs["S"]
@@ -541,6 +544,7 @@ def profile(
                 ),
                 forward_ms=times[1][j],
                 backward_ms=times[2][j],
+                recompute_ms=_recompute_ms(times, recompute_times, j),
                 forward_flops=flops[j],
             )
         )
@@ -611,6 +615,20 @@ def profile(
         optimizer_start_bytes=optimizer_mark.start_bytes if optimizer_mark else None,
     )
     return per_rank(result, world_size=world_size, fsdp=fsdp)
+
+
+def _recompute_ms(
+    kept: tuple[Any, list[Any], list[Any]],
+    recomputed: tuple[Any, list[Any], list[Any]] | None,
+    j: int,
+) -> float | None:
+    """What recomputing unit ``j`` added to its forward and backward, from the timed rounds
+    (every unit recomputed against every unit kept); never less than its forward time."""
+    forward_ms, backward_ms = kept[1][j], kept[2][j]
+    if recomputed is None or forward_ms is None or backward_ms is None:
+        return None
+    extra_ms = recomputed[1][j] + recomputed[2][j] - forward_ms - backward_ms
+    return max(forward_ms, extra_ms)
 
 
 def _parameters(model: nn.Module, unit_fqns: list[str]) -> list[dict[str, Any]]:
