@@ -639,24 +639,6 @@ def test_replay_that_runs_other_ops_than_the_forward_is_refused_by_name() -> Non
 # ------------------------------------------------------------------ save sets for the profile
 
 
-def test_candidates_count_what_a_kept_op_covers() -> None:
-    from remat.profiling.options import op_set_candidates
-
-    empty, bern, div, gelu = (
-        aten.empty_like.default,
-        aten.bernoulli_.float,
-        aten.div_.Scalar,
-        aten.gelu.default,
-    )
-    times = [{(empty, 0): (0.1, 0), (bern, 0): (9.0, 0), (div, 0): (0.5, 0), (gelu, 0): (2.0, 0)}]
-    kept = [{(div, 0): 400, (gelu, 0): 400}]
-    # Alone, div_ is cheaper to replay per byte than gelu...
-    assert op_set_candidates(times, kept, count=1) == ["ops.gelu"]
-    # ... but keeping the mask saves drawing it again: bernoulli_ counts for div_.
-    covers = [{(div, 0): ((div, 0), (empty, 0), (bern, 0))}]
-    assert op_set_candidates(times, kept, count=1, covers=covers) == ["ops.div_"]
-
-
 def test_kept_by_policy_reports_the_covers_of_a_dropout_mask() -> None:
     from remat.profiling.options import kept_by_policy
 
@@ -668,3 +650,43 @@ def test_kept_by_policy_reports_the_covers_of_a_dropout_mask() -> None:
     (key,) = kept[0]
     assert op_name(key[0]) == "div_" and kept[0][key] == 4 * 8 * 4
     assert sorted(op_name(k[0]) for k in covers[0][key]) == ["bernoulli_", "div_", "empty_like"]
+
+
+def test_save_sets_follow_what_the_replay_must_run() -> None:
+    from remat.apply.selective import replayed_by
+    from remat.profiling.options import kept_by_policy, save_set_candidates, time_unit_ops
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.LayerNorm(16)
+            self.fc = nn.Linear(16, 64)
+            self.out = nn.Linear(64, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = x + self.out(nn.functional.gelu(self.fc(x)))  # residual: the next norm saves h
+            return self.norm(h)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Block(), Block())
+    inputs = (torch.randn(32, 16, requires_grad=True),)
+    everything = "ops." + ".".join(
+        sorted({op_name(k[0]) for unit in time_unit_ops(model, inputs, [*model]) for k in unit})
+    )
+    graphs: list[Any] = []
+    kept = kept_by_policy(model, inputs, ["0", "1"], everything, graphs=graphs)
+    names = {op_name(k[0]) for unit in kept for k in unit}
+    assert {"addmm", "gelu", "add", "native_layer_norm"} <= names
+    graph = graphs[0]
+    assert replayed_by(graph, names) == set()  # everything kept: nothing runs again
+    # Without the residual add's output, the replay runs the add, and the second linear layer
+    # (its input, the GELU's output, is kept) but not the first.
+    again = {op_name(k[0]) for k in replayed_by(graph, names - {"add"})}
+    assert "add" in again and "gelu" not in again
+    without_gelu = {op_name(k[0]) for k in replayed_by(graph, names - {"gelu"})}
+    assert without_gelu == {"gelu"}
+    # Made-up op times: every op 1 ms. Dropping gelu frees its bytes for 1 ms; dropping add costs
+    # the add and the addmm behind it. The first set drops gelu, never add before it.
+    times = [{k: (1.0, 0) for k in graph.deps} for graph in graphs]
+    (first,) = save_set_candidates(times, graphs, count=1)
+    assert "add" in first.split(".")[1:] and "gelu" not in first.split(".")[1:]

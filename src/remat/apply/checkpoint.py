@@ -22,6 +22,7 @@ saved-tensor hooks that move what it saves to host memory.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import weakref
@@ -388,6 +389,8 @@ class Region:
         """``selective``: per op key kept by the last call, the bytes of its output."""
         self.last_replayed: set[Any] = set()
         """``selective``: the op keys the last call's replay runs (views aside)."""
+        self.last_graph: Any = None
+        """``selective``: the last call's :class:`~remat.apply.selective.ReplayGraph`."""
         self.last_covers: dict[Any, tuple[Any, ...]] = {}
         """``selective``: per op key kept by the last call, the ops the replay skips for it
         (itself; for a tensor filled in place, also its creator and the writers before it)."""
@@ -455,6 +458,9 @@ class Region:
                     key: _output_bytes(value) for key, value in log.kept_outputs.items()
                 }
                 region.last_covers = dict(log.covers)
+                region.last_graph = dataclasses.replace(
+                    log.graph, kept_bytes=dict(region.last_kept_bytes)
+                )
                 region.last_replayed = set(log.needed)
             changed = [(b, old) for b, version, old in before if tensor_version(b) != version]
             region.learn_buffers(position, [b for b, _ in changed])

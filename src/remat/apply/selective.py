@@ -35,6 +35,7 @@ from __future__ import annotations
 import weakref
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -58,9 +59,11 @@ __all__ = [
     "Offloader",
     "OpLog",
     "ReplayCache",
+    "ReplayGraph",
     "eager_policy",
     "op_name",
     "policy_for",
+    "replayed_by",
 ]
 
 MATMUL_OPS = frozenset({"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "_addmm_activation"})
@@ -279,6 +282,53 @@ def _storage_id(tensor: torch.Tensor) -> int | None:
         return None
 
 
+@dataclass(frozen=True)
+class ReplayGraph:
+    """What one selective unit call's replay must run, for any save set: the ops each op read
+    from (``deps``), the ops it always runs (random draws not kept, ops returning Python values),
+    the ops whose saved outputs could not be kept whatever the policy (``forced``), and per kept
+    op its bytes and the ops keeping it covers. :func:`replayed_by` walks it.
+    """
+
+    deps: dict[Any, frozenset[Any]]
+    always: frozenset[Any]
+    forced: frozenset[Any]
+    kept_bytes: dict[Any, int]
+    covers: dict[Any, tuple[Any, ...]]
+
+
+def replayed_by(graph: ReplayGraph, names: frozenset[str] | set[str]) -> set[Any]:
+    """The ops a replay runs when only the kept ops named in ``names`` stay kept (the graph is
+    from a call that kept everything it could): the closure, through ``deps``, of the saved
+    outputs no longer kept, the forced ones and the ops that always run, stopping at kept ops.
+
+    Example:
+        >>> a, b, c = ("a", 0), ("b", 0), ("c", 0)  # c reads b, b reads a; a and c are saved
+        >>> graph = ReplayGraph(deps={b: frozenset({a}), c: frozenset({b})}, always=frozenset(),
+        ...     forced=frozenset(), kept_bytes={a: 4, c: 4}, covers={a: (a,), c: (c,)})
+        >>> sorted(k[0] for k in replayed_by(graph, {"a"}))  # c again, from b, from kept a
+        ['b', 'c']
+        >>> sorted(k[0] for k in replayed_by(graph, set()))
+        ['a', 'b', 'c']
+    """
+    done: set[Any] = set()
+    roots: list[Any] = []
+    for key in graph.kept_bytes:
+        if op_name(key[0]) in names:
+            done.update(graph.covers.get(key, (key,)))
+        else:
+            roots.append(key)
+    needed: set[Any] = set()
+    stack = [k for k in (*roots, *graph.forced, *graph.always) if k not in done]
+    while stack:
+        key = stack.pop()
+        if key in needed:
+            continue
+        needed.add(key)
+        stack.extend(d for d in graph.deps.get(key, ()) if d not in needed and d not in done)
+    return needed
+
+
 class _Skip:
     """Replay entry of an op whose in-place write into a kept tensor is already in it."""
 
@@ -433,6 +483,7 @@ class OpLog(TorchDispatchMode):
                 if known is None or known[1]() is None:  # new (ids of dead storages are reused)
                     self.created[sid] = (key, weakref.ref(leaf.untyped_storage()))
                     self.writers[sid] = [key]
+                    self.first_read.pop(sid, None)  # what a dead storage of this id saw
                     new.append(sid)
         tensors = [x for x in flat if isinstance(x, torch.Tensor)]
         if len(tensors) != len(flat) or not tensors or info.random:
@@ -605,6 +656,13 @@ class OpLog(TorchDispatchMode):
             for writer in (*chain[1:], key):
                 replay[writer] = _Skip(self.rng_after.get(writer), self.signatures.get(writer))
         self.needed = needed
+        self.graph = ReplayGraph(
+            deps={k: frozenset(v) for k, v in self.deps.items()},
+            always=frozenset(self.always),
+            forced=frozenset(self.needed_roots - done),
+            kept_bytes={},
+            covers=dict(self.covers),
+        )
         self.kept = replay
         self.created.clear()
         self.saveable.clear()

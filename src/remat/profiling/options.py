@@ -4,9 +4,10 @@
   numbered as the selective engine numbers them (overload and call index within the unit call);
 - :func:`kept_by_policy` runs one forward under a ``selective`` plan and reports, per unit, which
   ops' outputs it kept and their bytes;
-- :func:`op_set_candidates` turns those into the save sets worth measuring: per op, the replay time
-  that keeping its outputs saves per byte kept, best first, cut at fractions of what could be kept
-  (the Pareto frontier of a knapsack with additive weights, sampled);
+- :func:`save_set_candidates` turns those into the save sets worth measuring: from keeping every
+  op, drop the op name whose outputs free the most bytes for the least replay time, the replay
+  walked through the unit's :class:`~remat.apply.selective.ReplayGraph`, and take the sets at
+  fractions of what could be freed;
 - :func:`copy_bandwidth` measures the host link (CUDA: pinned host to device) or, on the CPU, a
   memory copy, for the cost of ``offload``.
 
@@ -26,11 +27,16 @@ from torch import nn
 
 from remat._compat import TorchDispatchMode, flop_formula
 from remat.apply.apply import apply_
-from remat.apply.selective import op_name
+from remat.apply.selective import ReplayGraph, op_name, replayed_by
 from remat.apply.units import call_model
 from remat.plan import Plan
 
-__all__ = ["copy_bandwidth", "kept_by_policy", "op_set_candidates", "time_unit_ops"]
+__all__ = [
+    "copy_bandwidth",
+    "kept_by_policy",
+    "save_set_candidates",
+    "time_unit_ops",
+]
 
 OpKey = tuple[Any, int]
 
@@ -108,12 +114,13 @@ def kept_by_policy(
     policy: str,
     *,
     covers: list[dict[OpKey, tuple[OpKey, ...]]] | None = None,
+    graphs: list[ReplayGraph] | None = None,
 ) -> list[dict[OpKey, int]]:
     """Per unit, the ops whose outputs ``selective:<policy>`` keeps in one forward, and their bytes.
 
     ``covers``, if given, is filled with one dict per unit: kept op -> the ops the replay skips
     for it (itself; for a tensor filled in place, such as dropout's mask, also the ops that made
-    and filled it).
+    and filled it). ``graphs``, if given, with each unit's :class:`ReplayGraph`.
 
     Example:
         >>> import torch
@@ -130,63 +137,72 @@ def kept_by_policy(
         regions = [modules[fqn].__dict__["forward"].__remat_region__ for fqn in unit_fqns]
         if covers is not None:
             covers[:] = [dict(region.last_covers) for region in regions]
+        if graphs is not None:
+            graphs[:] = [region.last_graph for region in regions]
         return [dict(region.last_kept_bytes) for region in regions]
 
 
-def op_set_candidates(
+def save_set_candidates(
     op_times: Sequence[dict[OpKey, tuple[float, int]]],
-    kept: Sequence[dict[OpKey, int]],
+    graphs: Sequence[ReplayGraph],
     *,
     count: int = 2,
     time_source: str = "measured",
-    covers: Sequence[dict[OpKey, tuple[OpKey, ...]]] | None = None,
 ) -> list[str]:
-    """``selective`` policies (``ops.<op>...``) worth measuring: ops ranked by the replay time
-    their kept outputs save per byte, cut where the kept bytes reach 1/(count+1), 2/(count+1)...
-    of all that can be kept. With ``covers`` (from :func:`kept_by_policy`), keeping an op saves
-    the time of every op it covers (a dropout mask's ``div_`` saves its ``bernoulli_`` too).
+    """``selective`` policies (``ops.<op>...``) worth measuring, from each unit's replay graph
+    (:func:`kept_by_policy` with every op named): starting from keeping every op, drop the op
+    whose outputs free the most bytes for the least replay time added, where the replay time is
+    that of every op the replay must then run (:func:`~remat.apply.selective.replayed_by`: a
+    norm's saved input may need the residual stream, and with it the attention output, run
+    again). The sets where the freed bytes first reach 1/(count+1), 2/(count+1)... of all are
+    returned.
 
     Example:
-        >>> mm, gelu, add = (torch.ops.aten.mm.default, torch.ops.aten.gelu.default,
-        ...                  torch.ops.aten.add.Tensor)
-        >>> times = [{(mm, 0): (5.0, 100), (gelu, 0): (1.0, 0), (add, 0): (0.1, 0)}]
-        >>> kept = [{(mm, 0): 400, (gelu, 0): 400, (add, 0): 400}]
-        >>> op_set_candidates(times, kept, count=2)
-        ['ops.mm', 'ops.gelu.mm']
+        >>> from remat.apply.selective import ReplayGraph
+        >>> mm, gelu, add = ("mm", 0), ("gelu", 0), ("add", 0)
+        >>> # add's output and gelu's are saved; add reads mm's, which nothing saves
+        >>> graph = ReplayGraph(deps={add: frozenset({mm})}, always=frozenset(),
+        ...     forced=frozenset(), kept_bytes={gelu: 400, add: 400},
+        ...     covers={gelu: (gelu,), add: (add,)})
+        >>> times = [{mm: (5.0, 0), gelu: (1.0, 0), add: (0.1, 0)}]
+        >>> save_set_candidates(times, [graph], count=1)  # replaying add means mm too: keep it
+        ['ops.add']
     """
-    per_op_bytes: dict[str, int] = defaultdict(int)
-    per_op_cost: dict[str, float] = defaultdict(float)
-    unit_covers = list(covers) if covers is not None else [{} for _ in kept]
-    for unit_times, unit_kept, unit_cover in zip(op_times, kept, unit_covers, strict=True):
-        for key, nbytes in unit_kept.items():
-            name = op_name(key[0])
-            per_op_bytes[name] += nbytes
-            for covered in unit_cover.get(key, (key,)):
-                ms, flops = unit_times.get(covered, (0.0, 0))
-                per_op_cost[name] += ms if time_source == "measured" else flops
-    total = sum(per_op_bytes.values())
+
+    def cost(unit_times: dict[OpKey, tuple[float, int]], key: OpKey) -> float:
+        ms, flops = unit_times.get(key, (0.0, 0))
+        return ms if time_source == "measured" else float(flops)
+
+    names = {op_name(key[0]) for graph in graphs for key in graph.kept_bytes}
+
+    def evaluate(chosen: set[str]) -> tuple[float, int]:
+        replay = 0.0
+        kept = 0
+        for unit_times, graph in zip(op_times, graphs, strict=True):
+            replay += sum(cost(unit_times, key) for key in replayed_by(graph, chosen))
+            kept += sum(b for key, b in graph.kept_bytes.items() if op_name(key[0]) in chosen)
+        return replay, kept
+
+    chosen = set(names)
+    replay, kept = evaluate(chosen)
+    total = kept
     if total == 0:
         return []
-    ranked = sorted(
-        (name for name in per_op_bytes if per_op_cost[name] > 0),
-        key=lambda name: (-per_op_cost[name] / max(per_op_bytes[name], 1), name),
-    )
-    candidates: list[str] = []
-    chosen: list[str] = []
-    cumulative = 0
     cuts = [total * (k + 1) / (count + 1) for k in range(count)]
-    for name in ranked:
-        chosen.append(name)
-        cumulative += per_op_bytes[name]
-        while cuts and cumulative >= cuts[0]:
+    candidates: list[str] = []
+    while chosen and cuts:
+        options = []
+        for name in sorted(chosen):
+            r, k = evaluate(chosen - {name})
+            options.append(((r - replay) / max(kept - k, 1), -(kept - k), name, r, k))
+        _, _, name, replay, kept = min(options)
+        chosen.discard(name)
+        while cuts and total - kept >= cuts[0]:
             cuts.pop(0)
-            label = "ops." + ".".join(sorted(chosen))
-            if label not in candidates:
-                candidates.append(label)
-    if cuts and chosen:
-        label = "ops." + ".".join(sorted(chosen))
-        if label not in candidates:
-            candidates.append(label)
+            if chosen:
+                label = "ops." + ".".join(sorted(chosen))
+                if label not in candidates:
+                    candidates.append(label)
     return candidates[:count]
 
 

@@ -33,7 +33,7 @@ from remat.plan import Action, Plan
 from remat.profiling.options import (
     copy_bandwidth,
     kept_by_policy,
-    op_set_candidates,
+    save_set_candidates,
     time_unit_ops,
 )
 from remat.profiling.step import (
@@ -405,15 +405,15 @@ def profile(
             op_times = time_unit_ops(model, example_inputs, unit_modules)
         if "selective:auto" in option_actions:
             every_op = sorted({op_name(key[0]) for unit in op_times for key in unit})
-            covers: list[dict[Any, tuple[Any, ...]]] = []
-            kept_all = kept_by_policy(
-                model, example_inputs, unit_fqns, "ops." + ".".join(every_op), covers=covers
+            graphs: list[Any] = []
+            kept_by_policy(
+                model, example_inputs, unit_fqns, "ops." + ".".join(every_op), graphs=graphs
             )
-            auto = op_set_candidates(
+            auto = save_set_candidates(
                 op_times,
-                kept_all,
+                graphs,
+                count=AUTO_SAVE_SETS,
                 time_source="measured" if device.type != "meta" else "flops",
-                covers=covers,
             )
             index = option_actions.index("selective:auto")
             option_actions[index : index + 1] = [
@@ -645,6 +645,9 @@ def _parameters(model: nn.Module, unit_fqns: list[str]) -> list[dict[str, Any]]:
     return found
 
 
+AUTO_SAVE_SETS = 4
+"""How many solver-chosen save sets ``selective:auto`` measures (at a fifth, two fifths... of
+the bytes that can be freed): each is one more tracked step and one more step per timed round."""
 _DEFAULT_OPTIONS = ("selective:save_matmuls", "selective:megatron", "selective:auto")
 
 
