@@ -228,25 +228,30 @@ def test_oplog_names_a_filled_tensor_by_its_last_writer() -> None:
     assert not kept  # bernoulli_ filled the mask, div_ wrote it last: policies name div_
 
 
+def _recording_keep(log_of: Any) -> tuple[Any, list[bool]]:
+    """A pack hook asking the op log ``log_of()`` to keep every saved tensor; what it answered."""
+    answers: list[bool] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        answers.append(log_of().keep(tensor))
+        return tensor
+
+    return pack, answers
+
+
 def test_oplog_does_not_keep_a_tensor_read_before_its_last_write() -> None:
     torch.manual_seed(0)
     x = torch.randn(4, 4, requires_grad=True)
     log = OpLog(policy_for("ops.relu_"))
-    kept: list[bool] = []
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        kept.append(log.keep(tensor))
-        return tensor
-
+    pack, kept = _recording_keep(lambda: log)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), log:
         h = x * 3  # mul saves nothing for x's grad here but the constant
         doubled = h * 2  # reads h before relu_ writes it: the replay needs h as it was then
         h.relu_()  # saves its output
         _ = doubled + h
     assert kept == [False]
-    log2 = OpLog(policy_for("ops.relu_"))
+    log = OpLog(policy_for("ops.relu_"))
     kept.clear()
-    log = log2
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), log:
         h = x * 3
         h.relu_()  # nothing read h before: kept whole, handed out where mul made it
@@ -258,12 +263,7 @@ def test_oplog_keeps_a_tensor_another_in_place_op_only_reads() -> None:
     torch.manual_seed(0)
     x = torch.randn(4, 4, requires_grad=True)
     log = OpLog(policy_for("ops.mm"))
-    kept: list[bool] = []
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        kept.append(log.keep(tensor))
-        return tensor
-
+    pack, kept = _recording_keep(lambda: log)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), log:
         h = x @ x  # mm saves x twice (not made here)
         acc = torch.zeros(4, 4)
@@ -276,12 +276,7 @@ def test_oplog_does_not_keep_a_tensor_written_through_a_view() -> None:
     torch.manual_seed(0)
     x = torch.randn(4, 4, requires_grad=True)
     log = OpLog(policy_for("ops.fill_.empty_like"))
-    saved: list[bool] = []
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        saved.append(log.keep(tensor))
-        return tensor
-
+    pack, saved = _recording_keep(lambda: log)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), log:
         scale = torch.empty_like(x)
         scale.fill_(2.0)
@@ -645,11 +640,12 @@ def test_kept_by_policy_reports_the_covers_of_a_dropout_mask() -> None:
     torch.manual_seed(0)
     block = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5))
     model = nn.Sequential(block)
-    covers: list[dict[Any, tuple[Any, ...]]] = []
-    kept = kept_by_policy(model, (torch.randn(4, 8),), ["0"], "ops.div_", covers=covers)
+    graphs: list[Any] = []
+    kept = kept_by_policy(model, (torch.randn(4, 8),), ["0"], "ops.div_", graphs=graphs)
     (key,) = kept[0]
     assert op_name(key[0]) == "div_" and kept[0][key] == 4 * 8 * 4
-    assert sorted(op_name(k[0]) for k in covers[0][key]) == ["bernoulli_", "div_", "empty_like"]
+    covered = graphs[0].covers[key]
+    assert sorted(op_name(k[0]) for k in covered) == ["bernoulli_", "div_", "empty_like"]
 
 
 def test_save_sets_follow_what_the_replay_must_run() -> None:

@@ -391,9 +391,6 @@ class Region:
         """``selective``: the op keys the last call's replay runs (views aside)."""
         self.last_graph: Any = None
         """``selective``: the last call's :class:`~remat.apply.selective.ReplayGraph`."""
-        self.last_covers: dict[Any, tuple[Any, ...]] = {}
-        """``selective``: per op key kept by the last call, the ops the replay skips for it
-        (itself; for a tensor filled in place, also its creator and the writers before it)."""
         self.last_offloaded_bytes = 0
         """``offload``: bytes the last call sent to host memory."""
         self._open: _Frame | None = None
@@ -457,7 +454,6 @@ class Region:
                 region.last_kept_bytes = {
                     key: _output_bytes(value) for key, value in log.kept_outputs.items()
                 }
-                region.last_covers = dict(log.covers)
                 region.last_graph = dataclasses.replace(
                     log.graph, kept_bytes=dict(region.last_kept_bytes)
                 )

@@ -318,14 +318,20 @@ def replayed_by(graph: ReplayGraph, names: frozenset[str] | set[str]) -> set[Any
             done.update(graph.covers.get(key, (key,)))
         else:
             roots.append(key)
+    return _closure([*roots, *graph.forced, *graph.always], graph.deps, done)
+
+
+def _closure(starts: Any, deps: dict[Any, Any], done: set[Any]) -> set[Any]:
+    """The ops a replay must run to produce ``starts``: them and, through ``deps``, what they
+    read, except what ``done`` (kept, or covered by a kept op) already holds."""
     needed: set[Any] = set()
-    stack = [k for k in (*roots, *graph.forced, *graph.always) if k not in done]
+    stack = [k for k in starts if k not in done]
     while stack:
         key = stack.pop()
         if key in needed:
             continue
         needed.add(key)
-        stack.extend(d for d in graph.deps.get(key, ()) if d not in needed and d not in done)
+        stack.extend(d for d in deps.get(key, ()) if d not in needed and d not in done)
     return needed
 
 
@@ -568,7 +574,7 @@ class OpLog(TorchDispatchMode):
         layout = self.shapes.get(creator)
         if entry is None or layout is None or len(layout[1]) != 1:
             return False
-        if any(w[0] is None or not op_writes_self(w[0]) for w in writers[1:]):
+        if not all(op_writes_self(w[0]) for w in writers[1:]):
             return False
         if self.first_read.get(sid, len(writers)) < len(writers):
             return False  # read before its last write: the replay must see the earlier values
@@ -623,14 +629,7 @@ class OpLog(TorchDispatchMode):
                 self.chains.pop(key, None)
         covered = {k for key in self.kept for k in self.chains.get(key, ())}
         done = covered | set(self.kept)
-        needed: set[tuple[Any, int]] = set()
-        stack = [k for k in (self.needed_roots | self.always) if k not in done]
-        while stack:
-            key = stack.pop()
-            if key in needed:
-                continue
-            needed.add(key)
-            stack.extend(d for d in self.deps.get(key, ()) if d not in needed and d not in done)
+        needed = _closure(self.needed_roots | self.always, self.deps, done)
         skippable = {
             key: (*shapes, self.signatures.get(key))
             for key, shapes in self.shapes.items()

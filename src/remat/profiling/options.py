@@ -113,14 +113,13 @@ def kept_by_policy(
     unit_fqns: Sequence[str],
     policy: str,
     *,
-    covers: list[dict[OpKey, tuple[OpKey, ...]]] | None = None,
     graphs: list[ReplayGraph] | None = None,
 ) -> list[dict[OpKey, int]]:
     """Per unit, the ops whose outputs ``selective:<policy>`` keeps in one forward, and their bytes.
 
-    ``covers``, if given, is filled with one dict per unit: kept op -> the ops the replay skips
-    for it (itself; for a tensor filled in place, such as dropout's mask, also the ops that made
-    and filled it). ``graphs``, if given, with each unit's :class:`ReplayGraph`.
+    ``graphs``, if given, is filled with each unit's :class:`ReplayGraph` (with, per kept op,
+    the ops keeping it covers: for a tensor filled in place, such as dropout's mask, also the ops
+    that made and filled it).
 
     Example:
         >>> import torch
@@ -135,8 +134,6 @@ def kept_by_policy(
     with apply_(model, plan):
         call_model(model, example_inputs)
         regions = [modules[fqn].__dict__["forward"].__remat_region__ for fqn in unit_fqns]
-        if covers is not None:
-            covers[:] = [dict(region.last_covers) for region in regions]
         if graphs is not None:
             graphs[:] = [region.last_graph for region in regions]
         return [dict(region.last_kept_bytes) for region in regions]

@@ -434,9 +434,11 @@ def profile(
                 replayed[action] = [set(r.last_replayed) for r in regions]
                 offloaded[action] = [r.last_offloaded_bytes for r in regions]
         if device.type != "meta" and repeats > 0:
-            say(f"profile: timing {warmup} warm-up and {repeats} measured steps")
             timed_options = [a for a in option_actions if a.startswith("selective:")]
-            say(f"profile: timing recompute and {len(timed_options)} options, interleaved")
+            say(
+                f"profile: timing {warmup} warm-up and {repeats} measured rounds (unplanned,"
+                f" recomputed and {len(timed_options)} options, interleaved)"
+            )
             timed = _time_steps(
                 model,
                 example_inputs,
