@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from remat.cli.main import main
+from remat.units import parse_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_GPT = [
@@ -192,3 +193,29 @@ def test_plan_per_rank_under_fsdp(capsys: pytest.CaptureFixture[str]) -> None:
         with pytest.raises(SystemExit) as exit_info:
             main(["plan", "gpt", *TINY_GPT, *wrong])
         assert exit_info.value.code == 2
+
+
+def test_plan_lines_show_what_each_block_holds_and_costs(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Each line is one block of the plan with what it holds under its own action: a recomputed
+    block holds far less than a kept one (the old output printed every unit's kept bytes)."""
+    import doctest
+
+    import remat.cli._common
+
+    assert doctest.testmod(remat.cli._common, optionflags=doctest.NORMALIZE_WHITESPACE).failed == 0
+    four = [*TINY_GPT, "--set", "n_layer=4"]
+    assert main(["plan", "gpt", *four, "--strategy", "every_n:2", "--no-measure"]) == 0
+    out = capsys.readouterr().out
+    rows = {}
+    for line in out.splitlines():
+        words = line.split()
+        if len(words) == 8 and words[2] == "holds" and words[5] == "costs":
+            rows[words[0]] = (words[1], parse_bytes(f"{words[3]} {words[4]}"))
+    assert set(rows) == {"blocks.0", "blocks.1", "blocks.2", "blocks.3"}, out
+    actions = {fqn: action for fqn, (action, _) in rows.items()}
+    assert sorted(actions.values()) == ["keep", "keep", "recompute", "recompute"], out
+    kept = [held for action, held in rows.values() if action == "keep"]
+    recomputed = [held for action, held in rows.values() if action == "recompute"]
+    assert max(recomputed) * 4 < min(kept), out

@@ -6,6 +6,10 @@ import json
 import sys
 from typing import Any
 
+from remat.cost.model import TIMED_SOURCES, Profile, block_cost, blocks_of
+from remat.plan import Plan
+from remat.units import format_bytes, format_ms
+
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -20,6 +24,48 @@ def emit_json(payload: Any) -> None:
     """Write one JSON document to stdout."""
     json.dump(payload, sys.stdout, indent=2, sort_keys=False)
     sys.stdout.write("\n")
+
+
+def plan_lines(profile: Profile, plan: Plan) -> list[str]:
+    """One line per block of ``plan`` (a unit, or the units of a segment): its action, what it
+    holds for backward (what it adds to the live total until its backward, as the simulator counts
+    it) and what it costs (ms, or forward FLOPs for a profile without times).
+
+    Example:
+        >>> from remat.cost.model import example_profile
+        >>> plan = Plan(actions={"b.1": "segment:a", "b.2": "segment:a", "b.3": "recompute"})
+        >>> for line in plan_lines(example_profile(4), plan):
+        ...     print(line)
+          b.0       keep       holds      100 B  costs    0.000 ms
+          b.1..b.2  segment    holds       10 B  costs      2.0 ms
+          b.3       recompute  holds       10 B  costs      1.0 ms
+    """
+    fqns = profile.unit_fqns
+    timed = profile.time_source in TIMED_SOURCES
+    rows = []
+    for block in blocks_of(profile, plan):
+        cost = block_cost(profile, block)
+        name = (
+            fqns[block.start]
+            if block.start == block.end
+            else (f"{fqns[block.start]}..{fqns[block.end]}")
+        )
+        if block.kind == "keep":
+            action = "keep"
+        elif block.kind == "option":
+            action = block.action or ""
+        elif block.start == block.end:
+            action = "recompute"
+        else:
+            action = "segment" if block.kind == "replay" else "nested"
+        spent = format_ms(cost.cost) if timed else f"{cost.cost / 1e9:.3g} GFLOP"
+        rows.append((name, action, format_bytes(cost.delta_bytes), spent))
+    name_width = max(len(r[0]) for r in rows)
+    action_width = max(len(r[1]) for r in rows)
+    return [
+        f"  {name.ljust(name_width)}  {action.ljust(action_width)}  holds {held:>10}  costs {spent:>11}"
+        for name, action, held, spent in rows
+    ]
 
 
 def add_model_arguments(parser: Any) -> None:

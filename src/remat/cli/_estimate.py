@@ -13,7 +13,7 @@ import argparse
 import sys
 from typing import Any
 
-from remat.cli._common import EXIT_INFEASIBLE, EXIT_OK, UsageError, emit_json
+from remat.cli._common import EXIT_INFEASIBLE, EXIT_OK, UsageError, emit_json, plan_lines
 from remat.units import format_bytes, format_ms
 
 
@@ -228,12 +228,8 @@ def _print_human(args: argparse.Namespace, result: Any, spec: Any, chart: str | 
     if solved is None or prof is None:
         return
     print()
-    width = max(len(u.fqn) for u in prof.units)
-    for unit in prof.units:
-        print(
-            f"  {unit.fqn.ljust(width)}  {solved.plan.action_for(unit.fqn)!s:<14} keeps"
-            f" {format_bytes(unit.keep_bytes):>10}  forward {format_ms(unit.forward_ms)}"
-        )
+    for line in plan_lines(prof, solved.plan):
+        print(line)
     print()
     print(f"status:         {solved.status}")
     print(

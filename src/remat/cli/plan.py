@@ -13,6 +13,7 @@ from remat.cli._common import (
     add_model_arguments,
     emit_json,
     load_model_from_args,
+    plan_lines,
 )
 from remat.cli._estimate import add_estimate_arguments, run_estimate, wants_estimate
 from remat.solve.baselines import parse_strategy
@@ -256,15 +257,8 @@ def _print_human(payload: dict[str, Any], prof: Any, plan: Any) -> None:
             f" ({format_bytes(payload['budget_bytes'])})"
         )
     print()
-    width = max(len(u.fqn) for u in prof.units)
-    action_width = max(14, *(len(str(plan.action_for(u.fqn))) for u in prof.units))
-    for unit in prof.units:
-        action = str(plan.action_for(unit.fqn))
-        print(
-            f"  {unit.fqn.ljust(width)}  {action:<{action_width}} keeps"
-            f" {format_bytes(unit.keep_bytes):>10}"
-            f"  forward {format_ms(unit.forward_ms)}"
-        )
+    for line in plan_lines(prof, plan):
+        print(line)
     print()
     measured = payload["measured_peak_bytes"]
     print(f"status:         {payload['status']}")
