@@ -230,6 +230,47 @@ def test_claims_follow_the_numbers() -> None:
     assert claims_of(below)["fits_where_peers_do_not"] == "fail"
 
 
+def test_failed_overhead_claims_say_whether_any_plan_could_pass() -> None:
+    """A failed claim names the solver's bound: noise (the bound is under the limit) reads
+    differently from a claim no plan can meet (the bound is over it), and a full whose peak is
+    the least any plan reaches is named as such. The status stays ``fail`` either way."""
+    rows = [
+        StrategyResult(strategy="none", kind="peer", peak_bytes=1000, samples_ms=[100.0]),
+        StrategyResult(strategy="full", kind="peer", peak_bytes=400, samples_ms=[140.0]),
+        StrategyResult(
+            strategy="remat:50%",
+            kind="remat",
+            budget="50%",
+            budget_bytes=600,
+            peak_bytes=590,
+            samples_ms=[112.0],
+            predicted_overhead=1.11,
+            overhead_bound=1.1,
+        ),
+        StrategyResult(
+            strategy="remat:@full",
+            kind="remat",
+            budget="@full",
+            budget_bytes=400,
+            peak_bytes=400,
+            samples_ms=[140.0],
+            min_peak_bytes=400,
+            overhead_bound=1.4,
+        ),
+    ]
+    summarize(rows)
+    claims = {c.name: c for c in check_claims(rows, check_dominance(rows))}
+    half, at_full = claims["overhead_at_50pct"], claims["overhead_at_full_memory"]
+    assert (half.status, at_full.status) == ("fail", "fail")
+    assert "no plan that fits is predicted under 1.100, above the limit" in half.detail
+    assert "full's peak is the least any plan reaches" in at_full.detail
+    rows[2].overhead_bound, rows[3].min_peak_bytes = 1.02, 300  # reachable: noise or the model
+    claims = {c.name: c for c in check_claims(rows, check_dominance(rows))}
+    assert "under 1.020)" in claims["overhead_at_50pct"].detail
+    assert "above the limit" not in claims["overhead_at_50pct"].detail
+    assert "above the limit" in claims["overhead_at_full_memory"].detail  # 1.4 > 0.9 * 1.4
+
+
 def test_bench_result_round_trips_and_refuses_other_json() -> None:
     rows = [row("none", 5, 1.0, samples_ms=[1.0], warmup_ms=[9.0])]
     result = BenchResult(model="m", results=rows, dominance=check_dominance(rows))
@@ -310,6 +351,11 @@ def test_bench_with_a_fake_clock_and_tracker() -> None:
     assert tail == first_round * 5
     assert result.steps == 3 and result.warmup_steps == 2
     assert {c.name for c in result.claims} >= {"pareto", "budgets_met"}
+    # every solved plan carries the solver's bound, which no plan's prediction undercuts
+    for row in result.results:
+        if row.kind == "remat" and row.status == "ok":
+            assert row.overhead_bound is not None and row.predicted_overhead is not None
+            assert 1.0 <= row.overhead_bound <= row.predicted_overhead + 1e-9, row.strategy
     # the model is left as it was: no plan installed, weights unchanged
     assert not any("forward" in child.__dict__ for child in model.children())
     fresh, _ = tiny_model()

@@ -88,6 +88,10 @@ class StrategyResult:
     solve_status: str | None = None
     min_peak_bytes: int | None = None
     """For remat plans: the least peak the solver predicts any plan reaches."""
+    overhead_bound: float | None = None
+    """For remat plans: the solver's lower bound on the overhead of any plan that fits the budget
+    (every action it may use, with the profile's measured costs); a claim below it cannot be met
+    by remat on this model and machine, whatever the noise."""
     same_as: str | None = None
     """An earlier strategy with exactly the same plan: measured once, reported under both names."""
     plan: dict[str, Any] | None = None
@@ -358,12 +362,20 @@ def check_claims(rows: Sequence[StrategyResult], dominance: Sequence[Dominance])
             )
         )
     else:
+        detail = f"remat:50% overhead {half.overhead:.3f}"
+        if half.predicted_overhead is not None:
+            detail += f" (predicted {half.predicted_overhead:.3f}"
+            if half.overhead_bound is not None:
+                detail += f"; no plan that fits is predicted under {half.overhead_bound:.3f}"
+                if half.overhead_bound > HALF_BUDGET_MAX_OVERHEAD:
+                    detail += ", above the limit: out of reach on this model and machine"
+            detail += ")"
         claims.append(
             Claim(
                 name="overhead_at_50pct",
                 statement=f"at the 50% budget remat's overhead is at most {HALF_BUDGET_MAX_OVERHEAD}",
                 status="pass" if half.overhead <= HALF_BUDGET_MAX_OVERHEAD else "fail",
-                detail=f"remat:50% overhead {half.overhead:.3f}",
+                detail=detail,
             )
         )
 
@@ -386,15 +398,31 @@ def check_claims(rows: Sequence[StrategyResult], dominance: Sequence[Dominance])
         limit = FULL_MEMORY_OVERHEAD_SHARE * full.overhead
         fits = at_full.peak_bytes is not None and full.peak_bytes is not None
         fits = fits and at_full.peak_bytes <= full.peak_bytes  # type: ignore[operator]
+        detail = (
+            f"remat:@full {at_full.overhead:.3f} vs full {full.overhead:.3f} (limit {limit:.3f})"
+        )
+        if not fits:
+            detail += "; remat:@full's peak is above full's"
+        if (
+            at_full.min_peak_bytes is not None
+            and full.peak_bytes is not None
+            and at_full.min_peak_bytes >= full.peak_bytes
+        ):
+            detail += (
+                "; full's peak is the least any plan reaches (solver), so no plan that recomputes"
+                " less reaches it"
+            )
+        elif at_full.overhead_bound is not None and at_full.overhead_bound > limit:
+            detail += (
+                f"; no plan that fits is predicted under {at_full.overhead_bound:.3f}, above the"
+                " limit"
+            )
         claims.append(
             Claim(
                 name="overhead_at_full_memory",
                 statement=statement,
                 status="pass" if fits and at_full.overhead <= limit else "fail",
-                detail=(
-                    f"remat:@full {at_full.overhead:.3f} vs full {full.overhead:.3f} (limit"
-                    f" {limit:.3f})" + ("" if fits else "; remat:@full's peak is above full's")
-                ),
+                detail=detail,
             )
         )
     return claims

@@ -51,7 +51,7 @@ from remat.benchmarking.result import (
     check_dominance,
     summarize,
 )
-from remat.cost.model import simulate
+from remat.cost.model import TIMED_SOURCES, Profile, simulate
 from remat.plan import Plan
 from remat.profiling.profiler import profile
 from remat.profiling.step import (
@@ -64,7 +64,7 @@ from remat.profiling.step import (
 )
 from remat.solve.baselines import baseline_plan, parse_strategy
 from remat.solve.budget import Budget
-from remat.solve.solver import INFEASIBLE, solve
+from remat.solve.solver import INFEASIBLE, SolveResult, solve
 
 __all__ = [
     "DEFAULT_BUDGETS",
@@ -431,6 +431,8 @@ def bench(
 
     def solve_row(name: str, budget: Budget | int, label: str) -> None:
         result = solve(prof, budget)
+        # The bound for the budget as asked (the closed loop below may solve a tighter one).
+        bound = _overhead_bound(prof, result)
         known = keys.get(_plan_key(result.plan, unit_fqns)) if result.fits else None
         peak = next((r.peak_bytes for r in rows if r.strategy == known), None)
         if peak is not None and peak <= result.budget_bytes:
@@ -451,6 +453,7 @@ def bench(
             predicted_overhead=result.predicted_overhead,
             solve_status=result.status,
             min_peak_bytes=result.min_peak_bytes,
+            overhead_bound=bound,
             notes=list(result.notes),
         )
         if result.status == INFEASIBLE:
@@ -606,3 +609,10 @@ def _allocator_peak(
         finally:
             if handle is not None:
                 handle.remove()
+
+
+def _overhead_bound(prof: Profile, result: SolveResult) -> float | None:
+    """The solver's lower bound on the recompute cost, as an overhead (timed profiles only)."""
+    if not result.fits or prof.time_source not in TIMED_SOURCES or not prof.step_ms:
+        return None
+    return (prof.step_ms + result.lower_bound) / prof.step_ms
