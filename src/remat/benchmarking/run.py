@@ -517,7 +517,7 @@ def bench(
 
         return Step(run=run, before=before, after=after)
 
-    runnable = [r.strategy for r in rows if r.status == "ok" and r.same_as is None]
+    runnable = _timing_order([r.strategy for r in rows if r.status == "ok" and r.same_as is None])
     load_avg = [_load_avg()]
     with preserved_state(model):
         initial = [t.detach().clone() for t in params]
@@ -616,3 +616,22 @@ def _overhead_bound(prof: Profile, result: SolveResult) -> float | None:
     if not result.fits or prof.time_source not in TIMED_SOURCES or not prof.step_ms:
         return None
     return (prof.step_ms + result.lower_bound) / prof.step_ms
+
+
+def _timing_order(names: Sequence[str]) -> list[str]:
+    """The order of one timing round: each peer followed at once by ``remat:@<peer>``, the plan
+    judged against it, so the two steps of a comparison run seconds apart and the machine's drift
+    within a round touches both alike; the other remat plans after the peers.
+
+    Example:
+        >>> _timing_order(["none", "full", "every_n:2", "remat:50%", "remat:@every_n:2"])
+        ['none', 'full', 'every_n:2', 'remat:@every_n:2', 'remat:50%']
+    """
+    order = []
+    for name in names:
+        if name.startswith("remat:"):
+            continue
+        order.append(name)
+        if f"remat:@{name}" in names:
+            order.append(f"remat:@{name}")
+    return order + [name for name in names if name not in order]
