@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
-import weakref
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -31,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import remat
 import remat.apply.selective as selective
+from helpers import StorageIds
 from remat import Plan, apply_, baseline_plan, find_units
 from remat.models import BuiltModel, build_builtin
 from remat.profiling.step import measure_step, training_step
@@ -77,31 +76,6 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-class StorageIds:
-    """Stand-ins for ``id(tensor.untyped_storage())`` (what ``OpLog`` identifies storages by).
-
-    ``reuse=False``: never reused (collision-free). ``reuse=True``: the id of a storage that died
-    goes to the next new storage, last freed first, as CPython reuses the address of a freed object
-    (which it does at random in a real run; this makes it happen every time)."""
-
-    def __init__(self, *, reuse: bool) -> None:
-        self.reuse = reuse
-        self.ids: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
-        self.fresh = itertools.count(1)
-        self.free: list[int] = []
-
-    def __call__(self, tensor: torch.Tensor) -> int | None:
-        try:
-            storage = tensor.untyped_storage()
-        except (RuntimeError, NotImplementedError):
-            return None
-        if storage not in self.ids:
-            number = self.free.pop() if self.reuse and self.free else next(self.fresh)
-            self.ids[storage] = number
-            weakref.finalize(storage, self.free.append, number)
-        return self.ids[storage]
 
 
 @contextlib.contextmanager

@@ -254,7 +254,8 @@ def test_failed_overhead_claims_say_whether_any_plan_could_pass() -> None:
             budget_bytes=400,
             peak_bytes=400,
             samples_ms=[140.0],
-            min_peak_bytes=400,
+            same_as="full",
+            predicted_overhead=1.4,
             overhead_bound=1.4,
         ),
     ]
@@ -263,8 +264,8 @@ def test_failed_overhead_claims_say_whether_any_plan_could_pass() -> None:
     half, at_full = claims["overhead_at_50pct"], claims["overhead_at_full_memory"]
     assert (half.status, at_full.status) == ("fail", "fail")
     assert "no plan that fits is predicted under 1.100, above the limit" in half.detail
-    assert "full's peak is the least any plan reaches" in at_full.detail
-    rows[2].overhead_bound, rows[3].min_peak_bytes = 1.02, 300  # reachable: noise or the model
+    assert "the solver's plan at full's peak is full's own" in at_full.detail
+    rows[2].overhead_bound, rows[3].same_as = 1.02, None  # reachable: noise or the model
     claims = {c.name: c for c in check_claims(rows, check_dominance(rows))}
     assert "under 1.020)" in claims["overhead_at_50pct"].detail
     assert "above the limit" not in claims["overhead_at_50pct"].detail

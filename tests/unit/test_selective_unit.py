@@ -8,8 +8,6 @@ tests/integration/test_selective.py.
 from __future__ import annotations
 
 import copy
-import itertools
-import weakref
 from collections import Counter
 from typing import Any
 
@@ -19,6 +17,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import remat.apply.selective as selective
+from helpers import StorageIds
 from remat import Plan, apply_
 from remat.apply.checkpoint import Region
 from remat.apply.selective import (
@@ -332,29 +331,6 @@ def test_oplog_skips_ops_that_feed_only_kept_ones() -> None:
     assert (aten.mm.default, 0) in kept
     assert (aten.sin.default, 0) in skippable
     assert (aten.tanh.default, 0) in log.needed
-
-
-class StorageIds:
-    """Stand-ins for ``id(tensor.untyped_storage())``: ``reuse=True`` hands the id of a storage
-    that died to the next new one (last freed first), as CPython reuses a freed object's address;
-    ``reuse=False`` never reuses one."""
-
-    def __init__(self, *, reuse: bool) -> None:
-        self.reuse = reuse
-        self.ids: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
-        self.fresh = itertools.count(1)
-        self.free: list[int] = []
-
-    def __call__(self, tensor: torch.Tensor) -> int | None:
-        try:
-            storage = tensor.untyped_storage()
-        except (RuntimeError, NotImplementedError):
-            return None
-        if storage not in self.ids:
-            number = self.free.pop() if self.reuse and self.free else next(self.fresh)
-            self.ids[storage] = number
-            weakref.finalize(storage, self.free.append, number)
-        return self.ids[storage]
 
 
 def _after_a_dead_core_storage() -> tuple[bool, bool]:

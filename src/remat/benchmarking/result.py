@@ -362,14 +362,9 @@ def check_claims(rows: Sequence[StrategyResult], dominance: Sequence[Dominance])
             )
         )
     else:
-        detail = f"remat:50% overhead {half.overhead:.3f}"
-        if half.predicted_overhead is not None:
-            detail += f" (predicted {half.predicted_overhead:.3f}"
-            if half.overhead_bound is not None:
-                detail += f"; no plan that fits is predicted under {half.overhead_bound:.3f}"
-                if half.overhead_bound > HALF_BUDGET_MAX_OVERHEAD:
-                    detail += ", above the limit: out of reach on this model and machine"
-            detail += ")"
+        detail = f"remat:50% overhead {half.overhead:.3f}" + _prediction_note(
+            half, HALF_BUDGET_MAX_OVERHEAD
+        )
         claims.append(
             Claim(
                 name="overhead_at_50pct",
@@ -403,20 +398,9 @@ def check_claims(rows: Sequence[StrategyResult], dominance: Sequence[Dominance])
         )
         if not fits:
             detail += "; remat:@full's peak is above full's"
-        if (
-            at_full.min_peak_bytes is not None
-            and full.peak_bytes is not None
-            and at_full.min_peak_bytes >= full.peak_bytes
-        ):
-            detail += (
-                "; full's peak is the least any plan reaches (solver), so no plan that recomputes"
-                " less reaches it"
-            )
-        elif at_full.overhead_bound is not None and at_full.overhead_bound > limit:
-            detail += (
-                f"; no plan that fits is predicted under {at_full.overhead_bound:.3f}, above the"
-                " limit"
-            )
+        if at_full.same_as == "full":
+            detail += "; the solver's plan at full's peak is full's own"
+        detail += _prediction_note(at_full, limit)
         claims.append(
             Claim(
                 name="overhead_at_full_memory",
@@ -426,6 +410,27 @@ def check_claims(rows: Sequence[StrategyResult], dominance: Sequence[Dominance])
             )
         )
     return claims
+
+
+def _prediction_note(row: StrategyResult, limit: float) -> str:
+    """What the solver predicted for ``row`` and its bound over every plan that fits, and whether
+    that bound already breaks ``limit`` (then no plan can meet the claim, whatever the noise).
+
+    Example:
+        >>> row = StrategyResult(strategy="remat:50%", kind="remat", predicted_overhead=1.2,
+        ...                      overhead_bound=1.1)
+        >>> _prediction_note(row, 1.05)  # doctest: +NORMALIZE_WHITESPACE
+        ' (predicted 1.200; no plan that fits is predicted under 1.100, above the limit:
+        out of reach on this model and machine)'
+    """
+    if row.predicted_overhead is None:
+        return ""
+    note = f" (predicted {row.predicted_overhead:.3f}"
+    if row.overhead_bound is not None:
+        note += f"; no plan that fits is predicted under {row.overhead_bound:.3f}"
+        if row.overhead_bound > limit:
+            note += ", above the limit: out of reach on this model and machine"
+    return note + ")"
 
 
 @dataclass(kw_only=True)
