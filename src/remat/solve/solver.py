@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
+import operator
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -120,6 +121,9 @@ def _candidate_blocks(
     return starts
 
 
+_PARETO_ORDER = operator.itemgetter(2, 3, 0, 1)
+
+
 def _pareto(points: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     """The states not dominated in (total, persistent, objective): no other state is at most as
     large in all three. O(F log F): a sweep by objective with a staircase of (total, persistent).
@@ -128,15 +132,12 @@ def _pareto(points: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
         >>> [p[:3] for p in _pareto([(5, 5, 1.0, 0, ()), (4, 4, 2.0, 0, ()), (6, 6, 2.0, 0, ())])]
         [(5, 5, 1.0), (4, 4, 2.0)]
     """
-    best: dict[tuple[int, int], tuple[Any, ...]] = {}
-    for point in points:
-        key = (point[0], point[1])
-        if key not in best or point[2:4] < best[key][2:4]:
-            best[key] = point
     stair_total: list[int] = []  # ascending
     stair_persistent: list[int] = []  # strictly descending
     kept = []
-    for point in sorted(best.values(), key=lambda p: (p[2], p[3], p[0], p[1])):
+    # Sorted by objective first, a state that repeats an earlier (total, persistent) meets the
+    # staircase step it made and is dropped, so duplicates need no pass of their own.
+    for point in sorted(points, key=_PARETO_ORDER):
         total, persistent = point[0], point[1]
         i = bisect.bisect_right(stair_total, total) - 1
         if i >= 0 and stair_persistent[i] <= persistent:
@@ -227,19 +228,38 @@ def _run(
             frontier = _thin(frontier, limit)
             thinned = True
         states[i] = []
+        # The innermost loop of the solver (hundreds of thousands of transitions on 96 units):
+        # no function calls in it, one loop per objective.
+        appenders = [states[j].append for j in range(n + 1)]
+        unit_options = options[i]
         for total, persistent, first, second, path in frontier:
-            cost, peak = (second, first) if minimise_peak else (first, second)
-            for end, fwd, bwd, delta, pdelta, block_cost_, block in options[i]:
-                moment = max(total + fwd, persistent + bwd)
+            for end, fwd, bwd, delta, pdelta, block_cost_, block in unit_options:
+                moment = total + fwd
+                backward = persistent + bwd
+                if backward > moment:
+                    moment = backward
                 if moment > budget_bytes:
                     continue
-                new_peak = peak if peak >= moment else moment
-                new_cost = cost + block_cost_
-                if minimise_peak:
-                    state = (total + delta, persistent + pdelta, new_peak, new_cost, (block, path))
-                else:
-                    state = (total + delta, persistent + pdelta, new_cost, new_peak, (block, path))
-                states[end].append(state)
+                if minimise_peak:  # (peak, cost)
+                    appenders[end](
+                        (
+                            total + delta,
+                            persistent + pdelta,
+                            first if first >= moment else moment,
+                            second + block_cost_,
+                            (block, path),
+                        )
+                    )
+                else:  # (cost, peak)
+                    appenders[end](
+                        (
+                            total + delta,
+                            persistent + pdelta,
+                            first + block_cost_,
+                            second if second >= moment else moment,
+                            (block, path),
+                        )
+                    )
     best = None
     for _total, persistent, first, second, path in states[n]:
         cost, peak = (second, first) if minimise_peak else (first, second)
