@@ -740,3 +740,32 @@ def test_solver_imports_no_torch() -> None:
         [sys.executable, "-c", loader, str(root)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr or "the solver imported torch"
+
+
+def test_solve_pauses_the_cyclic_collector_and_restores_it() -> None:
+    """The program runs with the cyclic GC off (its tuples form no cycles; with a large heap the
+    collector cost more than the program) and leaves it as it found it, also on errors."""
+    import gc
+
+    profile = example_profile()
+    seen = []
+    real_run = solver_module._run
+
+    def spy(*args: object, **kwargs: object) -> object:
+        seen.append(gc.isenabled())
+        return real_run(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(solver_module, "_run", spy)
+        assert gc.isenabled()
+        solve(profile, "min")
+        assert gc.isenabled() and seen and not any(seen)
+        gc.disable()
+        try:
+            solve(profile, "min")
+            assert not gc.isenabled()
+        finally:
+            gc.enable()
+        with pytest.raises(ValueError, match="actions"):
+            solve(profile, "min", actions=["recompute"])
+        assert gc.isenabled()

@@ -17,6 +17,7 @@ the peak instead of the cost.
 from __future__ import annotations
 
 import bisect
+import gc
 import itertools
 import math
 import operator
@@ -399,6 +400,26 @@ def solve(
         >>> solve(example_profile(), 1000).status
         'INFEASIBLE'
     """
+    # The program makes millions of short-lived tuples, none in a reference cycle; the cyclic
+    # collector would scan the caller's whole heap for them again and again (with torch and a
+    # model loaded, 96 units solved in 1.6 s with it and 0.5 s without).
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _solve(profile, budget, actions, max_segment, world_size, fsdp)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _solve(
+    profile: Profile,
+    budget: int | str | Budget,
+    actions: Sequence[str],
+    max_segment: int | None,
+    world_size: int | None,
+    fsdp: bool | None,
+) -> SolveResult:
     started = time.perf_counter()
     unknown = [a for a in actions if a not in ACTIONS]
     if unknown or "keep" not in actions:
