@@ -7,7 +7,7 @@ peak, measured in one run each (warm-up, interleaved steps, medians; see ``remat
 load average), rewrites the GPT's table between the ``bench:gpt`` markers of the top-level README,
 and prints every claim's verdict. Exit code 1 when a claim fails on the GPT.
 
-Run (about 4 minutes for the GPT and under a minute each for the CNN and U-Net on 2 quiet cores;
+Run (about 6 minutes for the GPT and under a minute each for the CNN and U-Net on 2 quiet cores;
 run it alone, CPU timing is noisy):
 
     .venv/bin/python benchmarks/bench_models.py                 # all three
@@ -29,7 +29,7 @@ from remat.models import build_builtin
 from remat.units import format_bytes
 
 MODELS = ("gpt", "cnn", "unet")
-DEFAULT_STEPS = {"gpt": 5, "cnn": 41, "unet": 41}
+DEFAULT_STEPS = {"gpt": 9, "cnn": 41, "unet": 41}
 """Timed rounds: the CNN's and U-Net's steps take about 50 ms, so many rounds cost seconds and
 shrink the noise that a few rounds of such short steps leave (one round of every strategy takes
 a second there, and half a minute on the GPT)."""
