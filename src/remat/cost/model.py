@@ -433,6 +433,17 @@ def block_cost(profile: Profile, block: Block) -> BlockCost:
     bwd, bwd_where = _worst(backward)
     cost = sum(cost_of)
     persistent_delta = persistent + last.inner_bytes - last.inner_forward_only_bytes
+    # The inner figures come from one segment over every unit, where a skip tensor from an
+    # earlier unit is internal and dies at its last use. A shorter segment whose inner unit takes
+    # a skip from outside stores it (a checkpoint input), so it outlives the forward. What the
+    # units retain recomputed one by one, less the boundaries between them that the segment does
+    # not store, counts that; the block retains at least as much.
+    if _takes_skip_from_outside(profile, start, end):
+        one_by_one = sum(
+            units[j].recompute_bytes - units[j].recompute_forward_only_bytes
+            for j in range(start, end + 1)
+        ) - sum(min(units[j].output_bytes, units[j].recompute_bytes) for j in range(start, end))
+        persistent_delta = max(persistent_delta, one_by_one)
     return BlockCost(
         forward_need_bytes=fwd,
         backward_need_bytes=bwd,
@@ -441,6 +452,16 @@ def block_cost(profile: Profile, block: Block) -> BlockCost:
         cost=cost,
         forward_where=fwd_where,
         backward_where=bwd_where,
+    )
+
+
+def _takes_skip_from_outside(profile: Profile, start: int, end: int) -> bool:
+    """Whether a unit after the first of ``start..end`` reads a tensor that a unit before
+    ``start`` made (``Profile.cross_unit``)."""
+    index = {fqn: i for i, fqn in enumerate(profile.unit_fqns)}
+    return any(
+        index.get(edge["from"], end) < start < index.get(edge["to"], -1) <= end
+        for edge in profile.cross_unit
     )
 
 
