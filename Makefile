@@ -11,7 +11,6 @@ TORCH_PIN := torch==2.13.0
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 
 $(VENV)/.installed: $(BIN)/activate pyproject.toml
 	$(BIN)/pip install -q "$(TORCH_PIN)"
@@ -22,7 +21,7 @@ venv: $(VENV)/.installed
 
 demo: venv
 	$(BIN)/remat env
-	$(BIN)/remat bench gpt --steps 3 --budgets 80%,60%,50%,40%,min --out out/bench
+	$(BIN)/remat bench gpt --steps 3 --budgets 80%,50%,min --out out/bench
 
 lint: venv
 	$(BIN)/ruff check src tests scripts benchmarks examples
