@@ -28,8 +28,8 @@ def emit_json(payload: Any) -> None:
 
 def plan_lines(profile: Profile, plan: Plan) -> list[str]:
     """One line per block of ``plan`` (a unit, or the units of a segment): its action, what it
-    holds for backward (what it adds to the live total until its backward, as the simulator counts
-    it) and what it costs (ms, or forward FLOPs for a profile without times).
+    holds for backward (what it adds to the live total that outlives the forward, as the simulator
+    counts it) and what it costs (ms, or forward FLOPs for a profile without times).
 
     Example:
         >>> from remat.cost.model import example_profile
@@ -45,11 +45,9 @@ def plan_lines(profile: Profile, plan: Plan) -> list[str]:
     rows = []
     for block in blocks_of(profile, plan):
         cost = block_cost(profile, block)
-        name = (
-            fqns[block.start]
-            if block.start == block.end
-            else (f"{fqns[block.start]}..{fqns[block.end]}")
-        )
+        name = fqns[block.start]
+        if block.end > block.start:
+            name += f"..{fqns[block.end]}"
         if block.kind == "keep":
             action = "keep"
         elif block.kind == "option":
@@ -59,7 +57,7 @@ def plan_lines(profile: Profile, plan: Plan) -> list[str]:
         else:
             action = "segment" if block.kind == "replay" else "nested"
         spent = format_ms(cost.cost) if timed else f"{cost.cost / 1e9:.3g} GFLOP"
-        rows.append((name, action, format_bytes(cost.delta_bytes), spent))
+        rows.append((name, action, format_bytes(cost.persistent_delta_bytes), spent))
     name_width = max(len(r[0]) for r in rows)
     action_width = max(len(r[1]) for r in rows)
     return [

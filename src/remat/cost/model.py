@@ -458,6 +458,8 @@ def block_cost(profile: Profile, block: Block) -> BlockCost:
 def _takes_skip_from_outside(profile: Profile, start: int, end: int) -> bool:
     """Whether a unit after the first of ``start..end`` reads a tensor that a unit before
     ``start`` made (``Profile.cross_unit``)."""
+    if not profile.cross_unit:
+        return False
     index = {fqn: i for i, fqn in enumerate(profile.unit_fqns)}
     return any(
         index.get(edge["from"], end) < start < index.get(edge["to"], -1) <= end
