@@ -579,20 +579,31 @@ def test_offload_counts_host_bytes_apart() -> None:
 def test_options_never_make_the_solver_slower(
     gpt_profile: tuple[BuiltModel, remat.Profile],
 ) -> None:
-    _, prof = gpt_profile
+    """More actions never cost more, under measured times and under FLOPs. That the options pay
+    off somewhere is checked in FLOPs only: with one timed round on this small GPT, the op log's
+    own work can make every option dearer than recompute (docs/planner.md), and whether one
+    round says so is noise."""
+    _, measured = gpt_profile
+    in_flops = dataclasses.replace(measured, time_source="flops")
     whole_units = ("keep", "recompute", "segment", "nested")
     strictly = 0
-    for budget in ("80%", "60%", "40%"):
-        with_options = remat.solve(prof, budget)
-        without = remat.solve(prof, budget, actions=whole_units)
-        assert with_options.status != "INFEASIBLE"
-        assert with_options.cost <= without.cost + 1e-9, (budget, with_options.cost, without.cost)
-        sim_with = remat.simulate(prof, with_options.plan)
-        sim_without = remat.simulate(prof, without.plan)
-        assert sim_with.recompute_cost <= sim_without.recompute_cost + 1e-9
-        assert sim_with.peak_bytes <= with_options.budget_bytes
-        assert all(a.kind in whole_units for a in without.plan.actions.values())
-        strictly += with_options.cost < without.cost
+    for prof in (measured, in_flops):
+        for budget in ("80%", "60%", "40%"):
+            with_options = remat.solve(prof, budget)
+            without = remat.solve(prof, budget, actions=whole_units)
+            assert with_options.status != "INFEASIBLE"
+            assert with_options.cost <= without.cost + 1e-9, (
+                budget,
+                with_options.cost,
+                without.cost,
+            )
+            sim_with = remat.simulate(prof, with_options.plan)
+            sim_without = remat.simulate(prof, without.plan)
+            assert sim_with.recompute_cost <= sim_without.recompute_cost + 1e-9
+            assert sim_with.peak_bytes <= with_options.budget_bytes
+            assert all(a.kind in whole_units for a in without.plan.actions.values())
+            if prof is in_flops:
+                strictly += with_options.cost < without.cost
     assert strictly >= 1, "the options pay off at some budget"
 
 
