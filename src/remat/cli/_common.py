@@ -45,17 +45,7 @@ def plan_lines(profile: Profile, plan: Plan) -> list[str]:
     rows = []
     for block in blocks_of(profile, plan):
         cost = block_cost(profile, block)
-        name = fqns[block.start]
-        if block.end > block.start:
-            name += f"..{fqns[block.end]}"
-        if block.kind == "keep":
-            action = "keep"
-        elif block.kind == "option":
-            action = block.action or ""
-        elif block.start == block.end:
-            action = "recompute"
-        else:
-            action = "segment" if block.kind == "replay" else "nested"
+        action, _, name = block.describe(fqns).partition(" ")  # "segment b.1..b.2"
         spent = format_ms(cost.cost) if timed else f"{cost.cost / 1e9:.3g} GFLOP"
         rows.append((name, action, format_bytes(cost.persistent_delta_bytes), spent))
     name_width = max(len(r[0]) for r in rows)
