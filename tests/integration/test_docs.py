@@ -40,3 +40,25 @@ def test_quickstart_python_blocks_run() -> None:
         for block in blocks:  # one namespace: later blocks use what earlier ones built
             exec(compile(block, "docs/quickstart.md", "exec"), namespace)
     assert namespace["report"].ok  # type: ignore[attr-defined]
+
+
+README = DOCS.parent / "README.md"
+
+
+def test_readme_your_own_model_blocks_run() -> None:
+    """The README's "Your own model" section: a transformers model with its default config and a
+    PEFT LoRA model, planned at 50%, trained and verified, as the text says."""
+    pytest.importorskip("peft")
+    section = README.read_text().split("## Your own model", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.DOTALL)
+    assert len(blocks) == 2
+    namespace: dict[str, object] = {}
+    with pytest.warns(UserWarning, match="use_cache") as caught:
+        for block in blocks:
+            exec(compile(block, "README.md", "exec"), namespace)
+    cache_warnings = [w for w in caught if "use_cache" in str(w.message)]
+    assert len(cache_warnings) == 2, [str(w.message) for w in cache_warnings]  # once per model
+    assert set(namespace["handle"].actions.values()) != {"keep"}  # type: ignore[attr-defined]
+    assert namespace["model"].config.use_cache is True  # type: ignore[attr-defined]  # restored
+    report = namespace["report"]
+    assert report.grads_equal and report.buffers_equal and report.applied  # type: ignore[attr-defined]
