@@ -18,7 +18,9 @@ Actions (this module imports no torch):
   saved, the rest recomputed in backward. Policies: ``save_matmuls`` (save matmul and attention
   outputs, as torchtitan's op-level mode), ``megatron`` (recompute only the attention core,
   Korthikanti et al. 2022) or ``ops.<op>.<op>...`` (save the outputs of these aten ops, named by
-  their overload packet such as ``mm`` or ``addmm``; what the solver chooses);
+  their overload packet such as ``mm`` or ``addmm``, or by a device-independent family such as
+  ``attention`` or ``layer_norm`` for ops whose kernel differs per device, see
+  :mod:`remat.opnames`; what the solver chooses);
 - ``offload``: the unit's saved tensors go to host memory in forward and come back for backward.
 
 Plans round-trip through JSON with a ``format_version`` and may carry the fingerprint of the model
@@ -37,6 +39,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from remat.opnames import canonical_ops
 
 __all__ = ["FORMAT_VERSION", "Action", "Plan", "closest_names"]
 
@@ -81,7 +85,8 @@ class Action:
             if self.label not in SELECTIVE_POLICIES and not _OPS_POLICY.match(self.label):
                 raise ValueError(
                     f"selective policy: got {self.label!r}; expected save_matmuls, megatron or"
-                    " ops.<op>.<op>... (aten overload packets, e.g. ops.mm.addmm)"
+                    " ops.<op>.<op>... (aten overload packets or op families, e.g."
+                    " ops.addmm.attention)"
                 )
         elif self.label is not None and not _LABEL.match(self.label):
             raise ValueError(
@@ -108,15 +113,19 @@ class Action:
 
     @property
     def saved_ops(self) -> tuple[str, ...] | None:
-        """For ``selective:ops.<op>...``, the aten overload packets whose outputs are saved.
+        """For ``selective:ops.<op>...``, the ops whose outputs are saved, by their
+        device-independent names (:func:`remat.opnames.canonical_op`: a kernel of one device,
+        as plans made before the op families name them, reads as its family).
 
         Example:
             >>> Action.parse("selective:ops.mm.addmm").saved_ops
             ('mm', 'addmm')
+            >>> Action.parse("selective:ops._scaled_dot_product_flash_attention_for_cpu").saved_ops
+            ('attention',)
         """
         if self.kind != "selective" or self.label is None or not self.label.startswith("ops"):
             return None
-        return tuple(part for part in self.label.split(".")[1:] if part)
+        return canonical_ops(part for part in self.label.split(".")[1:] if part)
 
 
 def closest_names(name: str, candidates: Iterable[str], count: int = 5) -> list[str]:

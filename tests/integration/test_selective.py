@@ -32,6 +32,7 @@ import remat.apply.selective as selective
 from helpers import StorageIds
 from remat import Plan, apply_, baseline_plan, find_units
 from remat.models import BuiltModel, build_builtin
+from remat.opnames import OP_FAMILIES, canonical_op
 from remat.profiling.step import measure_step, training_step
 
 # ------------------------------------------------------------------------------------ helpers
@@ -405,6 +406,23 @@ def test_profile_measures_each_option_for_each_unit(
         assert off.retain_bytes < unit.keep_bytes and off.saved_bytes > 0
     # The profile round-trips with its options.
     assert remat.Profile.from_json(prof.to_json()) == prof
+
+
+def test_auto_save_sets_name_ops_by_device_independent_family(
+    gpt_profile: tuple[BuiltModel, remat.Profile],
+) -> None:
+    """``selective:auto`` on the CPU names no CPU kernel: any attention it keeps is ``attention``
+    (``_scaled_dot_product_flash_attention_for_cpu`` on the CPU, one of three kernels on CUDA),
+    the softmax ``softmax`` and the norms ``layer_norm``, so the plan means the same on CUDA."""
+    _, prof = gpt_profile
+    auto = {
+        o.action for u in prof.units for o in u.options if o.action.startswith("selective:ops.")
+    }
+    assert len(auto) >= 2, auto
+    names = {n for action in auto for n in action.split(":")[1].split(".")[1:]}
+    assert {canonical_op(n) for n in names} == names, names
+    assert names & set(OP_FAMILIES), names  # softmax here: _safe_softmax on this path
+    assert not any("_for_cpu" in n or n.startswith(("native_", "_safe")) for n in names), names
 
 
 @pytest.mark.parametrize("strategy", ["none", "megatron", "save_matmuls", "offload", "mixed"])

@@ -9,13 +9,18 @@ else is replayed, and in the replay :class:`ReplayCache` returns the kept output
 those ops again. So a policy costs only what autograd saves anyway among the ops it names: a saved
 op's output that autograd does not save is not kept.
 
-Policies (names are aten overload packets, the part before ``.default``):
+Policies (names are aten overload packets, the part before ``.default``, or the device-independent
+families of :mod:`remat.opnames` for ops whose kernel differs per device):
 
 - ``save_matmuls``: keep the outputs of matmuls and fused attention (torchtitan's op-level mode);
 - ``megatron``: keep everything except the attention core (Korthikanti et al. 2022, arXiv
   2205.05198): softmax and fused attention kernels, and every non-matmul op fed by them (masking,
   dropout of the probabilities, views), up to the matmul with the values;
-- ``ops.<op>.<op>...``: keep the outputs of these ops (what the solver chooses per unit).
+- ``ops.<op>.<op>...``: keep the outputs of these ops (what the solver chooses per unit). Each op
+  is matched by its family (:func:`save_name`): ``ops.attention`` keeps the output of whichever
+  fused attention kernel the device runs, and so does ``ops._scaled_dot_product_flash_attention``
+  (a CUDA kernel's name) on the CPU. After a unit's first forward, a name that matched no op there
+  and is no aten op nor family at all (a typo) is a ``ValueError`` naming the ops that ran.
 
 An op that draws random numbers (dropout) may be kept too: the generator's state after it is
 recorded in forward and restored when the replay skips it, so later random ops of the replay draw
@@ -32,9 +37,10 @@ action is correct if useless. Parameters and tensors under 1 KiB stay where they
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +55,8 @@ from remat._compat import (
     tree_flatten,
     tree_unflatten,
 )
+from remat.opnames import OP_FAMILIES, canonical_op, canonical_ops, is_family
+from remat.plan import closest_names
 from remat.profiling.tracker import host_allocations
 
 __all__ = [
@@ -60,26 +68,18 @@ __all__ = [
     "OpLog",
     "ReplayCache",
     "ReplayGraph",
+    "SaveRule",
     "eager_policy",
     "op_name",
     "policy_for",
     "replayed_by",
+    "save_name",
 ]
 
 MATMUL_OPS = frozenset({"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "_addmm_activation"})
-ATTENTION_OPS = frozenset(
-    {
-        "_scaled_dot_product_flash_attention",
-        "_scaled_dot_product_flash_attention_for_cpu",
-        "_scaled_dot_product_efficient_attention",
-        "_scaled_dot_product_cudnn_attention",
-        "_scaled_dot_product_fused_attention_overrideable",
-        "_flash_attention_forward",
-        "_efficient_attention_forward",
-    }
-)
+ATTENTION_OPS = OP_FAMILIES["attention"]
 """Fused attention kernels (what ``F.scaled_dot_product_attention`` dispatches to in training)."""
-CORE_ATTENTION_OPS = ATTENTION_OPS | {"_softmax", "softmax", "_safe_softmax"}
+CORE_ATTENTION_OPS = ATTENTION_OPS | OP_FAMILIES["softmax"]
 SHAPE_ONLY_OPS = frozenset(
     {
         "empty_like",
@@ -116,6 +116,20 @@ def op_name(func: Any) -> str:
     return str(getattr(packet, "__name__", func))
 
 
+def save_name(func: Any) -> str:
+    """The name save sets use for an op: its device-independent family or, outside the families,
+    its overload packet (:func:`remat.opnames.canonical_op` of :func:`op_name`).
+
+    Example:
+        >>> import torch
+        >>> save_name(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default)
+        'attention'
+        >>> save_name(torch.ops.aten.native_layer_norm.default), save_name(torch.ops.aten.addmm.default)
+        ('layer_norm', 'addmm')
+    """
+    return canonical_op(op_name(func))
+
+
 def _is_random(func: Any) -> bool:
     return torch.Tag.nondeterministic_seeded in getattr(func, "tags", ())
 
@@ -123,10 +137,19 @@ def _is_random(func: Any) -> bool:
 class _OpInfo:
     """What the op log asks of an op on every call, worked out once per op."""
 
-    __slots__ = ("name", "random", "shape_only", "view", "writes_inputs", "writes_self")
+    __slots__ = (
+        "name",
+        "random",
+        "save_name",
+        "shape_only",
+        "view",
+        "writes_inputs",
+        "writes_self",
+    )
 
     def __init__(self, func: Any) -> None:
         self.name = op_name(func)
+        self.save_name = canonical_op(self.name)
         self.random = _is_random(func)
         self.writes_inputs = op_writes_inputs(func)
         self.writes_self = op_writes_self(func)
@@ -207,8 +230,104 @@ def eager_policy(label: str) -> bool:
     return label == "save_matmuls"
 
 
-def policy_for(label: str) -> Callable[[str, bool], bool]:
-    """The save rule of a ``selective`` policy: ``rule(op, fed_by_core) -> keep its output?``.
+class SaveRule:
+    """The save rule of a ``selective`` policy: ``rule(op, fed_by_core) -> keep its output?``,
+    called with the op's :func:`op_name`. ``fed_by_core`` says whether an input of the op comes
+    from the attention core (used by ``megatron`` only). For ``ops.<op>...``, :attr:`names` holds
+    the save set by family (:func:`save_name`), and :meth:`check_ran` checks it against the ops
+    of the unit's first forward.
+
+    Example:
+        >>> rule = SaveRule("ops._scaled_dot_product_flash_attention.native_layer_norm")
+        >>> sorted(rule.names)
+        ['attention', 'layer_norm']
+        >>> rule("_scaled_dot_product_flash_attention_for_cpu", False), rule("addmm", False)
+        (True, False)
+    """
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.names: frozenset[str] | None = None
+        """``ops.<op>...``: the save set, by family; ``None`` for the named policies."""
+        self.checked = False
+        """Whether :meth:`check_ran` has checked a forward (only the first one is)."""
+        if label == "save_matmuls":
+            saved = MATMUL_OPS | ATTENTION_OPS
+            self._rule: Callable[[str, bool], bool] = lambda name, _core: name in saved
+        elif label == "megatron":
+            self._rule = lambda name, core: (
+                name not in CORE_ATTENTION_OPS and (not core or name in MATMUL_OPS)
+            )
+        elif label.startswith("ops"):
+            chosen = self.names = frozenset(canonical_ops(p for p in label.split(".")[1:] if p))
+            self._rule = lambda name, _core: canonical_op(name) in chosen
+        else:
+            raise ValueError(
+                f"selective policy: got {label!r}; expected save_matmuls, megatron or"
+                " ops.<op>.<op>..."
+            )
+
+    def __call__(self, name: str, fed_by_core: bool) -> bool:
+        return self._rule(name, fed_by_core)
+
+    def check_ran(self, ran: Iterable[str], unit: str | None = None) -> None:
+        """After a unit's first forward under this rule, with the :func:`save_name` of every op
+        that ran: a saved name that matched none of them and is no op anywhere (neither an aten
+        op of this build nor a family of :mod:`remat.opnames`: a typo) is a ``ValueError``; a
+        save set of which nothing ran keeps nothing, which is warned about. Real ops that did not
+        run are let through: a solver's save set serves every unit of a plan, and a unit unlike
+        the others runs only some of its ops. Later calls check nothing.
+
+        Example:
+            >>> rule = SaveRule("ops.addmm.flash_attn_nonexistent")
+            >>> try:
+            ...     rule.check_ran({"addmm", "gelu", "attention"}, "blocks.0")
+            ... except ValueError as error:
+            ...     print(str(error).split(";")[0])
+            selective unit 'blocks.0': got op flash_attn_nonexistent in save set
+            ops.addmm.flash_attn_nonexistent, which ran nowhere in the unit and is no aten op or
+            op family
+        """
+        if self.checked or self.names is None:
+            return
+        self.checked = True
+        ran = set(ran)
+        where = f"selective unit {unit!r}" if unit is not None else "a selective unit"
+        unknown = sorted(n for n in self.names - ran if not _is_op(n))
+        if unknown:
+            close = list(
+                dict.fromkeys(c for n in unknown for c in closest_names(n, sorted(ran), count=8))
+            )
+            raise ValueError(
+                f"{where}: got op{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} in save"
+                f" set {self.label}, which ran nowhere in the unit and is no aten op or op family;"
+                f" expected ops that ran there (closest: {', '.join(close)}). Fix: name ops from"
+                " that list (aten overload packets, or the families"
+                f" {', '.join(sorted(OP_FAMILIES))}), or plan the model again."
+            )
+        if self.names and not self.names & ran:
+            warnings.warn(
+                f"remat: {where}: nothing in save set {self.label} ran there, so the unit keeps"
+                f" nothing and is recomputed as a whole (ops that ran: {', '.join(sorted(ran))})."
+                " Name ops that run in it, or use recompute.",
+                stacklevel=2,
+            )
+
+
+def _is_op(name: str) -> bool:
+    """Whether ``name`` is a family or an aten overload packet of this build."""
+    if is_family(name):
+        return True
+    try:
+        getattr(torch.ops.aten, name)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def policy_for(label: str) -> SaveRule:
+    """The save rule of a ``selective`` policy: ``rule(op, fed_by_core) -> keep its output?``
+    (a :class:`SaveRule`).
 
     ``fed_by_core`` says whether an input of the op comes from the attention core (used by
     ``megatron`` only).
@@ -223,19 +342,7 @@ def policy_for(label: str) -> Callable[[str, bool], bool]:
         >>> megatron("_softmax", False), megatron("bmm", True), megatron("add", False)
         (False, True, True)
     """
-    if label == "save_matmuls":
-        saved = MATMUL_OPS | ATTENTION_OPS
-        return lambda name, _core: name in saved
-    if label == "megatron":
-        return lambda name, core: (
-            name not in CORE_ATTENTION_OPS and (not core or name in MATMUL_OPS)
-        )
-    if label.startswith("ops"):
-        chosen = frozenset(part for part in label.split(".")[1:] if part)
-        return lambda name, _core: name in chosen
-    raise ValueError(
-        f"selective policy: got {label!r}; expected save_matmuls, megatron or ops.<op>.<op>..."
-    )
+    return SaveRule(label)
 
 
 def _rng_after(outputs: list[Any]) -> tuple[torch.Tensor | None, dict[int, torch.Tensor]]:
@@ -301,6 +408,7 @@ def replayed_by(graph: ReplayGraph, names: frozenset[str] | set[str]) -> set[Any
     """The ops a replay runs when only the kept ops named in ``names`` stay kept (the graph is
     from a call that kept everything it could): the closure, through ``deps``, of the saved
     outputs no longer kept, the forced ones and the ops that always run, stopping at kept ops.
+    Ops and names are compared by family (:func:`save_name`).
 
     Example:
         >>> a, b, c = ("a", 0), ("b", 0), ("c", 0)  # c reads b, b reads a; a and c are saved
@@ -313,8 +421,9 @@ def replayed_by(graph: ReplayGraph, names: frozenset[str] | set[str]) -> set[Any
     """
     done: set[Any] = set()
     roots: list[Any] = []
+    names = set(canonical_ops(names))
     for key in graph.kept_bytes:
-        if op_name(key[0]) in names:
+        if save_name(key[0]) in names:
             done.update(graph.covers.get(key, (key,)))
         else:
             roots.append(key)
@@ -384,9 +493,16 @@ class OpLog(TorchDispatchMode):
         ['mm']
     """
 
-    def __init__(self, rule: Callable[[str, bool], bool], *, eager: bool = False) -> None:
+    def __init__(
+        self, rule: Callable[[str, bool], bool], *, eager: bool = False, unit: str | None = None
+    ) -> None:
         super().__init__()
         self.rule = rule
+        self.unit = unit
+        """The unit's name, for the error of a save set naming ops that never ran."""
+        self.ran: set[str] = set()
+        """The :func:`save_name` of every op of the forward (checked against a
+        :class:`SaveRule`'s save set by :meth:`finish`)."""
         self.eager = eager
         """Keep the outputs of every op the rule names, saved by autograd or not (as
         ``torch.utils.checkpoint``'s selective mode does): the replay never runs them. Otherwise
@@ -450,6 +566,7 @@ class OpLog(TorchDispatchMode):
         self.counter[func] += 1
         info = _info(func)
         name = info.name
+        self.ran.add(info.save_name)
         arg_tensors = _tensors_of(args, kwargs)
         inputs = {_storage_id(t) for t in arg_tensors}
         fed_by_core = any(
@@ -621,7 +738,11 @@ class OpLog(TorchDispatchMode):
     def finish(self) -> tuple[dict[tuple[Any, int], Any], dict[tuple[Any, int], Any]]:
         """After the forward: the kept outputs, and the ops the replay may skip (their outputs
         feed only kept ops or nothing saved) with the shapes to stand in for them. The log's
-        weak tables are dropped."""
+        weak tables are dropped. On the rule's first forward, a :class:`SaveRule` checks its save
+        set against the ops that ran (:meth:`SaveRule.check_ran`)."""
+        check_ran = getattr(self.rule, "check_ran", None)
+        if check_ran is not None:
+            check_ran(self.ran, self.unit)
         for key, (output, versions, *_rest) in list(self.kept.items()):
             tensors = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
             if [tensor_version(t) for t in tensors] != versions or key in self.overwritten:

@@ -7,7 +7,8 @@
 - :func:`save_set_candidates` turns those into the save sets worth measuring: from keeping every
   op, drop the op name whose outputs free the most bytes for the least replay time, the replay
   walked through the unit's :class:`~remat.apply.selective.ReplayGraph`, and take the sets at
-  fractions of what could be freed;
+  fractions of what could be freed; ops are named by device-independent family
+  (:mod:`remat.opnames`), so a save set found on one device keeps the same tensors on another;
 - :func:`copy_bandwidth` measures the host link (CUDA: pinned host to device) or, on the CPU, a
   memory copy, for the cost of ``offload``.
 
@@ -27,7 +28,7 @@ from torch import nn
 
 from remat._compat import TorchDispatchMode, flop_formula
 from remat.apply.apply import apply_
-from remat.apply.selective import ReplayGraph, op_name, replayed_by
+from remat.apply.selective import ReplayGraph, replayed_by, save_name
 from remat.apply.units import call_model
 from remat.plan import Plan
 
@@ -82,7 +83,7 @@ def time_unit_ops(
         >>> import torch
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
         >>> ops = time_unit_ops(model, (torch.randn(2, 4),), [model[0]])
-        >>> sorted(op_name(key[0]) for key in ops[0])
+        >>> sorted(save_name(key[0]) for key in ops[0])
         ['addmm', 't']
     """
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -126,7 +127,7 @@ def kept_by_policy(
         >>> block = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU())
         >>> model = torch.nn.Sequential(block)
         >>> kept = kept_by_policy(model, (torch.randn(2, 4),), ["0"], "ops.addmm.gelu")
-        >>> [(op_name(key[0]), nbytes) for key, nbytes in kept[0].items()]  # GELU saves its input
+        >>> [(save_name(key[0]), nbytes) for key, nbytes in kept[0].items()]  # GELU saves its input
         [('addmm', 32)]
     """
     plan = Plan(actions=dict.fromkeys(unit_fqns, f"selective:{policy}"), units=list(unit_fqns))
@@ -147,7 +148,9 @@ def save_set_candidates(
     time_source: str = "measured",
 ) -> list[str]:
     """``selective`` policies (``ops.<op>...``) worth measuring, from each unit's replay graph
-    (:func:`kept_by_policy` with every op named): starting from keeping every op, drop the op
+    (:func:`kept_by_policy` with every op named), their ops named by device-independent family
+    (:func:`~remat.apply.selective.save_name`: ``attention``, not the CPU's flash kernel, so the
+    plan means the same on CUDA): starting from keeping every op, drop the op name
     whose outputs free the most bytes for the least replay time added, where the replay time is
     that of every op the replay must then run (:func:`~remat.apply.selective.replayed_by`: a
     norm's saved input may need the residual stream, and with it the attention output, run
@@ -170,14 +173,14 @@ def save_set_candidates(
         ms, flops = unit_times.get(key, (0.0, 0))
         return ms if time_source == "measured" else float(flops)
 
-    names = {op_name(key[0]) for graph in graphs for key in graph.kept_bytes}
+    names = {save_name(key[0]) for graph in graphs for key in graph.kept_bytes}
 
     def evaluate(chosen: set[str]) -> tuple[float, int]:
         replay = 0.0
         kept = 0
         for unit_times, graph in zip(op_times, graphs, strict=True):
             replay += sum(cost(unit_times, key) for key in replayed_by(graph, chosen))
-            kept += sum(b for key, b in graph.kept_bytes.items() if op_name(key[0]) in chosen)
+            kept += sum(b for key, b in graph.kept_bytes.items() if save_name(key[0]) in chosen)
         return replay, kept
 
     chosen = set(names)
