@@ -100,13 +100,36 @@ def solve_measured(
     ``max_iterations`` solves (a note says so). For ``"min"`` the least-peak plans with every
     action, without segments and with whole units only are each measured, and the lowest
     measured peak is the result (and its budget): the simulator's least peak is a prediction.
+    A percentage is never ``INFEASIBLE``: if no plan meets it when measured, it is resolved again
+    from the least measured peak when that is above the predicted one, and at worst the least
+    measured plan is the result (its notes say so).
     """
     parsed = Budget.parse(budget)
+    kwargs: dict[str, Any] = {"loss_fn": loss_fn, "optimizer": optimizer, "actions": actions}
     if parsed.kind == "min":
-        return _least_measured(
-            model, example_inputs, prof, loss_fn=loss_fn, optimizer=optimizer, actions=actions
-        )
-    result = solve(prof, parsed, actions=actions)
+        return _least_measured(model, example_inputs, prof, **kwargs)
+    first = solve(prof, parsed, actions=actions)
+    result = _closed_loop(model, example_inputs, prof, first, max_iterations, **kwargs)
+    if result.status != INFEASIBLE or parsed.kind != "percent":
+        return result
+    return _percent_from_measured_least(
+        model, example_inputs, prof, parsed, result, max_iterations, **kwargs
+    )
+
+
+def _closed_loop(
+    model: nn.Module,
+    example_inputs: Any,
+    prof: Profile,
+    result: SolveResult,
+    max_iterations: int,
+    *,
+    loss_fn: Callable[[Any], torch.Tensor] | None,
+    optimizer: str,
+    actions: Sequence[str],
+) -> SolveResult:
+    """Measure ``result``'s plan; while its peak is above ``result.budget_bytes``, solve again
+    with the byte target lowered by the miss, up to ``max_iterations`` solves in all."""
     budget_bytes = result.budget_bytes
     target = budget_bytes
     for iteration in range(1, max_iterations + 1):
@@ -139,6 +162,42 @@ def solve_measured(
             f"measured peak still above the budget after {max_iterations} solves",
         ],
     )
+
+
+def _percent_from_measured_least(
+    model: nn.Module,
+    example_inputs: Any,
+    prof: Profile,
+    parsed: Budget,
+    missed: SolveResult,
+    max_iterations: int,
+    **kwargs: Any,
+) -> SolveResult:
+    """A percentage the closed loop could not meet when measured. Its bytes are at least the
+    least peak the simulator predicts, but the least plans may measure above that prediction.
+    So the least-peak plans are measured (as for ``min``); when the least measured peak is the
+    higher, the percentage is resolved again from it and the loop runs once more against those
+    bytes. If that still misses, the least measured plan is the result: it fits the bytes by
+    construction, so every percentage has a plan that fits when measured."""
+    least = _least_measured(model, example_inputs, prof, **kwargs)
+    if least.status == INFEASIBLE or least.measured_peak_bytes is None:
+        return missed
+    notes = []
+    budget_bytes = missed.budget_bytes
+    if least.measured_peak_bytes > missed.min_peak_bytes:
+        low = least.measured_peak_bytes
+        budget_bytes = parsed.resolve(peak_bytes=prof.peak_bytes, min_peak_bytes=low)
+        notes.append(
+            f"{parsed.text} resolved from the least measured peak, {low:,} bytes: the least"
+            f" predicted one, {missed.min_peak_bytes:,}, gave {missed.budget_bytes:,} bytes,"
+            " which no plan met when measured"
+        )
+        again = solve(prof, budget_bytes, actions=kwargs["actions"])
+        again = _closed_loop(model, example_inputs, prof, again, max_iterations, **kwargs)
+        if again.status != INFEASIBLE:
+            return dataclasses.replace(again, notes=[*again.notes, *notes])
+    notes.append("the least measured plan: no cheaper plan fit when measured")
+    return dataclasses.replace(least, budget_bytes=budget_bytes, notes=[*least.notes, *notes])
 
 
 def _least_measured(

@@ -358,7 +358,7 @@ def max_size(
             f"budget: got {parsed.text!r}, which depends on each size's profile; expected a size"
             " (22GiB) or device, which stay the same as the size changes"
         )
-    budget_bytes = parsed.resolve(static_bytes=0, peak_bytes=0, device=spec.name)
+    budget_bytes = parsed.resolve(peak_bytes=0, device=spec.name)
     say = progress or (lambda text: logger.info("%s", text))
     points: dict[int, SizePoint] = {}
     sizes = {"batch": batch, "seq": seq}

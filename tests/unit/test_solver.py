@@ -598,6 +598,7 @@ def test_plan_from_blocks_labels_segments_apart() -> None:
         ("60%", "percent", 60.0),
         ("100%", "percent", 100.0),
         ("0.5 %", "percent", 0.5),
+        ("0%", "percent", 0.0),
         ("min", "min", 0),
         (" MIN ", "min", 0),
     ],
@@ -614,24 +615,24 @@ def test_budget_binary_and_decimal_differ() -> None:
 
 
 def test_budget_resolve() -> None:
-    # "60%": the static bytes plus 60% of the activation memory (peak - static).
-    assert Budget.parse("60%").resolve(static_bytes=1000, peak_bytes=2000) == 1600
-    assert Budget.parse("100%").resolve(static_bytes=1000, peak_bytes=2000) == 2000
-    assert Budget.parse("60%").resolve(static_bytes=5000, peak_bytes=2000) == 5000  # no activations
-    assert Budget.parse("22GB").resolve(static_bytes=1, peak_bytes=2) == 22 * 10**9
-    assert Budget.parse("min").resolve(static_bytes=1, peak_bytes=2, min_peak_bytes=7) == 7
-    with pytest.raises(ValueError, match="min"):
-        Budget.parse("min").resolve(static_bytes=1, peak_bytes=2)
+    # "60%": 60% of the way from the least peak (0%) to the unplanned one (100%).
+    assert Budget.parse("60%").resolve(peak_bytes=2000, min_peak_bytes=1000) == 1600
+    assert Budget.parse("100%").resolve(peak_bytes=2000, min_peak_bytes=1000) == 2000
+    assert Budget.parse("0%").resolve(peak_bytes=2000, min_peak_bytes=1000) == 1000
+    assert Budget.parse("60%").resolve(peak_bytes=2000, min_peak_bytes=5000) == 5000  # no span
+    assert Budget.parse("22GB").resolve(peak_bytes=2) == 22 * 10**9
+    assert Budget.parse("min").resolve(peak_bytes=2, min_peak_bytes=7) == 7
+    with pytest.raises(TypeError, match="internal error.*min_peak_bytes"):
+        Budget.parse("min").resolve(peak_bytes=2)
 
 
 def test_percent_budget_in_solve() -> None:
-    profile = hand_profile()  # static 900, unplanned peak 1700: activation memory 800
+    profile = hand_profile()  # unplanned peak 1700
     result = solve(profile, "60%")
-    assert result.budget_bytes == 900 + 480
-    assert result.budget_bytes == int(
-        profile.static_bytes + 0.6 * (profile.peak_bytes - profile.static_bytes)
-    )
-    assert result.status == OPTIMAL and result.predicted_peak_bytes <= 1380
+    least = result.min_peak_bytes
+    assert least == solve(profile, "min").predicted_peak_bytes
+    assert result.budget_bytes == least + (profile.peak_bytes - least) * 60 // 100
+    assert result.status == OPTIMAL and result.predicted_peak_bytes <= result.budget_bytes
 
 
 @pytest.mark.parametrize(
@@ -640,7 +641,7 @@ def test_percent_budget_in_solve() -> None:
         "12 XB",
         "-1",
         "150%",
-        "0%",
+        "100.5%",
         "-5%",
         "abc",
         "",
@@ -708,7 +709,8 @@ def test_long_chain_is_feasible_with_capped_segments() -> None:
     profile = staged_profile(96)
     result = solve(profile, "50%")
     assert result.status == FEASIBLE
-    assert result.budget_bytes == (profile.static_bytes + profile.peak_bytes) // 2
+    least = result.min_peak_bytes
+    assert result.budget_bytes == least + (profile.peak_bytes - least) // 2
     assert result.min_peak_bytes < result.predicted_peak_bytes <= result.budget_bytes
     assert 0 < result.lower_bound <= result.cost + 1e-9
     check_result_consistent(profile, result)

@@ -35,9 +35,10 @@ def register(subparsers: Any) -> None:
     add_model_arguments(parser)
     parser.add_argument(
         "--budget",
-        help="memory budget: 22GiB (binary), 22GB (decimal), bytes, 60%% (static memory plus that"
-        " share of the unplanned step's activation memory), or min (the least achievable peak);"
-        " required with --strategy auto",
+        help="memory budget: 22GiB (binary), 22GB (decimal), bytes, 60%% (60%% of the way from"
+        " the least peak any plan reaches, 0%%, to the unplanned step's peak, 100%%, as"
+        " torch.compile's activation_memory_budget=0.6; every percentage has a plan), or min"
+        " (the least achievable peak); required with --strategy auto",
     )
     parser.add_argument(
         "--strategy",
@@ -182,9 +183,7 @@ def run(args: argparse.Namespace) -> int:
         best = remat.solve(prof, predicted)
         lower, min_peak = best.cost, best.min_peak_bytes
         budget_bytes = (
-            budget.resolve(
-                static_bytes=prof.static_bytes, peak_bytes=prof.peak_bytes, min_peak_bytes=min_peak
-            )
+            budget.resolve(peak_bytes=prof.peak_bytes, min_peak_bytes=min_peak, device=prof.device)
             if budget is not None
             else None
         )

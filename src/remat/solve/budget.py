@@ -1,16 +1,23 @@
 """Budgets: what the user types, parsed in one place, and resolved to bytes against a profile.
 
-Forms: a size (``22GiB`` binary, ``22GB`` decimal, or plain bytes), a percentage (``60%``: the static
-bytes plus that share of the unplanned step's activation memory, its peak minus the static bytes, as
-torch.compile's ``activation_memory_budget`` is a share of activation memory), or ``min`` (the least
-peak any plan reaches), or ``device`` (the capacity of the device the profile is for, less the
-stated reserve of :mod:`remat.devices`; ``device:h100-80gb`` names one). Imports no torch.
+Forms: a size (``22GiB`` binary, ``22GB`` decimal, or plain bytes), a percentage (``60%``: 60% of
+the way from the least peak any plan reaches, 0%, to the unplanned step's peak, 100%, as
+torch.compile's ``activation_memory_budget=0.6`` sits between recomputing everything and nothing;
+every percentage has a plan), ``min`` (the least peak any plan reaches), or ``device`` (the capacity
+of the device the profile is for, less the stated reserve of :mod:`remat.devices`;
+``device:h100-80gb`` names one). Imports no torch.
+
+Until issue 14 a percentage was the static bytes plus that share of the unplanned peak minus the
+static bytes; gradients alive at the backward peak counted as activation memory no plan frees, so
+50% had no plan on ordinary models (ConvNeXt, Swin, ViT, BERT).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 
 from remat.devices import get_device, is_device_name
 from remat.units import parse_bytes
@@ -18,9 +25,9 @@ from remat.units import parse_bytes
 __all__ = ["ACCEPTED_BUDGETS", "Budget"]
 
 ACCEPTED_BUDGETS = (
-    "a size (22GiB binary, 22GB decimal, or bytes such as 1500000000), a percentage of the"
-    " unplanned step's activation memory (60%, between 0 and 100), min (the least peak any plan"
-    " reaches), or device (the profiled device's capacity less its reserve; device:NAME names one"
+    "a size (22GiB binary, 22GB decimal, or bytes such as 1500000000), a percentage from 0 to 100"
+    " (60%: 60% of the way from the least peak any plan reaches, 0%, to the unplanned peak, 100%),"
+    " min (the least peak any plan reaches), or device (the profiled device's capacity less its reserve; device:NAME names one"
     " of remat.devices)"
 )
 _PERCENT = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*%\s*$")
@@ -33,11 +40,13 @@ class Budget:
     Example:
         >>> Budget.parse("22GiB").value, Budget.parse("22GB").value
         (23622320128, 22000000000)
-        >>> Budget.parse("60%").resolve(static_bytes=100, peak_bytes=300)
+        >>> Budget.parse("60%").resolve(peak_bytes=300, min_peak_bytes=100)
         220
+        >>> Budget.parse("0%").resolve(peak_bytes=300, min_peak_bytes=100)
+        100
         >>> Budget.parse("min").kind
         'min'
-        >>> Budget.parse("device:a100-40gb").resolve(static_bytes=0, peak_bytes=0) / 2**30
+        >>> Budget.parse("device:a100-40gb").resolve(peak_bytes=0) / 2**30
         37.0
     """
 
@@ -68,10 +77,10 @@ class Budget:
         match = _PERCENT.match(stripped)
         if match:
             percent = float(match.group(1))
-            if not 0 < percent <= 100:
+            if not 0 <= percent <= 100:
                 raise ValueError(
-                    f"budget: got {text!r}; a percentage must be above 0 and at most 100"
-                    f" (100% is the unplanned step). Expected {ACCEPTED_BUDGETS}"
+                    f"budget: got {text!r}; a percentage must be from 0 (the least peak any plan"
+                    f" reaches) to 100 (the unplanned step). Expected {ACCEPTED_BUDGETS}"
                 )
             return cls("percent", percent, stripped)
         try:
@@ -90,16 +99,23 @@ class Budget:
     def resolve(
         self,
         *,
-        static_bytes: int,
         peak_bytes: int,
         min_peak_bytes: int | None = None,
         device: str | None = None,
+        static_bytes: int | None = None,
     ) -> int:
-        """Bytes for a step whose static memory and unplanned peak are given.
+        """Bytes for a step whose unplanned peak and least achievable peak are given.
 
-        ``min`` needs ``min_peak_bytes`` (what the solver finds as the least achievable peak);
-        ``device`` needs ``device`` (the profile's target, e.g. ``h100-80gb``) unless it names one.
+        A percentage ``P%`` is ``min_peak_bytes + P/100 * (peak_bytes - min_peak_bytes)``, rounded
+        down to a byte (computed in exact fractions): ``0%`` is the least peak (as ``min``),
+        ``100%`` the unplanned one; an unplanned peak below the least one counts as the least.
+        Percentages and ``min`` need ``min_peak_bytes`` (the least peak any plan reaches, which
+        :func:`remat.solve` computes before resolving); without it they raise ``TypeError``, a
+        caller's bug: there is no fallback. ``device`` needs ``device`` (the profile's target,
+        e.g. ``h100-80gb``) unless it names one. ``static_bytes`` is accepted and unused: no form
+        depends on it any more.
         """
+        del static_bytes
         if self.kind == "device":
             name = self.device_name or device
             if not name or not is_device_name(name):
@@ -112,9 +128,12 @@ class Budget:
             return get_device(name).usable_bytes
         if self.kind == "bytes":
             return int(self.value)
-        if self.kind == "percent":
-            activation = max(peak_bytes - static_bytes, 0)
-            return int(static_bytes + activation * self.value / 100)
         if min_peak_bytes is None:
-            raise ValueError("budget 'min' needs the least achievable peak; solve() provides it")
-        return int(min_peak_bytes)
+            raise TypeError(
+                f"internal error: budget {self.text!r} was resolved without min_peak_bytes, the"
+                " least peak any plan reaches; remat.solve computes it before resolving"
+            )
+        if self.kind == "min":
+            return int(min_peak_bytes)
+        span = max(peak_bytes - min_peak_bytes, 0)
+        return min_peak_bytes + math.floor(span * Fraction(str(self.value)) / 100)

@@ -446,8 +446,9 @@ def _solve(
     least = _run(profile, starts, math.inf, minimise_peak=True, approximate=approximate)
     assert least is not None, "keeping every unit is always a plan"
     min_peak = least[1]
+    # A percentage interpolates from this least peak (0%) to the unplanned one (100%), so every
+    # percentage is at least min_peak: feasible.
     budget_bytes = parsed.resolve(
-        static_bytes=profile.static_bytes,
         peak_bytes=profile.peak_bytes,
         min_peak_bytes=min_peak,
         device=profile.device,
