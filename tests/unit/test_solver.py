@@ -622,7 +622,7 @@ def test_budget_resolve() -> None:
     assert Budget.parse("60%").resolve(peak_bytes=2000, min_peak_bytes=5000) == 5000  # no span
     assert Budget.parse("22GB").resolve(peak_bytes=2) == 22 * 10**9
     assert Budget.parse("min").resolve(peak_bytes=2, min_peak_bytes=7) == 7
-    with pytest.raises(TypeError, match="internal error.*min_peak_bytes"):
+    with pytest.raises(TypeError, match=r"internal error.*min_peak_bytes"):
         Budget.parse("min").resolve(peak_bytes=2)
 
 
