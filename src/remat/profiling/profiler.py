@@ -26,7 +26,13 @@ from torch import nn
 from remat._compat import in_backward
 from remat.apply.apply import apply_, fingerprint
 from remat.apply.selective import op_name
-from remat.apply.units import UnitSpec, call_model, execution_order, find_units, tensors_in
+from remat.apply.units import (
+    UnitSpec,
+    call_model,
+    execution_order,
+    find_units_with_inputs,
+    tensors_in,
+)
 from remat.cost.distributed import per_rank
 from remat.cost.model import OptionProfile, Profile, UnitProfile
 from remat.plan import Action, Plan
@@ -372,7 +378,8 @@ def profile(
         )
     loss_fn = loss_fn or default_loss
     option_actions = _option_actions(options, next((p.device for p in model.parameters()), None))
-    unit_fqns = execution_order(model, find_units(model, units), example_inputs)
+    found = find_units_with_inputs(model, units, example_inputs)  # lists bytes if none repeat
+    unit_fqns = execution_order(model, found, example_inputs)
     modules = dict(model.named_modules())
     unit_modules = [modules[fqn] for fqn in unit_fqns]
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
