@@ -18,11 +18,14 @@ Terms:
   ``ModuleList`` of transformer layers, a ResNet stage's ``Sequential``, a ``Sequential`` of mixed
   blocks where one class repeats.
 - A *stage* is a module that holds at least one block and whose blocks all lie in containers
-  (reached through containers only), each of which is a stack or holds that block alone: a
-  ConvNeXt or Swin stage (a downsampling layer and a stack of blocks), a ResNet stage (even of one
-  block), T5's encoder. Not a transformer layer (its attention and MLP are blocks outside any
-  container), a ResNet bottleneck whose convolutions are conv-norm-activation layers in a
-  ``Sequential``, or T5's block, whose ``ModuleList`` holds distinct sub-layers, none repeated.
+  (reached through containers only), each of which is a stack, or holds a single block when the
+  module has no weights besides its blocks': a ConvNeXt or Swin stage (a downsampling layer and a
+  stack of blocks), a ResNet stage (even of one bottleneck), T5's encoder, a diffusers down block
+  (a stack of resnets, one of attentions). Not a transformer layer (its attention and MLP are
+  blocks outside any container), a ResNet bottleneck whose convolutions are conv-norm-activation
+  layers in a ``Sequential``, T5's block, whose ``ModuleList`` holds distinct sub-layers, none
+  repeated, or diffusers' ``Transformer2DModel``, whose one transformer block sits between
+  projections that looking into it would leave out of the plan.
 
 From the model down, each child (``ModuleList``, ``ModuleDict`` and a ``Sequential`` that is a
 stack are looked through) is:
@@ -176,7 +179,7 @@ class _Finder:
         return any(count >= 2 for count in keys.values())
 
     def is_stage(self, module: nn.Module) -> bool:
-        holders: dict[int, tuple[nn.Module, int]] = {}
+        holders: dict[int, tuple[nn.Module, list[nn.Module]]] = {}
 
         def walk(parent: nn.Module, container: nn.Module | None) -> bool:
             for child in parent.children():
@@ -186,13 +189,16 @@ class _Finder:
                 elif self.weights(child) >= 2:
                     if container is None:
                         return False  # a block outside any container: attention, MLP
-                    held = holders.get(id(container), (container, 0))[1]
-                    holders[id(container)] = (container, held + 1)
+                    holders.setdefault(id(container), (container, []))[1].append(child)
             return True
 
         if not walk(module, module if _is_container(module) else None) or not holders:
             return False
-        return all(held == 1 or self.is_stack(c) for c, held in holders.values())
+        blocks = [block for _, held in holders.values() for block in held]
+        # A container of one block makes a stage only if nothing around it has weights: looking
+        # into it gains no granularity and would leave those layers out of the plan.
+        alone = self.weights(module) == sum(self.weights(block) for block in blocks)
+        return all(self.is_stack(c) or (len(held) == 1 and alone) for c, held in holders.values())
 
     def units(self, module: nn.Module, prefix: str) -> list[str]:
         """The units inside ``module`` (whose FQN is ``prefix``), in registration order."""
