@@ -289,6 +289,7 @@ def bench(
         strategies: the peers (see :func:`default_strategies`); ``none`` is always added, since
             overheads are ratios to it.
         budgets: remat's budgets (``"50%"``, ``"8GiB"``, ``"min"``); each gives ``remat:<budget>``.
+            ``P%`` is ``P%`` of the way from the least peak any plan reaches to the unplanned one.
         steps: timed steps per strategy, after ``warmup`` warm-up steps each.
         optimizer: ``"adamw"``, ``"sgd"`` or ``"none"``: whose step is part of the training step.
         seed: set before every step, so dropout draws the same under every strategy.
@@ -342,6 +343,11 @@ def bench(
     parsed_budgets = [Budget.parse(b) for b in budgets]
     measure = measure_peak or _default_peak(optimizer, loss_fn)
     notes: list[str] = []
+    if any(b.kind == "percent" for b in parsed_budgets):
+        notes.append(
+            "a percentage budget P% is P% of the way from the least peak any plan reaches (0%) to"
+            " the unplanned peak (100%), as torch.compile's activation_memory_budget"
+        )
     if device.type == "cpu" and keep_freed_host_memory():
         notes.append(
             "host malloc keeps freed memory for this process (glibc mallopt), as the CUDA caching"

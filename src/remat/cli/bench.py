@@ -49,8 +49,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--budgets",
         default=",".join(DEFAULT_BUDGETS),
-        help="remat's budgets, comma-separated: percentages of the unplanned step's activation"
-        " memory, sizes (2GiB) or min (default: %(default)s); '' for none",
+        help="remat's budgets, comma-separated: percentages (P%% is P%% of the way from the least"
+        " peak any plan reaches to the unplanned peak), sizes (2GiB) or min (default:"
+        " %(default)s); '' for none",
     )
     parser.add_argument(
         "--steps", type=int, default=5, help="timed steps per strategy (default: 5)"
