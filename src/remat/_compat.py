@@ -242,9 +242,12 @@ def sdpa_backend(
     dropout_p: float,
     is_causal: bool,
     scale: float | None,
+    *,
+    enable_gqa: bool = False,
 ) -> str:
     """The kernel ``F.scaled_dot_product_attention`` picks for these arguments on their device
     (``"flash_attention"``, ``"efficient_attention"``, ``"math"``, ...): the private
     ``torch._fused_sdp_choice``, which returns an ``SDPBackend`` value."""
-    choice = torch._fused_sdp_choice(q, k, v, attn_mask, dropout_p, is_causal, scale=scale)
+    extra = {"enable_gqa": True} if enable_gqa else {}  # the argument is new in torch 2.5
+    choice = torch._fused_sdp_choice(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, **extra)
     return torch.nn.attention.SDPBackend(choice).name.lower()
