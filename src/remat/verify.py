@@ -444,22 +444,27 @@ def verify(
     loss_fn = loss_fn or default_loss
     reference = copy.deepcopy(model)
     with preserved_state(model):
-        unplanned_peak = measure_step(model, example_inputs, loss_fn=loss_fn, optimizer=optimizer)
         with apply_(model, plan) as handle:
-            planned_peak = measure_step(model, example_inputs, loss_fn=loss_fn, optimizer=optimizer)
             units = list(handle.actions)
-            planned = _run(model, example_inputs, loss_fn, seed, units)
             checkpointed, actions = handle.checkpointed, dict(handle.actions)
-        plain = _run(reference, example_inputs, loss_fn, seed, units)
-        differing_grads = _differing_grads(reference, model, plain, planned, rtol, atol)
-        differing_buffers = [
-            name
-            for (name, a), (_, b) in zip(
-                reference.named_buffers(), model.named_buffers(), strict=True
-            )
-            if not _same(a, b, rtol, atol)
-        ]
-        first_output = _first_output_mismatch(plain, planned, rtol, atol)
+            planned = _run(model, example_inputs, loss_fn, seed, units)
+            plain = _run(reference, example_inputs, loss_fn, seed, units)
+            differing_grads = _differing_grads(reference, model, plain, planned, rtol, atol)
+            differing_buffers = [
+                name
+                for (name, a), (_, b) in zip(
+                    reference.named_buffers(), model.named_buffers(), strict=True
+                )
+                if not _same(a, b, rtol, atol)
+            ]
+            first_output = _first_output_mismatch(plain, planned, rtol, atol)
+            # The full steps last, from no gradients as remat plan measures (the model's own are
+            # put back on exit): what they draw from a generator of the model's own cannot then
+            # reach the comparison above.
+            for param in model.parameters():
+                param.grad = None
+            planned_peak = measure_step(model, example_inputs, loss_fn=loss_fn, optimizer=optimizer)
+        unplanned_peak = measure_step(model, example_inputs, loss_fn=loss_fn, optimizer=optimizer)
     floor = _floor(reference, example_inputs, seed, units) if checkpointed else {}
     checks = _unit_checks(actions, plain, planned, floor)
     predicted = _predicted_saving(model, example_inputs, plan, loss_fn) if checkpointed else 0

@@ -62,7 +62,10 @@ def test_verify_passes_on_every_builtin(name: str, strategy: str) -> None:
     plan = remat.baseline_plan(strategy, remat.find_units(built.model))
     report = remat.verify(built.model, plan, built.example_inputs, loss_fn=built.loss_fn)
     assert report.ok, report
-    assert report.measured_saved_bytes > 0 and report.applied  # within 5% of the prediction
+    assert report.measured_saved_bytes > 0 and report.applied and report.not_applied == []
+    # every recomputed unit kept no more than its action allows, and less than without the plan
+    checked = [u for u in report.units if u.action != "keep"]
+    assert checked and all(u.planned_kept_bytes < u.unplanned_kept_bytes for u in checked)
     assert all("forward" not in m.__dict__ for m in built.model.modules())  # no plan left behind
 
 
@@ -87,6 +90,9 @@ def test_verify_fails_a_plan_that_did_not_take_effect(monkeypatch: pytest.Monkey
     assert report.grads_equal and report.buffers_equal
     assert report.predicted_saved_bytes > 0 and report.measured_saved_bytes == 0
     assert not report.applied and not report.ok
+    [unit] = report.units
+    assert unit.planned_kept_bytes == unit.unplanned_kept_bytes > unit.allowed_bytes == 0
+    assert report.not_applied == [unit.describe()] and unit.describe().startswith("1: kept ")
 
 
 def test_verify_with_tolerances() -> None:
@@ -286,6 +292,7 @@ def test_cli_verify_exits_nonzero_when_the_plan_did_not_take_effect(
     code = main(["verify", "gpt", *args, "--plan", str(plan), "--json"])
     data = json.loads(capsys.readouterr().out)
     assert code == 1 and data["applied"] is False and data["grads_equal"] is True
+    assert data["not_applied"][0].startswith("blocks.0: kept ")
 
 
 def test_in_place_change_of_a_dropped_saved_output_gives_the_out_of_place_gradients() -> None:
