@@ -20,6 +20,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 __all__ = [
     "TorchDispatchMode",
     "compile_with_activation_budget",
+    "compiled_original",
     "flop_formula",
     "forward_hook_count",
     "function_modes",
@@ -154,6 +155,17 @@ def is_module_compiled(module: torch.nn.Module) -> bool:
     """Whether ``module.compile()`` was called on it: ``nn.Module.compile`` stores the compiled
     ``_call_impl`` in the private attribute ``_compiled_call_impl`` (``None`` otherwise)."""
     return getattr(module, "_compiled_call_impl", None) is not None
+
+
+def compiled_original(module: torch.nn.Module) -> torch.nn.Module:
+    """The model inside ``torch.compile(model)``'s ``OptimizedModule`` (its private ``_orig_mod``),
+    else ``module`` itself: remat plans the model's own modules, not the wrapper's."""
+    import sys
+
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing was compiled
+    if eval_frame is not None and isinstance(module, eval_frame.OptimizedModule):
+        return module._orig_mod
+    return module
 
 
 _RESIZE_CALLBACKS: list[Callable[[torch.UntypedStorage], None]] = []

@@ -1,20 +1,24 @@
-"""torch.compile per block on a planned model: the gradients of the unplanned model.
+"""torch.compile on a planned model: the gradients of the unplanned model compiled the same way.
 
-remat's recomputed units are compiled inside remat's wrapper (``remat.compile_units_``), so the
-forward and its replay in backward run one compiled graph; ``module.compile()`` on a recomputed unit
-is refused at replay (CheckpointMismatchError), which this file shows too.
+Per block, remat's recomputed units are compiled inside remat's wrapper (``remat.compile_units_``),
+so the forward and its replay in backward run one compiled graph. Over the whole model
+(``torch.compile(model)``, ``model.compile()``, as HF Trainer and accelerate do) or over one planned
+unit (``module.compile()``), dynamo traces remat's wrapper, which then runs each planned unit as
+``torch.utils.checkpoint``: the compiled backward recomputes it, and saves less.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 
 import remat
-from remat.apply.checkpoint import CheckpointMismatchError
 from remat.apply.compile import compile_units_
+from remat.models import build_builtin
 from remat.models.gpt import build
 
 SIZES = {"batch": 2, "seq": 8, "n_layer": 3, "d_model": 16, "n_head": 2, "vocab": 32}
@@ -70,15 +74,17 @@ def test_aot_eager_per_block_gradients_equal_unplanned(built: object, plan: str)
         torch.testing.assert_close(grads[name], eager[name], rtol=1e-5, atol=1e-7)
 
 
-def test_module_compile_after_apply_is_refused_at_replay(built: object) -> None:
-    # Why compile_units_ exists: dynamo compiles the original forward as a nested frame with its
-    # own saved tensors, while the replay in backward runs eagerly; remat notices, never hides it.
+def test_module_compile_of_a_planned_unit_gives_unplanned_gradients(built: object) -> None:
+    # module.compile() over remat's wrapper: dynamo traces the wrapper, which runs the unit as
+    # torch.utils.checkpoint inside the compiled graph (remat's own replay would run eagerly).
     model = copy.deepcopy(built.model)
     remat.apply_(model, remat.Plan(actions={"blocks.0": "recompute"}))
     model.blocks[0].compile(backend="aot_eager")
-    loss = built.loss_fn(model(*built.example_inputs))
-    with pytest.raises(CheckpointMismatchError, match=r"blocks\.0"):
-        loss.backward()
+    reference = copy.deepcopy(built.model)
+    reference.blocks[0].compile(backend="aot_eager")
+    grads, expected = grads_of(model, built), grads_of(reference, built)
+    for name, grad in expected.items():
+        assert torch.equal(grads[name], grad), name
 
 
 def test_compile_units_refuses_a_unit_already_compiled(built: object) -> None:
@@ -107,3 +113,118 @@ def test_inductor_per_block_gradients_equal_unplanned(built: object) -> None:
         # against eager, hence a tolerance there.
         assert torch.equal(grads[name], grad), name
         torch.testing.assert_close(grads[name], eager[name], rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- whole-model compile
+# The built-in GPT with its default dropout (0.1): the compiled recompute must draw what the
+# forward drew. Steps are seeded, so the planned and unplanned models draw the same masks.
+WHOLE = {"n_layer": 2, "d_model": 32, "n_head": 2, "seq": 16, "batch": 2}
+WHOLE_PLANS = {
+    "full": lambda units: remat.baseline_plan("full", units),
+    "selective": lambda units: remat.baseline_plan("save_matmuls", units),
+    "segment": lambda units: remat.Plan(actions=dict.fromkeys(units, "segment:a"), units=units),
+}
+
+
+@pytest.fixture(scope="module")
+def gpt() -> object:
+    torch.manual_seed(0)
+    return build_builtin("gpt", **WHOLE)
+
+
+def compiled_step(
+    model: torch.nn.Module, call: torch.nn.Module, gpt: object, seed: int
+) -> tuple[dict[str, torch.Tensor], int]:
+    """One seeded step of ``call`` (the compiled model): gradients, and the bytes of the distinct
+    storages autograd saved for backward, parameters aside."""
+    parameters = {id(p) for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if id(tensor) not in parameters:
+            storage = tensor.untyped_storage()
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = gpt.loss_fn(call(*gpt.example_inputs))
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}, sum(saved.values())
+
+
+def whole_compiled(model: torch.nn.Module, how: str) -> torch.nn.Module:
+    if how == "torch.compile":
+        return torch.compile(model, backend="aot_eager")
+    model.compile(backend="aot_eager")
+    return model
+
+
+@pytest.fixture(scope="module")
+def unplanned(gpt: object) -> list[tuple[dict[str, torch.Tensor], int]]:
+    """Two steps of the unplanned GPT under torch.compile (aot_eager)."""
+    torch._dynamo.reset()
+    model = copy.deepcopy(gpt.model)
+    call = whole_compiled(model, "torch.compile")
+    return [compiled_step(model, call, gpt, seed) for seed in (1, 2)]
+
+
+def assert_bitwise(grads: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert grads.keys() == expected.keys()
+    for name, grad in expected.items():
+        assert torch.equal(grads[name], grad), name
+
+
+@pytest.mark.parametrize("how", ["torch.compile", "model.compile"])
+@pytest.mark.parametrize("plan", sorted(WHOLE_PLANS))
+def test_whole_model_compile_gradients_equal_compiled_unplanned(
+    gpt: object, unplanned: list[tuple[dict[str, torch.Tensor], int]], plan: str, how: str
+) -> None:
+    torch._dynamo.reset()
+    model = copy.deepcopy(gpt.model)
+    handle = remat.apply_(model, WHOLE_PLANS[plan](remat.find_units(model)))
+    assert handle.checkpointed == ["blocks.0", "blocks.1"]
+    call = whole_compiled(model, how)
+    for seed, (expected, unplanned_bytes) in zip((1, 2), unplanned, strict=True):
+        grads, saved_bytes = compiled_step(model, call, gpt, seed)
+        assert_bitwise(grads, expected)  # a second step reuses the compiled graph
+        assert saved_bytes < unplanned_bytes, (saved_bytes, unplanned_bytes)
+
+
+def test_whole_model_compile_saves_what_torch_checkpoint_saves(gpt: object) -> None:
+    # The full plan under torch.compile is each block in torch.utils.checkpoint: same graph, so the
+    # same saved bytes and gradients as the blocks checkpointed by hand.
+    torch._dynamo.reset()
+    by_hand = copy.deepcopy(gpt.model)
+    for block in by_hand.blocks:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    expected = compiled_step(by_hand, whole_compiled(by_hand, "torch.compile"), gpt, seed=1)
+    torch._dynamo.reset()
+    model = copy.deepcopy(gpt.model)
+    remat.apply_(model, remat.baseline_plan("full", remat.find_units(model)))
+    grads, saved_bytes = compiled_step(model, whole_compiled(model, "torch.compile"), gpt, seed=1)
+    assert_bitwise(grads, expected[0])
+    assert saved_bytes == expected[1]
+
+
+def test_apply_to_a_compiled_model_plans_the_model_inside(
+    gpt: object, unplanned: list[tuple[dict[str, torch.Tensor], int]]
+) -> None:
+    # accelerate and HF Trainer may hand remat the OptimizedModule, after it has run: apply_ plans
+    # its _orig_mod (unit names without the "_orig_mod." prefix), dynamo traces again, and
+    # remove() goes back to the unplanned graph.
+    torch._dynamo.reset()
+    model = copy.deepcopy(gpt.model)
+    call = whole_compiled(model, "torch.compile")
+    (expected, unplanned_bytes), (expected_2, _) = unplanned
+    assert_bitwise(compiled_step(model, call, gpt, seed=1)[0], expected)
+    handle = remat.apply_(call, remat.baseline_plan("full", remat.find_units(model)))
+    assert handle.checkpointed == ["blocks.0", "blocks.1"]
+    grads, saved_bytes = compiled_step(model, call, gpt, seed=2)
+    assert_bitwise(grads, expected_2)
+    assert saved_bytes < unplanned_bytes
+    handle.remove()
+    grads, saved_bytes = compiled_step(model, call, gpt, seed=1)
+    assert_bitwise(grads, expected)
+    assert saved_bytes == unplanned_bytes

@@ -224,6 +224,7 @@ def apply_(
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"apply_: model must be an nn.Module, got {type(model).__name__}")
+    model = _compat.compiled_original(model)  # torch.compile(model): plan the model inside it
     if not isinstance(plan, Plan):
         raise ValueError(
             f"apply_: plan must be a remat.Plan, got {type(plan).__name__}; load a file with"

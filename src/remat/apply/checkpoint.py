@@ -18,6 +18,9 @@ A ``selective`` region is a one-unit region whose forward also runs under an op 
 (:mod:`remat.apply.selective`): saved tensors produced by ops its policy keeps are held as they are,
 and the replay skips those ops. An ``offload`` region has no frame: its forward runs under
 saved-tensor hooks that move what it saves to host memory.
+
+While dynamo traces a unit's forward (whole-model ``torch.compile``), the wrapper runs it as
+``torch.utils.checkpoint`` instead, which dynamo compiles (:mod:`remat.apply.compile`).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from remat._compat import (
     tree_flatten,
     tree_unflatten,
 )
+from remat.apply.compile import checkpoint_traced, selective_contexts
 from remat.apply.selective import (
     CheckpointMismatchError,
     Offloader,
@@ -419,10 +423,14 @@ class Region:
         """The instance-level forward for the unit at ``position`` of this region."""
         fqn, module = self.units[position]
         region = self
+        traced = selective_contexts(self.policy) if self.policy is not None else None
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             if not torch.is_grad_enabled():
                 return original(*args, **kwargs)  # no_grad / inference: nothing is saved anyway
+            if torch.compiler.is_compiling() and not region.offload:
+                # Whole-model torch.compile traces this wrapper: dynamo's own checkpoint instead.
+                return checkpoint_traced(traced, original, args, kwargs)
             if region.offload:
                 offloader = Offloader(previous=_last_offloader())
                 _LAST.offloader = weakref.ref(offloader)
