@@ -926,3 +926,24 @@ def test_no_repeated_block_lists_measured_saved_bytes() -> None:
     assert "each saves for backward: 2 64 B, 0 0 B, 1 0 B" in str(info.value)  # largest first
     assert "units=[...]" in str(info.value)
     assert torch.equal(model[2].running_mean, running_mean)  # the measuring forward left no trace
+
+
+def test_a_lone_block_beside_a_stack_of_its_kind_is_a_unit() -> None:
+    class Tree(nn.Module):
+        """tail(left(x) + right(x)): one stack, two containers of one Block each."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.left = nn.ModuleList([Block(), Block()])
+            self.right = nn.ModuleList([Block()])
+            self.tail = nn.ModuleList([Block()])
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a = self.left[1](self.left[0](x))
+            return self.head(self.tail[0](a + self.right[0](x)))
+
+    # Block holds one weight, so only its stack makes units at first; its kind then makes the
+    # lone ones units too. The head's Linear, a layer, is not spread to though the stack's
+    # Blocks hold Linears (they are inside units).
+    assert find_units(Tree()) == ["left.0", "left.1", "right.0", "tail.0"]

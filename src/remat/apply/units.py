@@ -37,6 +37,10 @@ stack are looked through) is:
    attributes of the model);
 4. else looked into.
 
+Then a module of the key of a unit found, outside the units, is a unit too when it has submodules
+or parameters of a class outside ``torch.nn`` (a lone block in a container after a stack of its
+kind); a layer such as a ``Linear`` is not spread this way.
+
 When that finds nothing, it is run again with every child holding parameters counted in stacks
 (a ``Sequential`` of ``Linear`` layers) and every module with submodules counted as a block (toy
 models whose blocks hold one ``Linear``). When that finds nothing either, no block repeats and
@@ -253,7 +257,31 @@ def _default_units(model: nn.Module) -> list[str]:
         found = _Finder(model, loose=True).units(model, "")
     if not found:
         raise NoUnitsError(type(model).__name__, _candidates(model))
-    return found
+    return _with_same_kind(model, found)
+
+
+def _with_same_kind(model: nn.Module, found: list[str]) -> list[str]:
+    """``found`` and, outside them, the modules of the same key as one of them that have
+    submodules or parameters of a class outside ``torch.nn``: a block alone in a container after a
+    stack of its kind is a unit too (a layer such as a ``Linear`` is not spread this way)."""
+    modules = dict(model.named_modules())
+    kinds = {
+        _key(modules[fqn])
+        for fqn in found
+        if any(True for _ in modules[fqn].children())
+        or _own_parameters(modules[fqn], outside_torch=True)
+    }
+    chosen = set(found)
+    for name, module in modules.items():
+        if (
+            name
+            and name not in chosen
+            and not _is_list(module)
+            and _key(module) in kinds
+            and not any(fqn.startswith(name + ".") for fqn in found)
+        ):
+            chosen.add(name)
+    return _outermost(name for name in modules if name in chosen)
 
 
 def _matcher(spec: Any, model: nn.Module) -> Callable[[nn.Module, str], bool]:
