@@ -115,7 +115,9 @@ def test_percent_budget_resolves_against_per_rank_figures() -> None:
     prof = profile_with_parameters()
     fsdp = per_rank(prof, world_size=4, fsdp=True)
     result = solve(prof, "50%", world_size=4, fsdp=True)
-    assert result.budget_bytes == fsdp.static_bytes + (fsdp.peak_bytes - fsdp.static_bytes) // 2
+    least = solve(fsdp, "min").predicted_peak_bytes  # the least peak of one rank
+    assert result.min_peak_bytes == least != solve(prof, "min").predicted_peak_bytes
+    assert result.budget_bytes == least + (fsdp.peak_bytes - least) // 2
 
 
 def test_per_rank_profile_round_trips_json() -> None:
