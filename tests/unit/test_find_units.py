@@ -505,6 +505,10 @@ def test_builtin_gpt_one_layer_lists_the_candidates() -> None:
         find_units(built.model)
     assert info.value.candidates == ["wte", "wpe", "drop", "blocks.0", "ln_f", "lm_head"]
     assert find_units(built.model, ["blocks.0"]) == ["blocks.0"]  # the fix it names
+    # the MLP's blocks Sequential of one block is a stage, but not repeated: not a unit either
+    with pytest.raises(NoUnitsError) as info:
+        find_units(_meta("mlp", n_blocks=1).model)
+    assert info.value.candidates == ["stem", "blocks", "head"]
 
 
 def test_builtin_mlp_units() -> None:

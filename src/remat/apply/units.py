@@ -30,14 +30,15 @@ Terms:
 From the model down, each child (``ModuleList``, ``ModuleDict`` and a ``Sequential`` that is a
 stack are looked through) is:
 
-1. a stage: looked into; it is a unit itself only if nothing inside it is one;
+1. a stage: looked into; if nothing inside it is a unit, it is one itself when it is the child of
+   a stack or a block whose key repeats;
 2. else a child of a stack that holds no stage: a unit, whether or not it has submodules (a
    ``ReLU`` between blocks too, so that segments cover the whole chain);
 3. else a block whose key repeats in the model: a unit (the U-Net's middle block, blocks that are
    attributes of the model);
 4. else looked into.
 
-Then a module of the key of a unit found, outside the units, is a unit too when it has submodules
+After either pass below, a module of the key of a unit, outside the units, is a unit too when it has submodules
 or parameters of a class outside ``torch.nn`` (a lone block in a container after a stack of its
 kind); a layer such as a ``Linear`` is not spread this way.
 
@@ -207,17 +208,19 @@ class _Finder:
     def units(self, module: nn.Module, prefix: str) -> list[str]:
         """The units inside ``module`` (whose FQN is ``prefix``), in registration order."""
         children = list(module.named_children())
-        stack = self.is_stack(module) and not any(
+        in_stack = self.is_stack(module)
+        stack = in_stack and not any(
             not _is_list(child) and self.is_stage(child) for _, child in children
         )
         found: list[str] = []
         for name, child in children:
             fqn = _join(prefix, name)
+            repeated = self.counts[_key(child)] >= 2 and self.is_block(child)
             if _is_list(child) or (type(child) is nn.Sequential and self.is_stack(child)):
                 found += self.units(child, fqn)
-            elif self.is_stage(child):
-                found += self.units(child, fqn) or [fqn]
-            elif stack or (self.counts[_key(child)] >= 2 and self.is_block(child)):
+            elif self.is_stage(child):  # a unit itself if it would be one, but nothing inside is
+                found += self.units(child, fqn) or ([fqn] if in_stack or repeated else [])
+            elif stack or repeated:
                 found.append(fqn)
             else:
                 found += self.units(child, fqn)
