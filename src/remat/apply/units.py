@@ -38,9 +38,9 @@ stack are looked through) is:
    attributes of the model);
 4. else looked into.
 
-After either pass below, a module of the key of a unit, outside the units, is a unit too when it has submodules
-or parameters of a class outside ``torch.nn`` (a lone block in a container after a stack of its
-kind); a layer such as a ``Linear`` is not spread this way.
+After either pass below, a module of the key of a unit, outside the units, is a unit too when it
+has submodules or parameters of a class outside ``torch.nn`` (a lone block in a container beside
+a stack of its kind); a layer such as a ``Linear`` is not spread this way.
 
 When that finds nothing, it is run again with every child holding parameters counted in stacks
 (a ``Sequential`` of ``Linear`` layers) and every module with submodules counted as a block (toy
