@@ -16,7 +16,7 @@ import torch
 import remat
 from remat.integrations import hf  # needs the hf extra, which `make test` installs
 from remat.models.spec import load_model
-from remat.profiling.step import default_loss
+from remat.profiling.step import default_loss, measure_step
 
 # Three layers, width 64, 32 tokens, a 128-token vocabulary (the layers, not the head, make the
 # peak, so that a 50% budget needs recompute): a step takes milliseconds.
@@ -82,18 +82,24 @@ def test_use_cache_is_turned_off_with_a_warning() -> None:
     with pytest.warns(UserWarning, match="use_cache=True turned off"):
         built = tiny("llama", use_cache=True)
     assert built.model.config.use_cache is False
-    # a model the user built with the cache on: apply_ warns that memory would go up
+    # a model the user built with the cache on: apply_ turns it off while the plan is on, as
+    # Hugging Face's gradient checkpointing does, says so once, and remove() turns it back on
     built.model.config.use_cache = True
     plan = remat.baseline_plan("full", UNITS["llama"])
-    with pytest.warns(UserWarning, match="use_cache is True in training"):
+    with pytest.warns(UserWarning, match="use_cache=True is turned off") as caught:
         handle = remat.apply_(built.model, plan)
-    assert any("use_cache" in note for note in handle.notes)
+    assert len([w for w in caught if "use_cache" in str(w.message)]) == 1
+    assert built.model.config.use_cache is False
     handle.remove()
+    assert built.model.config.use_cache is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per model
+        with remat.apply_(built.model, plan):
+            assert built.model.config.use_cache is False
+    assert built.model.config.use_cache is True
     with pytest.warns(UserWarning, match="use_cache=True turned off"):
         hf.prepare_model(built.model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # nothing left to warn about
-        remat.apply_(built.model, plan).remove()
+    assert built.model.config.use_cache is False
 
 
 def test_t5_cache_is_off_in_every_config() -> None:
@@ -140,8 +146,25 @@ def test_errors_say_what_was_expected() -> None:
         load_model("hf:gpt2", overrides={"n_embd": 30, "n_head": 4})
     with pytest.raises(ValueError, match="at most n_positions=512"):
         load_model("hf:gpt2", seq=1000)
-    with pytest.raises(ValueError, match="expected cpu or cuda"):
-        load_model("hf:llama", device="meta")
+
+
+@pytest.mark.parametrize("name", list(hf.HF_MODELS))
+def test_meta_bytes_equal_cpu_bytes(name: str) -> None:
+    """hf: models build on meta (transformers' mask checks answered as for an unpadded batch,
+    which the all-ones mask is) and their step's peak there is the CPU's to the byte."""
+    peaks = []
+    for device in ("cpu", "meta"):
+        torch.manual_seed(0)
+        built = load_model(
+            f"hf:{name}",
+            device=device,
+            batch=2,
+            seq=32,
+            overrides={**TINY[name], "vocab_size": 128},
+        )
+        assert built.example_inputs["attention_mask"].device.type == device
+        peaks.append(measure_step(built.model, built.example_inputs).peak_bytes)
+    assert peaks[0] == peaks[1]
 
 
 def test_missing_transformers_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,9 +11,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from remat import _compat
@@ -21,7 +24,7 @@ from remat.apply.checkpoint import Region
 from remat.apply.units import UnitSpec, find_units
 from remat.plan import Action, Plan, closest_names
 
-__all__ = ["Handle", "apply_", "fingerprint"]
+__all__ = ["Handle", "apply_", "fingerprint", "kv_cache_off", "say_once", "warn_eval_mode"]
 
 logger = logging.getLogger(__name__)
 _MISSING = object()
@@ -77,6 +80,145 @@ def _check_fingerprint(expected: dict[str, Any], model: nn.Module) -> None:
     )
 
 
+def say_once(model: nn.Module, key: str, message: str, *, stacklevel: int = 2) -> bool:
+    """Warn ``message`` the first time ``key`` is said about ``model`` (profiling and solving apply
+    plans many times; each warning is given once per model). Returns whether it warned.
+
+    Example:
+        >>> import warnings
+        >>> model = nn.Linear(2, 2)
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     said = [say_once(model, "k", "remat: once") for _ in range(3)]
+        >>> said, len(caught)
+        ([True, False, False], 1)
+    """
+    said = model.__dict__.setdefault("_remat_said", set())
+    if key in said:
+        return False
+    said.add(key)
+    warnings.warn(message, stacklevel=stacklevel + 1)
+    return True
+
+
+def warn_eval_mode(model: nn.Module) -> bool:
+    """Warn once per model when a model in eval mode is about to be measured for training: dropout
+    is off and BatchNorm uses its running statistics, so the step is not the training step.
+    Returns whether the model is in eval mode.
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     warn_eval_mode(nn.Linear(2, 2).eval())
+        True
+        >>> "model.train()" in str(caught[0].message)
+        True
+    """
+    if model.training:
+        return False
+    say_once(
+        model,
+        "eval",
+        f"remat: {type(model).__name__} is in eval mode (model.training is False; Hugging Face's"
+        " from_pretrained returns models in eval mode): dropout is off and BatchNorm uses its"
+        " running statistics, so the step remat measures is not the training step, and a plan"
+        " made from it may not fit in training. Call model.train() before remat.auto_ /"
+        " remat.profile (or ignore this if you train in eval mode on purpose)",
+        stacklevel=3,
+    )
+    return True
+
+
+def _cached_configs(model: nn.Module) -> tuple[list[tuple[str, Any]], bool]:
+    """(FQN, config) of every distinct config in the model with ``use_cache`` True, and whether
+    any config has a ``use_cache`` setting at all (a Hugging Face model)."""
+    seen: set[int] = set()
+    cached: list[tuple[str, Any]] = []
+    has_setting = False
+    for name, module in model.named_modules():
+        config = getattr(module, "config", None)
+        if config is None or id(config) in seen or not hasattr(config, "use_cache"):
+            continue
+        seen.add(id(config))
+        has_setting = True
+        if config.use_cache is True:
+            cached.append((name, config))
+    return cached, has_setting
+
+
+def _no_cache_kwarg(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Forward pre-hook: ``use_cache=True`` passed to a model in training is turned off, as
+    transformers takes the call's value over the config's."""
+    if kwargs.get("use_cache") and module.training and torch.is_grad_enabled():
+        say_once(
+            module,
+            "use_cache_kwarg",
+            "remat: use_cache=True passed to the model in training is turned off under remat: the"
+            " KV cache would keep every layer's keys and values alive, and a recomputed layer"
+            " would append to it again",
+            stacklevel=4,
+        )
+        return args, {**kwargs, "use_cache": False}
+    return None
+
+
+def _turn_cache_off(model: nn.Module) -> Callable[[], None]:
+    """Turn Hugging Face's KV cache off for training under remat, as its own gradient
+    checkpointing does: ``use_cache`` False on every config, and a ``use_cache=True`` keyword
+    overridden in training. Warns once per model; returns the function that undoes it."""
+    cached, has_setting = _cached_configs(model)
+    for _, config in cached:
+        config.use_cache = False
+    hook = (
+        model.register_forward_pre_hook(_no_cache_kwarg, with_kwargs=True) if has_setting else None
+    )
+    if cached:
+        where = ", ".join(f"{n or type(model).__name__}.config" for n, _ in cached[:3])
+        say_once(
+            model,
+            "use_cache",
+            f"remat: use_cache=True is turned off ({where}) while remat measures the model and"
+            " while a plan is applied, as Hugging Face's gradient checkpointing does: in training"
+            " the KV cache keeps every layer's keys and values alive, and a recomputed layer would"
+            " append to it again. Handle.remove() turns it back on",
+            stacklevel=4,
+        )
+
+    def undo() -> None:
+        for _, config in cached:
+            config.use_cache = True
+        if hook is not None:
+            hook.remove()
+
+    return undo
+
+
+@contextmanager
+def kv_cache_off(model: nn.Module) -> Iterator[None]:
+    """Inside the block the model runs without Hugging Face's KV cache, as it trains under a plan
+    (``use_cache`` False on every config; a ``use_cache=True`` keyword overridden in training);
+    restored on exit. A model without ``use_cache`` is untouched.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> model = nn.Linear(2, 2)
+        >>> model.config = SimpleNamespace(use_cache=True)
+        >>> import warnings
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")
+        ...     with kv_cache_off(model):
+        ...         inside = model.config.use_cache
+        >>> inside, model.config.use_cache
+        (False, True)
+    """
+    undo = _turn_cache_off(model)
+    try:
+        yield
+    finally:
+        undo()
+
+
 @dataclass(eq=False)
 class Handle:
     """A plan installed on a model. ``remove()`` (or leaving a ``with`` block) takes it off.
@@ -102,6 +244,7 @@ class Handle:
     notes: list[str] = field(default_factory=list)
     """Warnings raised while applying (forward hooks that run again during recompute)."""
     _installed: list[tuple[nn.Module, Any]] = field(default_factory=list, repr=False)
+    _undo: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
     @property
     def active(self) -> bool:
@@ -113,7 +256,10 @@ class Handle:
         return [fqn for fqn, action in self.actions.items() if action != "keep"]
 
     def remove(self) -> None:
-        """Restore every module's ``forward`` as it was before ``apply_``; idempotent."""
+        """Restore every module's ``forward`` as it was before ``apply_``, and the KV cache
+        settings ``apply_`` turned off; idempotent."""
+        while self._undo:
+            self._undo.pop()()
         while self._installed:
             module, previous = self._installed.pop()
             if previous is _MISSING:
@@ -152,21 +298,8 @@ def _refuse_double_checkpointing(
 
 
 def _hooks_that_rerun(modules: dict[str, nn.Module], targets: list[str]) -> list[str]:
-    """Forward hooks inside a recomputed unit run again when it is replayed: name them. A Hugging
-    Face KV cache left on in training grows again on replay: say so."""
+    """Forward hooks inside a recomputed unit run again when it is replayed: name them."""
     notes = []
-    cached = [
-        name
-        for name, module in modules.items()
-        if module.training and getattr(getattr(module, "config", None), "use_cache", False) is True
-    ]
-    if targets and cached:
-        notes.append(
-            f"remat: {cached[0] or 'the model'}.config.use_cache is True in training: the KV cache"
-            " keeps every layer's keys and values alive and a recomputed layer appends to it"
-            " again, so memory goes up; set config.use_cache = False, or call"
-            " remat.integrations.hf.prepare_model(model)"
-        )
     for fqn in targets:
         hooked = [
             name
@@ -203,7 +336,9 @@ def apply_(
         check_fingerprint: refuse a plan whose fingerprint names another model.
 
     Returns:
-        A :class:`Handle`; ``handle.remove()`` undoes everything.
+        A :class:`Handle`; ``handle.remove()`` undoes everything. While it is on, a Hugging Face
+        model runs without its KV cache (``config.use_cache`` False, warned once per model), as
+        under Hugging Face's own gradient checkpointing.
 
     Raises:
         ValueError: a selector matches nothing (closest names listed), a unit of the plan is not in
@@ -274,6 +409,8 @@ def apply_(
         key = str(action) if action.kind in ("segment", "nested") else fqn
         regions.setdefault(key, []).append(fqn)
     try:
+        # the KV cache off while the plan is on, as Hugging Face's gradient checkpointing does
+        handle._undo.append(_turn_cache_off(model))
         for name, members in regions.items():
             members.sort(key=lambda f: order.get(f, -1))
             first = resolved[members[0]]

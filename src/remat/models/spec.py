@@ -10,6 +10,7 @@ import ast
 import difflib
 import importlib
 import inspect
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -120,7 +121,8 @@ def load_model(
         spec: a built-in name, ``hf:NAME`` (a Hugging Face model, see
             :mod:`remat.integrations.hf`) or ``package.module:factory``.
         device: where to build; ``meta`` uses no memory (the factory runs under
-            ``torch.device(device)``, so it must not name a device itself).
+            ``torch.device(device)``, so it must not name a device itself; transformers models
+            in it are readied for meta by :func:`remat.integrations.hf.prepare_meta`).
         dtype: floating-point dtype for parameters, buffers and floating inputs.
         batch, seq: passed to the factory as ``batch=`` / ``seq=`` when given.
         overrides: more keyword arguments for the factory (``--set``).
@@ -166,4 +168,8 @@ def load_model(
             built.example_inputs = cast(inputs)
     if not built.name:
         built.name = spec
+    if torch.device(device).type == "meta" and "transformers" in sys.modules:
+        from remat.integrations.hf import prepare_meta
+
+        prepare_meta(built.model)  # transformers reads mask values; answer them as a full batch
     return built

@@ -16,7 +16,9 @@ Consumes a model (on any device, or on ``meta``), example inputs, a device name 
     ``meta`` it is a mask of the input's dtype);
   - on a CUDA target, AdamW and SGD take their ``foreach`` path and every storage is rounded up to
     512 bytes, as the caching allocator does;
-  - on the ``cpu`` target nothing is replaced: ``meta`` chooses kernels as the CPU does.
+  - on the ``cpu`` target, attention takes the kernel the CPU chooses (its flash kernel where it
+    applies; meta alone would take the math path) and outputs take the CPU's layouts
+    (:mod:`remat.profiling.meta_kernels`), so the bytes are the CPU's.
 
   Which kernels were assumed is listed in the profile's ``kernels``.
 - **time** from a roofline of every op (:func:`remat.cost.roofline.op_time_ms` over its FLOPs and
@@ -26,7 +28,10 @@ Consumes a model (on any device, or on ``meta``), example inputs, a device name 
 
 Ops whose output shapes depend on tensor values (``nonzero``, boolean-mask indexing, top-k routing
 by index as in the built-in ``moe``) have no shape-only form: estimate mode raises
-:class:`NotEstimableError` naming the module and the op, rather than guessing.
+:class:`NotEstimableError` naming the module and the op, rather than guessing. Hugging Face
+transformers models read a few mask values to choose a path; those reads are answered as for a
+batch without padding (:func:`remat.integrations.hf.prepare_meta`), and the profile's ``kernels``
+says so.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import copy
 import inspect
 import logging
 import math
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -44,12 +50,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from remat import _compat
 from remat._compat import TorchDispatchMode, flop_formula, tree_flatten
 from remat.apply.units import UnitSpec, call_model
 from remat.cost.model import Profile
 from remat.cost.roofline import op_time_ms
 from remat.devices import DeviceSpec, get_device
+from remat.profiling.meta_kernels import CpuLayoutsOnMeta, cpu_attention_kernel
 from remat.profiling.step import default_loss, make_optimizer, preserved_state
 from remat.profiling.target import TargetDefaults, target_defaults
 from remat.profiling.tracker import DATA_DEPENDENT_OPS
@@ -78,6 +84,7 @@ _DTYPES = {
 }
 _STORES = {
     "flash": "stores the output and log-sum-exp, no score matrix",
+    "flash_attention": "stores the output and log-sum-exp, no score matrix",
     "efficient": "stores the output and log-sum-exp, no score matrix",
     "math": "stores the softmax output, dropout mask and dropped-out scores (b*h*s*s each)",
 }
@@ -197,25 +204,17 @@ class _TargetKernels(TorchFunctionMode):
 
     def _attention(self, args: tuple, kwargs: dict) -> Any:
         a = _sdpa_arguments(args, kwargs)
+        if self.spec.kind != "cuda" and self.attention == "auto":
+            return self._cpu_attention(a)
         q, k, v = a["query"], a["key"], a["value"]
         if a["enable_gqa"] and q.size(-3) != k.size(-3):
             repeat = q.size(-3) // k.size(-3)
             k, v = k.repeat_interleave(repeat, -3), v.repeat_interleave(repeat, -3)
-        if self.spec.kind != "cuda":
-            if self.attention == "math":
-                kernel = "math"
-                out = torch.ops.aten._scaled_dot_product_attention_math(
-                    q, k, v, a["attn_mask"], a["dropout_p"], a["is_causal"], scale=a["scale"]
-                )[0]
-            else:
-                kernel = _compat.sdpa_backend(
-                    q, k, v, a["attn_mask"], a["dropout_p"], a["is_causal"], a["scale"]
-                )
-                out = F.scaled_dot_product_attention(
-                    q, k, v, **{n: a[n] for n in ("attn_mask", "dropout_p", "is_causal", "scale")}
-                )
-            self._record("scaled_dot_product_attention", kernel, q.dtype)
-            return out
+        if self.spec.kind != "cuda":  # math, as asked
+            self._record("scaled_dot_product_attention", "math", q.dtype)
+            return torch.ops.aten._scaled_dot_product_attention_math(
+                q, k, v, a["attn_mask"], a["dropout_p"], a["is_causal"], scale=a["scale"]
+            )[0]
         kernel = attention_kernel(
             self.spec, q.dtype, q.size(-1), a["attn_mask"] is not None, self.attention
         )
@@ -231,6 +230,27 @@ class _TargetKernels(TorchFunctionMode):
                 q, k, v, a["attn_mask"], needs_grad, dropout_p, is_causal, scale=scale
             )[0]
         return _math_attention(q, k, v, a["attn_mask"], dropout_p, is_causal, scale)
+
+    def _cpu_attention(self, a: dict[str, Any]) -> Any:
+        """The kernel the CPU chooses (its flash kernel, which takes grouped keys and values as
+        they are, where it applies; meta alone would always take the math path)."""
+        q = a["query"]
+        kernel = cpu_attention_kernel(a)
+        self._record("scaled_dot_product_attention", kernel, q.dtype)
+        if kernel == "flash_attention":
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q,
+                a["key"],
+                a["value"],
+                a["dropout_p"],
+                a["is_causal"],
+                attn_mask=a["attn_mask"],
+                scale=a["scale"],
+            )[0]
+        names = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+        return F.scaled_dot_product_attention(
+            q, a["key"], a["value"], **{n: a[n] for n in names if n != "enable_gqa" or a[n]}
+        )
 
     def _dropout(self, func: Any, args: tuple, kwargs: dict) -> Any:
         names = (
@@ -260,6 +280,24 @@ class _TargetKernels(TorchFunctionMode):
         self.assumed[f"{op}:{kernel}"] = f"{text}: {stores}" if stores else text
 
 
+def module_running(names: dict[int, str]) -> str:
+    """The innermost module whose ``forward`` is on the Python stack, named by ``names`` (``id``
+    of a module -> its FQN); found without hooks (global ones would make every recomputed unit
+    warn that they run twice).
+
+    Example:
+        >>> module_running({})
+        '(outside the model)'
+    """
+    frame = inspect.currentframe()
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and id(owner) in names:
+            return names[id(owner)] or "(the model)"
+        frame = frame.f_back
+    return "(outside the model)"
+
+
 class _Guard(TorchDispatchMode):
     """Raises :class:`NotEstimableError` before an op whose output shape depends on values."""
 
@@ -268,15 +306,7 @@ class _Guard(TorchDispatchMode):
         self.names = {id(m): name for name, m in model.named_modules()}
 
     def _module_running(self) -> str:
-        """The innermost module of the model whose ``forward`` is on the Python stack (no hooks:
-        global ones would make every recomputed unit warn that they run twice)."""
-        frame = inspect.currentframe()
-        while frame is not None:
-            owner = frame.f_locals.get("self")
-            if isinstance(owner, nn.Module) and id(owner) in self.names:
-                return self.names[id(owner)] or "(the model)"
-            frame = frame.f_back
-        return "(outside the model)"
+        return module_running(self.names)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         name = getattr(getattr(func, "overloadpacket", func), "__name__", str(func))
@@ -331,7 +361,11 @@ def model_kernels(spec: DeviceSpec, attention: str = "auto") -> Iterator[_Target
         else TargetDefaults()
     )
     kernels = _TargetKernels(spec, attention)
-    with target_defaults(defaults), kernels:
+    with ExitStack() as stack:
+        stack.enter_context(target_defaults(defaults))
+        if spec.kind != "cuda":  # the CPU's output layouts, beneath any tracker entered inside
+            stack.enter_context(CpuLayoutsOnMeta())
+        stack.enter_context(kernels)
         yield kernels
 
 
@@ -374,7 +408,11 @@ def to_meta(
             memo[id(tensor)] = converted
         meta_model = copy.deepcopy(model, memo)
     leaves, spec = torch.utils._pytree.tree_flatten(example_inputs)
-    moved = [convert(leaf) if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+    converted: dict[int, torch.Tensor] = {}  # one input passed twice (labels = input_ids) stays one
+    moved = [
+        converted.setdefault(id(leaf), convert(leaf)) if isinstance(leaf, torch.Tensor) else leaf
+        for leaf in leaves
+    ]
     return meta_model, torch.utils._pytree.tree_unflatten(moved, spec)
 
 
@@ -501,6 +539,7 @@ def estimate_profile(
     spec = get_device(device)
     loss_fn = loss_fn or default_loss
     meta_model, meta_inputs = to_meta(model, example_inputs, dtype)
+    _prepare_transformers(meta_model)
     say = progress or (lambda text: logger.info("%s", text))
     with ExitStack() as stack:
         kernels = stack.enter_context(model_kernels(spec, attention))
@@ -542,4 +581,18 @@ def estimate_profile(
             f"optimizer: {optimizer} foreach path; every storage rounded up to 512 bytes"
             " (CUDA caching allocator)"
         )
+    if any(m.__dict__.get("_remat_meta_assumed") for m in meta_model.modules()):
+        prof.kernels.append(
+            "attention mask: taken as all ones (no padding, no packed sequences), as transformers"
+            " reads it on a real device; it then builds no mask (a padded batch would build one)"
+        )
     return prof
+
+
+def _prepare_transformers(model: nn.Module) -> None:
+    """Transformers models read a few mask values to pick a path; ready them for ``meta``
+    (:func:`remat.integrations.hf.prepare_meta`). Nothing to do if transformers is not loaded."""
+    if "transformers" in sys.modules:
+        from remat.integrations.hf import prepare_meta
+
+        prepare_meta(model)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from remat.apply.apply import kv_cache_off, warn_eval_mode
 from remat.apply.units import call_model, tensors_in
 from remat.profiling.target import current_target
 from remat.profiling.tracker import MemoryReport, track_memory
@@ -130,7 +131,9 @@ def training_step(
 @contextmanager
 def preserved_state(model: nn.Module) -> Iterator[None]:
     """Put the model's parameters, buffers and gradients back as they were on exit, so that
-    measuring or profiling training steps does not train the model.
+    measuring or profiling training steps does not train the model; inside, the model runs as it
+    trains under a plan: a Hugging Face KV cache is off (:func:`remat.apply.apply.kv_cache_off`).
+    A model in eval mode is warned about once: its step is not the training step.
 
     Example:
         >>> model = torch.nn.Linear(2, 2)
@@ -140,11 +143,13 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
         >>> torch.equal(model.weight, before), model.weight.grad is None
         (True, True)
     """
+    warn_eval_mode(model)
     tensors = [*model.parameters(), *model.buffers()]
     saved = [t.detach().clone() for t in tensors]
     grads = [p.grad for p in model.parameters()]
     try:
-        yield
+        with kv_cache_off(model):
+            yield
     finally:
         with torch.no_grad():
             for tensor, value in zip(tensors, saved, strict=True):
