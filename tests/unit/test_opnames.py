@@ -182,7 +182,7 @@ def test_a_save_set_naming_no_op_is_refused_at_the_first_forward() -> None:
         with pytest.raises(ValueError) as caught:
             model(torch.randn(2, 8, 16, requires_grad=True))
     message = str(caught.value)
-    assert "got op flash_attn_nonexistent" in message
+    assert "selective unit '0': got op flash_attn_nonexistent" in message
     assert "ops.addmm.flash_attn_nonexistent" in message
     # The ops that ran, by family (attention, not the CPU kernel), closest first.
     close = message.split("closest: ")[1].split(")")[0].split(", ")

@@ -444,7 +444,7 @@ class Region:
             before = [(b, tensor_version(b), b.clone()) for b in watched]
             log = None
             if region._rule is not None:
-                log = OpLog(region._rule, eager=eager_policy(region.policy or ""))
+                log = OpLog(region._rule, eager=eager_policy(region.policy or ""), unit=fqn)
             with ExitStack() as stack:
                 stack.enter_context(
                     torch.autograd.graph.saved_tensors_hooks(
