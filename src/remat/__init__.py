@@ -10,6 +10,7 @@ does not initialise CUDA.
 from remat import fit
 from remat.apply import Handle, apply_, execution_order, find_units, fingerprint
 from remat.apply.compile import compile_units_
+from remat.apply.units import NoUnitsError
 from remat.auto import InfeasibleBudgetError, auto_
 from remat.benchmarking import BenchResult, bench
 from remat.cost import Profile, UnitProfile, simulate
@@ -27,6 +28,7 @@ __all__ = [
     "InfeasibleBudgetError",
     "MemoryReport",
     "ModuleStats",
+    "NoUnitsError",
     "Plan",
     "Profile",
     "SolveResult",
