@@ -75,9 +75,7 @@ def test_every_solver_plan_fits_its_budget_when_measured(name: str, profiles: di
     built, prof = profiles[name]
     for budget in [*BUDGETS, "min"]:
         result = remat.solve(prof, budget)
-        if result.status == INFEASIBLE:
-            assert result.min_peak_bytes > result.budget_bytes
-            continue
+        assert result.fits, (name, budget)  # every percentage has a plan
         assert _measure(built, result.plan) <= result.budget_bytes, (name, budget)
 
 
@@ -187,7 +185,7 @@ def test_cli_infeasible_budget_exits_3(capsys: pytest.CaptureFixture[str]) -> No
     assert "least feasible budget" in err and "--budget" in err
 
 
-@pytest.mark.parametrize("budget", ["12 XB", "-1", "150%", "abc", "0%"])
+@pytest.mark.parametrize("budget", ["12 XB", "-1", "150%", "abc", "100.5%"])
 def test_cli_malformed_budget_exits_2(budget: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(["plan", "gpt", "--budget", budget])
