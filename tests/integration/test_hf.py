@@ -16,6 +16,7 @@ import torch
 import remat
 from remat.integrations import hf  # needs the hf extra, which `make test` installs
 from remat.models.spec import load_model
+from remat.profiling.estimate import estimate_profile
 from remat.profiling.step import default_loss, measure_step
 
 # Three layers, width 64, 32 tokens, a 128-token vocabulary (the layers, not the head, make the
@@ -151,7 +152,8 @@ def test_errors_say_what_was_expected() -> None:
 @pytest.mark.parametrize("name", list(hf.HF_MODELS))
 def test_meta_bytes_equal_cpu_bytes(name: str) -> None:
     """hf: models build on meta (transformers' mask checks answered as for an unpadded batch,
-    which the all-ones mask is) and their step's peak there is the CPU's to the byte."""
+    which the all-ones mask is) and their step's peak there is the CPU's to the byte, as is
+    estimate mode's for the cpu target."""
     peaks = []
     for device in ("cpu", "meta"):
         torch.manual_seed(0)
@@ -165,6 +167,8 @@ def test_meta_bytes_equal_cpu_bytes(name: str) -> None:
         assert built.example_inputs["attention_mask"].device.type == device
         peaks.append(measure_step(built.model, built.example_inputs).peak_bytes)
     assert peaks[0] == peaks[1]
+    estimate = estimate_profile(built.model, built.example_inputs, device="cpu", timing=False)
+    assert estimate.peak_bytes == peaks[0]
 
 
 def test_missing_transformers_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
