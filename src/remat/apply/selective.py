@@ -377,8 +377,9 @@ def _check_signature(func: Any, expected: tuple[Any, ...] | None, args: Any, kwa
         raise CheckpointMismatchError(
             f"remat: replaying a selective unit, {op_name(func)} call received other shapes than in"
             " the forward: the replay runs different ops (a forward hook or code that runs only"
-            " outside backward, or data-dependent control flow). Use recompute for this unit, or"
-            " move that code out of it."
+            " outside backward, data-dependent control flow, or a cache the unit appends to, such"
+            " as a Hugging Face KV cache passed in as past_key_values). Use recompute for this"
+            " unit, or move that code out of it."
         )
 
 
