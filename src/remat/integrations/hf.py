@@ -10,7 +10,12 @@ its own loss (``ModelOutput.loss``, which :func:`remat.profiling.step.default_lo
 turned off (with a warning), and a model that checkpoints itself (``gradient_checkpointing_enable()``)
 is refused or, if asked, switched back. The units need nothing special: :func:`remat.find_units`
 finds the layers (``model.layers.N``, ``transformer.h.N``, ``bert.encoder.layer.N``,
-``encoder.block.N`` and ``decoder.block.N``).
+``encoder.block.N`` and ``decoder.block.N``). Any transformers model trains under remat without
+its KV cache anyway (:func:`remat.apply.apply.kv_cache_off`, while measuring and while a plan is on).
+
+:func:`prepare_meta` readies transformers models for ``meta`` (``hf:`` models built there, factories
+on ``--device meta``, estimate mode): the mask checks transformers makes on tensor values are
+answered as for a batch without padding.
 
 Needs the ``hf`` extra (``pip install 'remat[hf]'``); transformers is imported on first use.
 """
