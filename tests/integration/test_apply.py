@@ -938,3 +938,13 @@ def test_unit_reading_a_buffer_it_updates() -> None:
         model(x).sum().backward()
     assert_same(buffers(model), buffers(ref), "buffers")
     assert_same(grads(model), grads(ref), "gradients")
+
+
+def test_a_plan_naming_modules_needs_no_repeated_block() -> None:
+    """Where no block repeats there are no default units: a plan of exact FQNs applies to the
+    modules it names, and a plan of ``_default`` or ``re:`` selectors is refused naming the cause."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 8), nn.GELU()))
+    with remat.apply_(model, remat.Plan(actions={"1": "recompute"})) as handle:
+        assert handle.checkpointed == ["1"]
+    with pytest.raises(remat.NoUnitsError, match="units"):
+        remat.apply_(model, remat.Plan(actions={"_default": "recompute"}))

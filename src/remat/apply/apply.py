@@ -21,7 +21,7 @@ from torch import nn
 
 from remat import _compat
 from remat.apply.checkpoint import Region
-from remat.apply.units import UnitSpec, find_units
+from remat.apply.units import NoUnitsError, UnitSpec, find_units
 from remat.plan import Action, Plan, closest_names
 
 __all__ = ["Handle", "apply_", "fingerprint", "kv_cache_off", "say_once", "warn_eval_mode"]
@@ -319,6 +319,19 @@ def _hooks_that_rerun(modules: dict[str, nn.Module], targets: list[str]) -> list
     return notes
 
 
+def _units_for(model: nn.Module, plan: Plan, units: UnitSpec) -> list[str]:
+    """The units to resolve ``plan`` against: ``find_units``, or, where no block repeats, the
+    modules the plan names exactly (a plan such as ``{"head": "recompute"}`` needs no repeated
+    block); a plan of ``_default`` or ``re:`` selectors still needs units, and re-raises."""
+    try:
+        return find_units(model, units)
+    except NoUnitsError:
+        named = [s for s in plan.actions if s != "_default" and not s.startswith("re:")]
+        if units is not None or not named or len(named) != len(plan.actions):
+            raise
+        return named
+
+
 def apply_(
     model: nn.Module,
     plan: Plan,
@@ -377,7 +390,7 @@ def apply_(
             )
         unit_fqns = list(plan.units)
     else:
-        unit_fqns = find_units(model, units)
+        unit_fqns = _units_for(model, plan, units)
     resolved = plan.resolve(unit_fqns, modules)
     targets = [fqn for fqn, action in resolved.items() if action.checkpoints]
     for fqn in targets:
