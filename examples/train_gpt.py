@@ -1,6 +1,6 @@
 """Train the built-in GPT within a memory budget: remat.auto_ plans and applies, the loop is plain.
 
-    python examples/train_gpt.py --budget 50%            # a plan for half the activation memory
+    python examples/train_gpt.py --budget 50%            # halfway from the least peak to the unplanned one
     python examples/train_gpt.py --budget none           # the same training without a plan
     python examples/train_gpt.py --budget 2GiB --device cuda --n-layer 24 --d-model 1024 --seq 1024
 

@@ -262,7 +262,8 @@ def auto_(
     Args:
         model: the model, on the device it trains on.
         example_inputs: one batch (tuple of positional arguments, dict of keyword arguments).
-        budget: bytes, ``"22GiB"`` / ``"22GB"``, ``"60%"`` of the activation memory, or ``"min"``.
+        budget: bytes, ``"22GiB"`` / ``"22GB"``, ``"60%"`` (60% of the way from the least peak
+            any plan reaches to the unplanned peak; ``"0%"`` is ``"min"``), or ``"min"``.
         loss_fn: output -> scalar loss (default: the output if scalar, its ``loss`` field when it
             has one, as Hugging Face models return, else the mean of its floats).
         optimizer: whose step counts in the peak: ``"adamw"``, ``"sgd"`` or ``"none"``.

@@ -93,7 +93,7 @@ def add_model_arguments(parser: Any) -> None:
         nargs="+",
         metavar="UNIT",
         help="what the plan may act on: class names, FQNs or re: patterns (default: the"
-        " outermost repeated blocks)",
+        " finest repeated blocks, e.g. the blocks inside a ConvNeXt or Swin stage)",
     )
     parser.add_argument(
         "--optimizer",

@@ -125,7 +125,9 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(str(error)) from None
     built = load_model_from_args(args)
     try:
-        units = remat.find_units(built.model, args.units)
+        units = remat.apply.units.find_units_with_inputs(
+            built.model, args.units, built.example_inputs
+        )
     except ValueError as error:
         raise UsageError(str(error)) from None
     options = profile_options(actions, built.model)

@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     built = load_model_from_args(args)
     model = built.model
     try:
-        units = remat.find_units(model, args.units)
+        units = remat.apply.units.find_units_with_inputs(model, args.units, built.example_inputs)
     except ValueError as error:
         raise UsageError(str(error)) from None
     units = remat.execution_order(model, units, built.example_inputs)
