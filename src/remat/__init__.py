@@ -18,7 +18,7 @@ from remat.plan import Action, Plan
 from remat.profiling import MemoryReport, ModuleStats, track_memory
 from remat.profiling.profiler import profile
 from remat.solve import Budget, SolveResult, baseline_plan, solve
-from remat.verify import VerifyReport, verify
+from remat.verify import UnitCheck, VerifyReport, verify
 
 __all__ = [
     "Action",
@@ -32,6 +32,7 @@ __all__ = [
     "Plan",
     "Profile",
     "SolveResult",
+    "UnitCheck",
     "UnitProfile",
     "VerifyReport",
     "apply_",
