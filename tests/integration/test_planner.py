@@ -107,6 +107,19 @@ def test_sqrt_n_regime_on_a_24_layer_gpt() -> None:
         assert _measure(built, result.plan) <= budget
 
 
+def test_a_nested_segment_that_ends_before_the_last_unit_is_predicted_to_the_byte() -> None:
+    # The last block's input outlives its forward only while GPT.forward's `x` still names it;
+    # the profile once counted it as forward-only for the unit before, so a segment ending there
+    # (its output stored by the kept last block) was predicted one block output short.
+    # dropout=0.0: attention runs the CPU's flash kernel (mirrored on meta).
+    built = _build("gpt", device="meta", n_layer=4, dropout=0.0)
+    prof = remat.profile(built.model, built.example_inputs, loss_fn=built.loss_fn, options=())
+    plan = remat.Plan(actions={"blocks.1": "nested:s", "blocks.2": "nested:s"})
+    predicted = remat.simulate(prof, plan)
+    assert predicted.peak_bytes == _measure(built, plan)
+    assert predicted.where == "loss and head"
+
+
 def test_auto_applies_a_plan_that_fits_and_keeps_gradients() -> None:
     reference = _build("gpt")
     torch.manual_seed(1)

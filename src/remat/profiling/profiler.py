@@ -123,6 +123,12 @@ def _tracked_step(
     Returns the peak, the marks, the unit hooks (inputs and outputs seen), per unit the bytes of
     its inputs produced by the previous unit that died before the next unit's forward, and per
     unit the forward-only bytes (see ``_forward_only``).
+
+    The last unit's input from the unit before it may outlive the last unit's forward only because
+    the parent still holds it (``x = block(x)`` rebinds ``x`` after the call returns). When it dies
+    before the model's forward returns, its bytes are forward-only for the last unit, which did
+    not store it, not for the unit that made it: that unit's output is stored when the last unit
+    is kept or recomputed and does not end a segment with it.
     """
     opt = make_optimizer(optimizer, model)
     for param in model.parameters():
@@ -132,13 +138,21 @@ def _tracked_step(
     freed: dict[int, int] = {}
     last = len(unit_modules) - 1
     watching: dict[int, list[tuple[Any, int]]] = {}
+    held_by_parent: list[tuple[Any, int]] = []
+    dead_by_end: list[int] = []
     with track_memory(*roots, device="cuda" if device.type == "cuda" else None) as tracker:
 
         def on_event(label: tuple[str, int]) -> None:
             kind, index = label
             done = index - 1 if kind == "forward" else index if kind == "after" else None
             if done is not None and (kind == "forward" or done == last) and done in watching:
-                freed[done] = sum(n for ref, n in watching.pop(done) if ref() is None)
+                entries = watching.pop(done)
+                freed[done] = sum(n for ref, n in entries if ref() is None)
+                if kind == "after":  # made by the unit before (not its own inputs passed on)
+                    own = {key for key, _ in marks.inputs.get(done - 1, [])}
+                    held_by_parent.extend(
+                        (ref, n) for ref, n in entries if ref() is not None and id(ref()) not in own
+                    )
             tracker.mark(label)
             if kind == "forward" and index > 0:
                 chain = marks.outputs.get(index - 1, {})
@@ -148,8 +162,12 @@ def _tracked_step(
                     if id(t.untyped_storage()) in chain
                 ]
 
+        def on_end(*_: Any) -> None:
+            dead_by_end.append(sum(n for ref, n in held_by_parent if ref() is None))
+            tracker.mark(("end", -1))
+
         marks = _UnitMarks(unit_modules, on_event)
-        marks.handles.append(model.register_forward_hook(lambda *_: tracker.mark(("end", -1))))
+        marks.handles.append(model.register_forward_hook(on_end))
         handle = None
         if opt is not None:
             handle = opt.register_step_pre_hook(lambda *_: tracker.mark(("optimizer", -1)))
@@ -161,6 +179,10 @@ def _tracked_step(
             if handle is not None:
                 handle.remove()
     forward_only = _forward_only(tracker, len(unit_modules))
+    moved = dead_by_end[0] if dead_by_end and last > 0 else 0
+    if moved and forward_only[last - 1] >= moved:
+        forward_only[last - 1] -= moved
+        forward_only[last] += moved
     marks.data_dependent = tracker.report().data_dependent_ops
     return tracker.peak_bytes, tracker.marks, marks, freed, forward_only
 
