@@ -141,3 +141,19 @@ def test_plan_at_half_budget_fits_and_verifies(name, tmp_path, capsys, monkeypat
                 built.model, built.example_inputs, loss_fn=built.loss_fn, optimizer="adamw"
             ).peak_bytes
     assert measured <= planned["budget_bytes"] < unplanned
+
+
+@pytest.mark.slow
+def test_bench_compares_strategies_on_a_transformers_model(tmp_path, capsys, monkeypatch):
+    """``remat bench`` on the default-config Llama (KV cache on, as users have it): every
+    strategy measured in the same step, remat's plan within its budget and below the unplanned
+    peak, full checkpointing below both."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    argv = ["bench", "zoo:llama", "--strategies", "none", "full", "--budgets", "50%"]
+    argv += ["--steps", "1", "--no-dominate", "--no-plot", "--out", str(tmp_path), "--json"]
+    code, result = _cli_json(capsys, argv)
+    assert code == 0, result
+    rows = {row["strategy"]: row for row in result["results"]}
+    assert set(rows) == {"none", "full", "remat:50%"}
+    none, full, planned = (rows[s]["peak_bytes"] for s in ("none", "full", "remat:50%"))
+    assert full < planned <= rows["remat:50%"]["budget_bytes"] < none

@@ -20,6 +20,10 @@ this applies only to meta runs with no target.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import threading
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -28,7 +32,7 @@ from torch.overrides import TorchFunctionMode
 
 from remat import _compat
 
-__all__ = ["CpuKernelsOnMeta", "CpuLayoutsOnMeta"]
+__all__ = ["CpuKernelsOnMeta", "CpuLayoutsOnMeta", "mirror_cpu_on_meta"]
 
 _SDPA_PARAMETERS = (  # F.scaled_dot_product_attention's order (a builtin: no inspect.signature)
     "query",
@@ -173,3 +177,47 @@ class CpuLayoutsOnMeta(_compat.TorchDispatchMode):
             ):
                 fixed[index] = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
         return type(out)(fixed) if isinstance(out, tuple | list) else fixed[0]
+
+
+_ACTIVE = threading.local()
+
+
+def on_meta(roots: Iterable[Any]) -> bool:
+    """True when a root module's first parameter or buffer, or a root tensor, is on ``meta``."""
+    for root in roots:
+        if isinstance(root, torch.nn.Module):
+            first = next(itertools.chain(root.parameters(), root.buffers()), None)
+            if first is not None and first.device.type == "meta":
+                return True
+        elif isinstance(root, torch.Tensor) and root.device.type == "meta":
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def mirror_cpu_on_meta(*roots: Any) -> Iterator[bool]:
+    """Run what is inside with the CPU's kernels and layouts when ``roots`` are on ``meta`` and no
+    target device is modelled (estimate mode routes kernels itself); once, however deeply nested.
+
+    Every pass of a profile must see the same ops (the selective save sets are named from one
+    pass and matched in another), so :func:`remat.profile` enters it around all of its work and
+    the memory tracker around each measured step. Yields whether it mirrors.
+
+    Example:
+        >>> q = torch.empty(1, 2, 8, 4, device="meta", requires_grad=True)
+        >>> with mirror_cpu_on_meta(q) as mirrored:
+        ...     out = F.scaled_dot_product_attention(q, q, q)
+        >>> mirrored, out.grad_fn.name()
+        (True, 'ScaledDotProductFlashAttentionForCpuBackward0')
+    """
+    from remat.profiling.target import current_target
+
+    if getattr(_ACTIVE, "on", False) or current_target() is not None or not on_meta(roots):
+        yield False
+        return
+    _ACTIVE.on = True
+    try:
+        with CpuKernelsOnMeta(), CpuLayoutsOnMeta():
+            yield True
+    finally:
+        _ACTIVE.on = False

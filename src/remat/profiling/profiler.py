@@ -12,6 +12,7 @@ On ``meta`` (or under ``FakeTensorMode``) nothing runs, so there are no times: t
 
 from __future__ import annotations
 
+import functools
 import logging
 import statistics
 import time
@@ -36,6 +37,7 @@ from remat.apply.units import (
 from remat.cost.distributed import per_rank
 from remat.cost.model import OptionProfile, Profile, UnitProfile
 from remat.plan import Action, Plan
+from remat.profiling.meta_kernels import mirror_cpu_on_meta
 from remat.profiling.options import (
     copy_bandwidth,
     kept_by_policy,
@@ -302,6 +304,19 @@ def _time_steps(
     ]
 
 
+def _mirrored(function: Callable[..., Profile]) -> Callable[..., Profile]:
+    """Run ``function(model, ...)`` with the CPU's kernels on a meta model, in every pass: save
+    sets are named from one pass and matched in another, so all must see the same ops."""
+
+    @functools.wraps(function)
+    def mirrored(model: nn.Module, *args: Any, **kwargs: Any) -> Profile:
+        with mirror_cpu_on_meta(model):
+            return function(model, *args, **kwargs)
+
+    return mirrored
+
+
+@_mirrored
 def profile(
     model: nn.Module,
     example_inputs: Any,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import logging
 import threading
 import time
@@ -38,7 +37,7 @@ from torch.optim.optimizer import (
 
 from remat import _compat
 from remat._compat import TorchDispatchMode, tree_flatten
-from remat.profiling.meta_kernels import CpuKernelsOnMeta, CpuLayoutsOnMeta
+from remat.profiling.meta_kernels import mirror_cpu_on_meta
 from remat.profiling.target import current_target
 
 __all__ = [
@@ -217,18 +216,6 @@ class _ModuleAcc:
     ms: dict[str, float] = field(default_factory=lambda: {"forward": 0.0, "backward": 0.0})
 
 
-def _on_meta(roots: Iterable[Any]) -> bool:
-    """True when a root module's first parameter or buffer, or a root tensor, is on ``meta``."""
-    for root in roots:
-        if isinstance(root, torch.nn.Module):
-            first = next(itertools.chain(root.parameters(), root.buffers()), None)
-            if first is not None and first.device.type == "meta":
-                return True
-        elif isinstance(root, torch.Tensor) and root.device.type == "meta":
-            return True
-    return False
-
-
 class MemoryTracker(TorchDispatchMode):
     """The dispatch mode behind :func:`track_memory`; use that function to create one."""
 
@@ -275,7 +262,7 @@ class MemoryTracker(TorchDispatchMode):
         self._segment_end: dict[int, int] = {}
         self._handles: list[Any] = []
         self._active = False
-        self._meta_modes: list[Any] = []
+        self._meta_mirror: Any = None
         self._report: MemoryReport | None = None
         self._param_ids: set[int] = set()
         self.marks: list[Mark] = []
@@ -296,22 +283,17 @@ class MemoryTracker(TorchDispatchMode):
         ]
         # Shape-only runs with no modelled target mirror the CPU's attention kernel choice, so
         # their bytes are the CPU's (meta alone would take the math path and keep score matrices).
-        # CpuLayoutsOnMeta sits beneath this mode, so what it corrects is what is counted.
-        self._meta_modes = (
-            [CpuKernelsOnMeta(), CpuLayoutsOnMeta()]
-            if current_target() is None and _on_meta(self._roots)
-            else []
-        )
-        for mode in self._meta_modes:
-            mode.__enter__()
+        # The CPU's kernels on meta, beneath this mode, so what they correct is what is counted.
+        self._meta_mirror = mirror_cpu_on_meta(*self._roots)
+        self._meta_mirror.__enter__()
         super().__enter__()
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
         super().__exit__(*exc_info)
-        for mode in reversed(self._meta_modes):
-            mode.__exit__(*exc_info)
-        self._meta_modes = []
+        if self._meta_mirror is not None:
+            self._meta_mirror.__exit__(*exc_info)
+            self._meta_mirror = None
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
