@@ -442,8 +442,10 @@ def verify(
         [('0', 1024, 0), ('1', 1024, 0)]
     """
     loss_fn = loss_fn or default_loss
-    reference = copy.deepcopy(model)
     with preserved_state(model):
+        # Copied inside: the reference runs the step the planned model runs (a Hugging Face KV
+        # cache off, which changes what a layer keeps), and the notice about it is said once.
+        reference = copy.deepcopy(model)
         with apply_(model, plan) as handle:
             units = list(handle.actions)
             checkpointed, actions = handle.checkpointed, dict(handle.actions)

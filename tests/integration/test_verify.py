@@ -161,3 +161,26 @@ def test_verify_peaks_are_measure_steps_peaks_to_the_byte(optimizer: str) -> Non
     assert report.optimizer == optimizer
     # BatchNorm's num_batches_tracked changes in forward: the engine keeps its 8-byte copy.
     assert [(u.planned_kept_bytes, u.allowed_bytes) for u in report.units] == [(8, 8)] * 3
+
+
+def test_the_reference_step_runs_without_the_kv_cache_as_the_planned_one() -> None:
+    """A default-config GPT-2 (use_cache on) at batch 1, where a layer with the cache on keeps
+    less: both runs train without the cache, so a plan that keeps every unit is applied (it
+    changed nothing) and the notice about the cache comes once."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=64, n_head=4, vocab_size=128, bos_token_id=0, eos_token_id=0
+    )
+    model = transformers.GPT2LMHeadModel(config).train()
+    ids = torch.randint(0, 128, (1, 64))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    plan = remat.baseline_plan("none", remat.find_units(model))
+    with pytest.warns(UserWarning) as caught:
+        report = remat.verify(model, plan, batch)
+    assert report.applied and report.grads_equal
+    assert [u.planned_kept_bytes for u in report.units] == [
+        u.unplanned_kept_bytes for u in report.units
+    ]
+    assert sum("use_cache" in str(w.message) for w in caught) == 1
+    assert model.config.use_cache is True
