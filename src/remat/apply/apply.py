@@ -424,7 +424,6 @@ def apply_(
     try:
         # the KV cache off while the plan is on, as Hugging Face's gradient checkpointing does
         handle._undo.append(_turn_cache_off(model))
-        rules: dict[str, Any] = {}  # one save rule per selective label, shared by its units
         for name, members in regions.items():
             members.sort(key=lambda f: order.get(f, -1))
             first = resolved[members[0]]
@@ -435,7 +434,6 @@ def apply_(
                 policy=first.label if first.kind == "selective" else None,
                 offload=first.kind == "offload",
             )
-            region.share_rule(rules)
             for position, (_, module) in enumerate(region.units):
                 previous = module.__dict__.get("forward", _MISSING)
                 original = module.forward

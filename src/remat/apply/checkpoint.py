@@ -401,14 +401,6 @@ class Region:
         # Per unit: None until its first call, then the buffers its forward updates in place.
         self._mutating: list[list[torch.Tensor] | None] = [None] * len(self.units)
 
-    def share_rule(self, rules: dict[str, Any]) -> None:
-        """Take the save rule of an earlier region with the same ``ops.`` policy (one rule per
-        label in a plan), so that it sees the ops of every unit before it judges its save set."""
-        if self._rule is None or self._rule.names is None or self.policy is None:
-            return
-        self._rule = rules.setdefault(self.policy, self._rule)
-        self._rule.units.add(self.units[0][0])
-
     def watched_buffers(self, position: int) -> list[torch.Tensor]:
         """Buffers to snapshot before the unit's forward: all of them on the first call (to learn
         which change), then only those that did."""

@@ -251,11 +251,6 @@ class SaveRule:
         """``ops.<op>...``: the save set, by family; ``None`` for the named policies."""
         self.checked = False
         """Whether :meth:`check_ran` has checked a forward (only the first one is)."""
-        self.units: set[str] = set()
-        """The units that share this rule (:func:`remat.apply_` fills it): once each has run a
-        first forward, a saved name that ran in none of them is refused."""
-        self.ran_anywhere: set[str] = set()
-        self.seen: set[str | None] = set()
         if label == "save_matmuls":
             saved = MATMUL_OPS | ATTENTION_OPS
             self._rule: Callable[[str, bool], bool] = lambda name, _core: name in saved
@@ -293,12 +288,10 @@ class SaveRule:
             ops.addmm.flash_attn_nonexistent, which ran nowhere in the unit and is no aten op or
             op family
         """
-        if self.names is None or unit in self.seen or (self.checked and not self.units):
+        if self.checked or self.names is None:
             return
         self.checked = True
-        self.seen.add(unit)
         ran = set(ran)
-        self.ran_anywhere |= ran
         where = f"selective unit {unit!r}" if unit is not None else "a selective unit"
         unknown = sorted(n for n in self.names - ran if not _is_op(n))
         if unknown:
@@ -318,31 +311,6 @@ class SaveRule:
                 f" nothing and is recomputed as a whole (ops that ran: {', '.join(sorted(ran))})."
                 " Name ops that run in it, or use recompute.",
                 stacklevel=2,
-            )
-        if self.units and self.units <= self.seen:
-            self._check_ran_anywhere()
-
-    def _check_ran_anywhere(self) -> None:
-        """Every unit of the rule has run: an aten op of the save set that ran in none of them is
-        refused; a family (its kernel differs by device: a CUDA plan's fused RMS norm is several
-        ops on the CPU) is warned about."""
-        missing = sorted(self.names - self.ran_anywhere) if self.names is not None else []
-        refused = [n for n in missing if not is_family(n)]
-        units = ", ".join(sorted(self.units))
-        if refused:
-            raise ValueError(
-                f"save set {self.label} (units {units}): got op{'s' if len(refused) > 1 else ''}"
-                f" {', '.join(refused)}, which ran in none of its units; expected ops that ran"
-                f" there: {', '.join(sorted(self.ran_anywhere))}. Fix: drop"
-                f" {'them' if len(refused) > 1 else 'it'} from the save set, or plan the model"
-                " again on this device."
-            )
-        if missing:
-            warnings.warn(
-                f"remat: save set {self.label} (units {units}): the op families"
-                f" {', '.join(missing)} ran in none of its units on this device, so they keep"
-                " nothing here (their kernels differ by device).",
-                stacklevel=3,
             )
 
 
