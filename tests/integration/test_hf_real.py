@@ -324,7 +324,7 @@ def test_estimate_hf_llama_for_every_device_of_the_table() -> None:
 def test_a_user_factory_with_an_attention_mask_runs_on_meta(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    (tmp_path / "my_models.py").write_text(
+    (tmp_path / "hf_user_models.py").write_text(  # a name no other test imports
         "import torch, transformers\n"
         "def llama(batch=2, seq=32):\n"
         "    config = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64,\n"
@@ -337,7 +337,7 @@ def test_a_user_factory_with_an_attention_mask_runs_on_meta(
     peaks = []
     for device in ("cpu", "meta"):
         torch.manual_seed(0)
-        built = load_model("my_models:llama", device=device)
+        built = load_model("hf_user_models:llama", device=device)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the config's use_cache notice
             peaks.append(measure_step(built.model, built.example_inputs).peak_bytes)
