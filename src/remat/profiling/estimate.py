@@ -55,7 +55,7 @@ from remat.apply.units import UnitSpec, call_model
 from remat.cost.model import Profile
 from remat.cost.roofline import op_time_ms
 from remat.devices import DeviceSpec, get_device
-from remat.profiling.meta_kernels import CpuLayoutsOnMeta, cpu_attention_kernel
+from remat.profiling.meta_kernels import CpuLayoutsOnMeta, cpu_attention, sdpa_arguments
 from remat.profiling.step import default_loss, make_optimizer, preserved_state
 from remat.profiling.target import TargetDefaults, target_defaults
 from remat.profiling.tracker import DATA_DEPENDENT_OPS
@@ -167,18 +167,6 @@ def _math_attention(
     return weights @ value
 
 
-def _sdpa_arguments(args: tuple, kwargs: dict) -> dict[str, Any]:
-    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-    found = dict(zip(names, args, strict=False))
-    found.update(kwargs)
-    found.setdefault("attn_mask", None)
-    found.setdefault("dropout_p", 0.0)
-    found.setdefault("is_causal", False)
-    found.setdefault("scale", None)
-    found.setdefault("enable_gqa", False)
-    return found
-
-
 _DROPOUTS = {F.dropout, torch.dropout, torch.nn.functional.dropout}
 
 
@@ -203,7 +191,7 @@ class _TargetKernels(TorchFunctionMode):
         return func(*args, **kwargs)
 
     def _attention(self, args: tuple, kwargs: dict) -> Any:
-        a = _sdpa_arguments(args, kwargs)
+        a = sdpa_arguments(args, kwargs)
         if self.spec.kind != "cuda" and self.attention == "auto":
             return self._cpu_attention(a)
         q, k, v = a["query"], a["key"], a["value"]
@@ -232,25 +220,10 @@ class _TargetKernels(TorchFunctionMode):
         return _math_attention(q, k, v, a["attn_mask"], dropout_p, is_causal, scale)
 
     def _cpu_attention(self, a: dict[str, Any]) -> Any:
-        """The kernel the CPU chooses (its flash kernel, which takes grouped keys and values as
-        they are, where it applies; meta alone would always take the math path)."""
-        q = a["query"]
-        kernel = cpu_attention_kernel(a)
-        self._record("scaled_dot_product_attention", kernel, q.dtype)
-        if kernel == "flash_attention":
-            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q,
-                a["key"],
-                a["value"],
-                a["dropout_p"],
-                a["is_causal"],
-                attn_mask=a["attn_mask"],
-                scale=a["scale"],
-            )[0]
-        names = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-        return F.scaled_dot_product_attention(
-            q, a["key"], a["value"], **{n: a[n] for n in names if n != "enable_gqa" or a[n]}
-        )
+        """The kernel the CPU chooses (meta alone would always take the math path)."""
+        kernel, out = cpu_attention(a)
+        self._record("scaled_dot_product_attention", kernel, a["query"].dtype)
+        return out
 
     def _dropout(self, func: Any, args: tuple, kwargs: dict) -> Any:
         names = (

@@ -44,19 +44,18 @@ _SDPA_PARAMETERS = (  # F.scaled_dot_product_attention's order (a builtin: no in
     "scale",
     "enable_gqa",
 )
+_SDPA_DEFAULTS = {
+    "attn_mask": None,
+    "dropout_p": 0.0,
+    "is_causal": False,
+    "scale": None,
+    "enable_gqa": False,
+}
 
 
-def _bind(args: tuple, kwargs: dict) -> dict[str, Any]:
-    bound = {
-        "attn_mask": None,
-        "dropout_p": 0.0,
-        "is_causal": False,
-        "scale": None,
-        "enable_gqa": False,
-    }
-    bound.update(zip(_SDPA_PARAMETERS, args, strict=False))
-    bound.update(kwargs)
-    return bound
+def sdpa_arguments(args: tuple, kwargs: dict) -> dict[str, Any]:
+    """A call's arguments of ``F.scaled_dot_product_attention`` by name, defaults filled in."""
+    return {**_SDPA_DEFAULTS, **dict(zip(_SDPA_PARAMETERS, args, strict=False)), **kwargs}
 
 
 def _stand_in(tensor: torch.Tensor) -> torch.Tensor:
@@ -83,9 +82,9 @@ def cpu_attention_kernel(arguments: dict[str, Any]) -> str:
 
     Example:
         >>> q = torch.empty(2, 4, 64, 16, device="meta", requires_grad=True)
-        >>> cpu_attention_kernel(_bind((q, q, q), {}))
+        >>> cpu_attention_kernel(sdpa_arguments((q, q, q), {}))
         'flash_attention'
-        >>> cpu_attention_kernel(_bind((q, q, q), {"dropout_p": 0.1,
+        >>> cpu_attention_kernel(sdpa_arguments((q, q, q), {"dropout_p": 0.1,
         ...                     "attn_mask": torch.ones(1, 1, 64, 64, dtype=torch.bool)}))
         'math'
     """
@@ -106,6 +105,32 @@ def cpu_attention_kernel(arguments: dict[str, Any]) -> str:
         )
 
 
+def cpu_attention(arguments: dict[str, Any]) -> tuple[str, torch.Tensor]:
+    """Attention over (meta) arguments as the CPU computes it: the kernel's name and the output.
+    Its flash kernel takes grouped keys and values as they are; elsewhere meta's own path is the
+    CPU's math path."""
+    kernel = cpu_attention_kernel(arguments)
+    if kernel == "flash_attention":
+        return kernel, torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            arguments["query"],
+            arguments["key"],
+            arguments["value"],
+            arguments["dropout_p"],
+            arguments["is_causal"],
+            attn_mask=arguments["attn_mask"],
+            scale=arguments["scale"],
+        )[0]
+    names = ("attn_mask", "dropout_p", "is_causal", "scale")
+    extra = {"enable_gqa": True} if arguments["enable_gqa"] else {}  # new in torch 2.5
+    return kernel, F.scaled_dot_product_attention(
+        arguments["query"],
+        arguments["key"],
+        arguments["value"],
+        **{n: arguments[n] for n in names},
+        **extra,
+    )
+
+
 class CpuKernelsOnMeta(TorchFunctionMode):
     """Routes ``F.scaled_dot_product_attention`` on meta tensors to the CPU's kernel choice.
 
@@ -124,21 +149,11 @@ class CpuKernelsOnMeta(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is not F.scaled_dot_product_attention:
             return func(*args, **kwargs)
-        arguments = _bind(args, kwargs)
+        arguments = sdpa_arguments(args, kwargs)
         query = arguments["query"]
         if not isinstance(query, torch.Tensor) or query.device.type != "meta":
             return func(*args, **kwargs)
-        if cpu_attention_kernel(arguments) != "flash_attention":
-            return func(*args, **kwargs)  # meta's own path is the math path
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query,
-            arguments["key"],
-            arguments["value"],
-            arguments["dropout_p"],
-            arguments["is_causal"],
-            attn_mask=arguments["attn_mask"],
-            scale=arguments["scale"],
-        )[0]
+        return cpu_attention(arguments)[1]
 
 
 _CONTIGUOUS_ON_CPU = {"native_layer_norm_backward.default": (0,)}
