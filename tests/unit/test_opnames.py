@@ -16,11 +16,13 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import remat
 from remat import Plan, apply_
 from remat.apply.selective import (
     ATTENTION_OPS,
     CORE_ATTENTION_OPS,
     OpLog,
+    lenient_save_sets,
     op_name,
     policy_for,
     save_name,
@@ -207,15 +209,27 @@ def test_only_the_first_forward_is_checked() -> None:
     rule.check_ran({"mm"}, "u")  # checked once: later forwards cost nothing
 
 
-def test_real_ops_that_did_not_run_in_a_unit_are_let_through() -> None:
-    """A solver's save set serves every unit of a plan: a unit unlike the others (no GELU here)
-    runs only some of its ops, and a CUDA-only kernel reads as its family on the CPU."""
+def test_a_real_op_that_did_not_run_in_the_unit_is_refused_naming_it() -> None:
+    """``div_`` is the CPU's dropout mask; under CUDA's fused dropout (or in a unit without
+    dropout, as here) it never runs, so the plan does not mean what it says: refused."""
+    model = _model()
+    plan = Plan(actions={"_default": "selective:ops.addmm.div_"}, units=["0", "1"])
+    with apply_(model, plan), pytest.raises(ValueError) as caught:
+        model(torch.randn(2, 8, 16, requires_grad=True))
+    message = str(caught.value)
+    assert "selective unit '0': got op div_ in save set ops.addmm.div_" in message
+    assert "did not run in the unit" in message and "no aten op" not in message
+    assert "addmm" in message.split("closest: ")[1] and "Fix:" in message
+
+
+def test_a_family_that_did_not_run_is_warned_about_and_the_rest_kept() -> None:
+    """A family's kernels differ by device (CUDA's fused RMS norm is several ops on the CPU):
+    one that did not run keeps nothing there, which is said, and the plan goes on."""
     model = _model()
     expected, _ = _step(model, None)
-    label = "selective:ops.addmm.gelu._fused_rms_norm._scaled_dot_product_efficient_attention"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        grads, kept = _step(model, Plan(actions={"_default": label}, units=["0", "1"]))
+    plan = Plan(actions={"_default": "selective:ops.addmm.rms_norm.attention"}, units=["0", "1"])
+    with pytest.warns(UserWarning, match="families rms_norm of save set .* did not run"):
+        grads, kept = _step(model, plan)
     assert {op_name(k[0]) for u in kept for k in u} == {
         "addmm",
         "_scaled_dot_product_flash_attention_for_cpu",
@@ -223,11 +237,66 @@ def test_real_ops_that_did_not_run_in_a_unit_are_let_through() -> None:
     assert all(torch.equal(a, b) for a, b in zip(grads, expected, strict=True))
 
 
-def test_a_save_set_of_which_nothing_ran_is_warned_about() -> None:
+def test_lenient_save_sets_let_real_ops_through_but_not_typos() -> None:
     model = _model()
     expected, _ = _step(model, None)
-    plan = Plan(actions={"0": "selective:ops.gelu.convolution"}, units=["0"])
-    with pytest.warns(UserWarning, match="nothing in save set ops.gelu.convolution ran there"):
+    with lenient_save_sets(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        grads, kept = _step(model, Plan(actions={"_default": "selective:ops.addmm.div_"}))
+    assert {op_name(k[0]) for u in kept for k in u} == {"addmm"}
+    assert all(torch.equal(a, b) for a, b in zip(grads, expected, strict=True))
+    with lenient_save_sets(), pytest.raises(ValueError, match="flash_attn_nonexistent"):
+        _step(model, Plan(actions={"_default": "selective:ops.addmm.flash_attn_nonexistent"}))
+
+
+class _Mixed(nn.Module):
+    """Unlike units: an attention block, then an MLP block with GELU and no attention."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = nn.ModuleList([Attention(), Attention()])
+        self.mlp = nn.ModuleList(
+            [nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16)) for _ in range(2)]
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for attn, mlp in zip(self.attn, self.mlp, strict=True):
+            x = x + mlp(attn(x))
+        return x
+
+
+def test_profiled_save_sets_name_per_unit_only_the_ops_that_ran_there() -> None:
+    """One save set is measured on every unit; each unit's option names only its own ops, so
+    the solver's plan applies under the strict check, with the same gradients."""
+    model = _Mixed()
+    x = torch.randn(2, 8, 16)
+    label = "selective:ops.addmm.gelu.attention"
+    profile = remat.profile(model, x, options=[label], repeats=0)
+    actions = {u.fqn: [o.action for o in u.options] for u in profile.units}
+    assert actions["attn.0"] == actions["attn.1"] == ["selective:ops.addmm.attention"]
+    assert actions["mlp.0"] == actions["mlp.1"] == ["selective:ops.addmm.gelu"]
+    plan = Plan(
+        actions={u.fqn: u.options[0].action for u in profile.units},
+        units=[u.fqn for u in profile.units],
+    )
+    torch.manual_seed(1)
+    x = torch.randn(2, 8, 16, requires_grad=True)
+    model(x).square().sum().backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    with apply_(model, plan), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(x).square().sum().backward()
+    assert all(torch.equal(p.grad, e) for p, e in zip(model.parameters(), expected, strict=True))
+
+
+def test_a_save_set_of_families_of_which_nothing_ran_is_warned_about() -> None:
+    """Only families, none run here (a CUDA plan's fused norms): the unit keeps nothing."""
+    model = _model()
+    expected, _ = _step(model, None)
+    plan = Plan(actions={"0": "selective:ops.rms_norm.batch_norm"}, units=["0"])
+    with pytest.warns(UserWarning, match="nothing in save set ops.rms_norm.batch_norm ran there"):
         grads, kept = _step(model, plan)
     assert kept == [{}]
     assert all(torch.equal(a, b) for a, b in zip(grads, expected, strict=True))

@@ -40,7 +40,8 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +71,8 @@ __all__ = [
     "ReplayGraph",
     "SaveRule",
     "eager_policy",
+    "is_op_name",
+    "lenient_save_sets",
     "op_name",
     "policy_for",
     "replayed_by",
@@ -272,38 +275,47 @@ class SaveRule:
 
     def check_ran(self, ran: Iterable[str], unit: str | None = None) -> None:
         """After a unit's first forward under this rule, with the :func:`save_name` of every op
-        that ran: a saved name that matched none of them and is no op anywhere (neither an aten
-        op of this build nor a family of :mod:`remat.opnames`: a typo) is a ``ValueError``; a
-        save set of which nothing ran keeps nothing, which is warned about. Real ops that did not
-        run are let through: a solver's save set serves every unit of a plan, and a unit unlike
-        the others runs only some of its ops. Later calls check nothing.
+        that ran: a saved name that ran nowhere in the unit is a ``ValueError`` naming it (a
+        typo, or an aten op this unit does not run on this device, such as the CPU's dropout
+        mask ``div_`` under CUDA's fused dropout). A family that did not run (its kernels differ
+        by device) and a save set of which nothing ran are warned about: the unit keeps nothing
+        there. Later calls check nothing. While :func:`lenient_save_sets` is entered (the
+        profiler measures one save set on every unit), real ops that did not run are let
+        through.
 
         Example:
-            >>> rule = SaveRule("ops.addmm.flash_attn_nonexistent")
+            >>> rule = SaveRule("ops.addmm.div_")
             >>> try:
             ...     rule.check_ran({"addmm", "gelu", "attention"}, "blocks.0")
             ... except ValueError as error:
             ...     print(str(error).split(";")[0])
-            selective unit 'blocks.0': got op flash_attn_nonexistent in save set
-            ops.addmm.flash_attn_nonexistent, which ran nowhere in the unit and is no aten op or
-            op family
+            selective unit 'blocks.0': got op div_ in save set ops.addmm.div_, which did not run
+            in the unit
         """
         if self.checked or self.names is None:
             return
         self.checked = True
         ran = set(ran)
         where = f"selective unit {unit!r}" if unit is not None else "a selective unit"
-        unknown = sorted(n for n in self.names - ran if not _is_op(n))
-        if unknown:
+        missing = sorted(self.names - ran)
+        refused = [n for n in missing if not (is_op_name(n) and (_LENIENT or is_family(n)))]
+        if refused:
+            known = [n for n in refused if is_op_name(n)]
             close = list(
-                dict.fromkeys(c for n in unknown for c in closest_names(n, sorted(ran), count=8))
+                dict.fromkeys(c for n in refused for c in closest_names(n, sorted(ran), count=8))
             )
+            typos = [n for n in refused if n not in known]
+            why = "which did not run in the unit"
+            if typos and not known:
+                why = "which ran nowhere in the unit and is no aten op or op family"
+            elif typos:
+                why += f" ({', '.join(typos)}: no aten op or op family)"
             raise ValueError(
-                f"{where}: got op{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} in save"
-                f" set {self.label}, which ran nowhere in the unit and is no aten op or op family;"
-                f" expected ops that ran there (closest: {', '.join(close)}). Fix: name ops from"
-                " that list (aten overload packets, or the families"
-                f" {', '.join(sorted(OP_FAMILIES))}), or plan the model again."
+                f"{where}: got op{'s' if len(refused) > 1 else ''} {', '.join(refused)} in save"
+                f" set {self.label}, {why}; expected ops that ran there (closest:"
+                f" {', '.join(close)}). Fix: name ops from that list (aten overload packets, or"
+                f" the families {', '.join(sorted(OP_FAMILIES))}), or plan the model again on"
+                " this device."
             )
         if self.names and not self.names & ran:
             warnings.warn(
@@ -312,10 +324,48 @@ class SaveRule:
                 " Name ops that run in it, or use recompute.",
                 stacklevel=2,
             )
+        elif missing and not _LENIENT:
+            warnings.warn(
+                f"remat: {where}: the op families {', '.join(missing)} of save set {self.label}"
+                " did not run there on this device (their kernels differ by device), so they"
+                " keep nothing in it.",
+                stacklevel=2,
+            )
 
 
-def _is_op(name: str) -> bool:
-    """Whether ``name`` is a family or an aten overload packet of this build."""
+_LENIENT = False
+"""Set while :func:`lenient_save_sets` is entered."""
+
+
+@contextmanager
+def lenient_save_sets() -> Iterator[None]:
+    """Within: a save set's real ops that a unit does not run are let through (a typo is still
+    refused). The profiler enters it to measure one save set on every unit of a model, whose
+    units run different ops; the plans it records name, per unit, only the ops that ran there.
+
+    Example:
+        >>> rule = SaveRule("ops.addmm.div_")
+        >>> with lenient_save_sets():
+        ...     rule.check_ran({"addmm"}, "blocks.0")
+        >>> rule.checked
+        True
+    """
+    global _LENIENT
+    previous, _LENIENT = _LENIENT, True
+    try:
+        yield
+    finally:
+        _LENIENT = previous
+
+
+def is_op_name(name: str) -> bool:
+    """Whether ``name`` is a family of :mod:`remat.opnames` or an aten overload packet of this
+    build (what a save set may name).
+
+    Example:
+        >>> is_op_name("attention"), is_op_name("addmm"), is_op_name("flash_attn_nonexistent")
+        (True, True, False)
+    """
     if is_family(name):
         return True
     try:

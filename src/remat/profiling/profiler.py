@@ -26,7 +26,7 @@ from torch import nn
 
 from remat._compat import in_backward
 from remat.apply.apply import apply_, fingerprint
-from remat.apply.selective import op_name
+from remat.apply.selective import is_op_name, lenient_save_sets, op_name, save_name
 from remat.apply.units import (
     UnitSpec,
     call_model,
@@ -435,7 +435,9 @@ def profile(
     times: tuple[Any, list[Any], list[Any]] = (None, [None] * n, [None] * n)
     option_times: dict[str, tuple[float, list[float], list[float]]] = {}
     recompute_times: tuple[Any, list[Any], list[Any]] | None = None
-    with preserved_state(model):  # profiling runs optimizer steps; it must not train the model
+    # profiling runs optimizer steps, which must not train the model; each save set is measured
+    # on every unit, though some units do not run all its ops (each unit's option names its own)
+    with preserved_state(model), lenient_save_sets():
         for number, (key, plan) in enumerate(plans.items(), start=1):
             say(f"profile: tracked step {number}/{3 + len(option_actions)} ({names[key]})")
             if key == "S" and n < 2:
@@ -595,15 +597,19 @@ def profile(
             )
         )
     bandwidth = copy_bandwidth(device) if any(a == "offload" for a in option_actions) else None
+    ran = [{save_name(key[0]) for key in unit_ops} for unit_ops in op_times]
     for action in option_actions:
         run = _intervals(runs[action][1], n)
         starts_x = starts(run)
         peaks_x = forward_peaks(run)
         held_x = persistent(starts_x, runs[action][4])
         for j, unit in enumerate(units_out):
+            unit_action = _unit_action(action, ran[j])
+            if unit_action is None or unit.option(unit_action) is not None:
+                continue  # keeps nothing in this unit, or another option measured the same set
             bwd = run.get(("backward", j), missing)
             option = OptionProfile(
-                action=action,
+                action=unit_action,
                 retain_bytes=starts_x[j + 1] - starts_x[j],
                 forward_only_bytes=runs[action][4][j],
                 forward_need_bytes=peaks_x[j] - starts_x[j],
@@ -742,6 +748,28 @@ def _offload_ms(
     forward_next = times[1][j + 1] if j + 1 < len(times[1]) else 0.0
     backward_after = times[2][j + 1] if j + 1 < len(times[2]) else 0.0
     return max(one_way - (forward_next or 0.0), 0.0) + max(one_way - (backward_after or 0.0), 0.0)
+
+
+def _unit_action(action: str, ran: set[str]) -> str | None:
+    """A ``selective:ops.<op>...`` option as one unit ran it: its save set without the real ops
+    the unit did not run (names that are no op stay, to be refused where the plan is applied);
+    ``None`` if it keeps nothing there. Other actions are returned as they are.
+
+    Example:
+        >>> _unit_action("selective:ops.addmm.max_pool2d_with_indices.gelu", {"addmm", "gelu"})
+        'selective:ops.addmm.gelu'
+        >>> _unit_action("selective:ops.max_pool2d_with_indices", {"addmm"}) is None
+        True
+        >>> _unit_action("selective:save_matmuls", {"addmm"})
+        'selective:save_matmuls'
+    """
+    saved = Action.parse(action).saved_ops
+    if saved is None:
+        return action
+    names = [name for name in saved if name in ran or not is_op_name(name)]
+    if not any(name in ran for name in names):
+        return None
+    return "selective:ops." + ".".join(names)
 
 
 def _pareto_options(
