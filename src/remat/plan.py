@@ -42,11 +42,13 @@ from typing import Any
 
 from remat.opnames import canonical_ops
 
-__all__ = ["FORMAT_VERSION", "Action", "Plan", "closest_names"]
+__all__ = ["FORMAT_VERSION", "PRECISIONS", "Action", "Plan", "closest_names"]
 
 FORMAT_VERSION = 1
 DEFAULT = "_default"
 REGEX_PREFIX = "re:"
+PRECISIONS = ("32", "bf16-mixed", "fp16-mixed", "bf16-true")
+"""The precisions of a training step, by Lightning's names."""
 ACTION_KINDS = ("keep", "recompute", "segment", "nested", "selective", "offload")
 _GROUPS = ("segment", "nested")
 _LABELLED = ("segment", "nested", "selective")
@@ -163,9 +165,23 @@ class Plan:
     budget_bytes: int | None = None
     predicted_peak_bytes: int | None = None
     predicted_overhead: float | None = None
+    precision: str = "32"
+    """The precision of the step the plan was made for (Lightning's names: ``32``,
+    ``bf16-mixed``, ``fp16-mixed``, ``bf16-true``)."""
+    input_shapes: list[list[int]] | None = None
+    """Shapes of the example batch's tensors, in order (``None``: unknown): the batch the plan
+    was made for. A larger batch under the plan is warned about once."""
+    static_bytes: int | None = None
+    """Bytes of the step that do not grow with the batch (parameters, gradients, optimizer
+    state), from the profile; with :attr:`predicted_peak_bytes` it scales a prediction to
+    another batch."""
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"plan precision: got {self.precision!r}; expected one of {', '.join(PRECISIONS)}"
+            )
         parsed: dict[str, Action] = {}
         for selector, action in dict(self.actions).items():
             if not isinstance(selector, str) or not selector:
@@ -240,6 +256,9 @@ class Plan:
             "budget_bytes": self.budget_bytes,
             "predicted_peak_bytes": self.predicted_peak_bytes,
             "predicted_overhead": self.predicted_overhead,
+            "precision": self.precision,
+            "input_shapes": self.input_shapes,
+            "static_bytes": self.static_bytes,
             "metadata": self.metadata,
         }
 
@@ -279,7 +298,23 @@ class Plan:
         metadata = {} if metadata is None else metadata
         if not isinstance(metadata, Mapping):
             raise ValueError(f"{source}: 'metadata' must be an object")
+        precision = data.get("precision", "32")
+        if precision not in PRECISIONS:
+            raise ValueError(
+                f"{source}: 'precision' got {str(precision)[:20]!r}; expected one of"
+                f" {', '.join(PRECISIONS)}"
+            )
+        shapes = data.get("input_shapes")
+        if shapes is not None and not (
+            isinstance(shapes, list)
+            and all(
+                isinstance(s, list) and all(isinstance(d, int) and d >= 0 for d in s)
+                for s in shapes
+            )
+        ):
+            raise ValueError(f"{source}: 'input_shapes' must be a list of shapes (lists of ints)")
         numbers = {
+            "static_bytes": _optional_int(data, "static_bytes", source),
             "budget_bytes": _optional_int(data, "budget_bytes", source),
             "predicted_peak_bytes": _optional_int(data, "predicted_peak_bytes", source),
             "predicted_overhead": _optional_float(data, "predicted_overhead", source),
@@ -291,6 +326,8 @@ class Plan:
                 strategy=str(data.get("strategy", "custom")),
                 fingerprint=dict(fingerprint) if fingerprint is not None else None,
                 metadata=dict(metadata),
+                precision=precision,
+                input_shapes=[list(s) for s in shapes] if shapes is not None else None,
                 **numbers,
             )
         except ValueError as error:

@@ -674,3 +674,22 @@ def test_format_bytes_unit_boundary() -> None:
 )
 def test_format_ms(ms: float | None, text: str) -> None:
     assert format_ms(ms) == text
+
+
+def test_plan_records_precision_and_the_batch_it_was_made_for() -> None:
+    plan = Plan(
+        actions={"_default": "recompute"},
+        precision="bf16-mixed",
+        input_shapes=[[2, 16], [2, 16]],
+        static_bytes=1024,
+    )
+    back = Plan.from_json(plan.to_json())
+    assert back == plan and back.precision == "bf16-mixed" and back.input_shapes == [[2, 16]] * 2
+    old = plan.to_dict()
+    for key in ("precision", "input_shapes", "static_bytes"):
+        del old[key]  # a plan written before these fields
+    assert Plan.from_dict(old).precision == "32" and Plan.from_dict(old).input_shapes is None
+    with pytest.raises(ValueError, match="precision: got 'bf16'"):
+        Plan(actions={}, precision="bf16")
+    with pytest.raises(ValueError, match="'input_shapes' must be a list of shapes"):
+        Plan.from_dict({**plan.to_dict(), "input_shapes": [[2, "x"]]})
