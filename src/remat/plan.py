@@ -171,10 +171,10 @@ class Plan:
     input_shapes: list[list[int]] | None = None
     """Shapes of the example batch's tensors, in order (``None``: unknown): the batch the plan
     was made for. A larger batch under the plan is warned about once."""
-    static_bytes: int | None = None
-    """Bytes of the step that do not grow with the batch (parameters, gradients, optimizer
-    state), from the profile; with :attr:`predicted_peak_bytes` it scales a prediction to
-    another batch."""
+    base_bytes: int | None = None
+    """Live bytes when the first unit's forward starts (parameters, optimizer state, the
+    batch), from the profile: the part of the peak that does not grow with the batch, by which
+    :mod:`remat.apply.shapes` scales :attr:`predicted_peak_bytes` to a larger batch."""
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -258,7 +258,7 @@ class Plan:
             "predicted_overhead": self.predicted_overhead,
             "precision": self.precision,
             "input_shapes": self.input_shapes,
-            "static_bytes": self.static_bytes,
+            "base_bytes": self.base_bytes,
             "metadata": self.metadata,
         }
 
@@ -314,7 +314,7 @@ class Plan:
         ):
             raise ValueError(f"{source}: 'input_shapes' must be a list of shapes (lists of ints)")
         numbers = {
-            "static_bytes": _optional_int(data, "static_bytes", source),
+            "base_bytes": _optional_int(data, "base_bytes", source),
             "budget_bytes": _optional_int(data, "budget_bytes", source),
             "predicted_peak_bytes": _optional_int(data, "predicted_peak_bytes", source),
             "predicted_overhead": _optional_float(data, "predicted_overhead", source),

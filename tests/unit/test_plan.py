@@ -681,12 +681,12 @@ def test_plan_records_precision_and_the_batch_it_was_made_for() -> None:
         actions={"_default": "recompute"},
         precision="bf16-mixed",
         input_shapes=[[2, 16], [2, 16]],
-        static_bytes=1024,
+        base_bytes=1024,
     )
     back = Plan.from_json(plan.to_json())
     assert back == plan and back.precision == "bf16-mixed" and back.input_shapes == [[2, 16]] * 2
     old = plan.to_dict()
-    for key in ("precision", "input_shapes", "static_bytes"):
+    for key in ("precision", "input_shapes", "base_bytes"):
         del old[key]  # a plan written before these fields
     assert Plan.from_dict(old).precision == "32" and Plan.from_dict(old).input_shapes is None
     with pytest.raises(ValueError, match="precision: got 'bf16'"):

@@ -21,10 +21,20 @@ from torch import nn
 
 from remat import _compat
 from remat.apply.checkpoint import Region
+from remat.apply.shapes import watch_batches
 from remat.apply.units import NoUnitsError, UnitSpec, find_units
 from remat.plan import Action, Plan, closest_names
 
-__all__ = ["Handle", "apply_", "fingerprint", "kv_cache_off", "say_once", "warn_eval_mode"]
+__all__ = [
+    "Handle",
+    "apply_",
+    "fingerprint",
+    "kv_cache_off",
+    "precision_check_off",
+    "running_precision",
+    "say_once",
+    "warn_eval_mode",
+]
 
 logger = logging.getLogger(__name__)
 _MISSING = object()
@@ -274,6 +284,72 @@ class Handle:
         self.remove()
 
 
+_PRECISION_CHECKS_OFF = [0]
+
+
+@contextmanager
+def precision_check_off() -> Iterator[None]:
+    """Plans applied inside are not checked against the autocast state (the profiler applies
+    its own plans, made without a precision, inside the step's autocast).
+
+    Example:
+        >>> with precision_check_off():
+        ...     _PRECISION_CHECKS_OFF[0]
+        1
+    """
+    _PRECISION_CHECKS_OFF[0] += 1
+    try:
+        yield
+    finally:
+        _PRECISION_CHECKS_OFF[0] -= 1
+
+
+def running_precision(device_type: str) -> str:
+    """The precision the autocast state says a step on ``device_type`` runs in now: ``32``
+    (no autocast), ``bf16-mixed``, ``fp16-mixed`` or ``autocast(<dtype>)``.
+
+    Example:
+        >>> with torch.autocast("cpu", dtype=torch.bfloat16):
+        ...     running_precision("cpu")
+        'bf16-mixed'
+        >>> running_precision("cpu")
+        '32'
+    """
+    if not torch.is_autocast_enabled(device_type):
+        return "32"
+    dtype = torch.get_autocast_dtype(device_type)
+    names = {torch.bfloat16: "bf16-mixed", torch.float16: "fp16-mixed"}
+    return names.get(dtype, f"autocast({str(dtype).replace('torch.', '')})")
+
+
+def _watch_precision(model: nn.Module, plan: Plan) -> Callable[[], None] | None:
+    """At the model's first forward under ``plan``, warn once (per model) if the autocast state
+    is not the one of the precision the plan was made for (``32`` and ``bf16-true`` run without
+    autocast). Returns what removes the check, or ``None`` on a device autocast does not run on."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if device.type not in ("cpu", "cuda"):
+        return None
+    expected = "32" if plan.precision in ("32", "bf16-true") else plan.precision
+
+    def check(_module: nn.Module, _args: Any) -> None:
+        handle.remove()
+        running = running_precision(device.type)
+        if _PRECISION_CHECKS_OFF[0] or running == expected:
+            return
+        say_once(
+            model,
+            "precision",
+            f"remat: the plan was made for precision {plan.precision!r} but the model's forward"
+            f" runs as {running!r} (autocast on {device.type}); its predicted peak is that of the"
+            f" other step. Re-plan with precision={running!r} (remat plan --precision), or train"
+            " under the plan's precision.",
+            stacklevel=3,
+        )
+
+    handle = model.register_forward_pre_hook(check)
+    return handle.remove
+
+
 def _refuse_double_checkpointing(
     model: nn.Module, modules: dict[str, nn.Module], targets: list[str]
 ) -> None:
@@ -424,6 +500,12 @@ def apply_(
     try:
         # the KV cache off while the plan is on, as Hugging Face's gradient checkpointing does
         handle._undo.append(_turn_cache_off(model))
+        unwatch_precision = _watch_precision(model, plan)  # another autocast: warned about once
+        if unwatch_precision is not None:
+            handle._undo.append(unwatch_precision)
+        unwatch = watch_batches(model, plan)  # a larger batch than planned: warned about once
+        if unwatch is not None:
+            handle._undo.append(unwatch)
         for name, members in regions.items():
             members.sort(key=lambda f: order.get(f, -1))
             first = resolved[members[0]]

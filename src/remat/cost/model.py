@@ -188,6 +188,11 @@ class Profile:
     device: str = ""
     dtype: str = ""
     optimizer: str = ""
+    """The optimizer whose step and state the figures include: ``adamw``, ``sgd``, ``none``, or
+    the class name of an optimizer passed as an instance or built by a factory."""
+    precision: str = "32"
+    """The step's precision (Lightning's names: ``32``, ``bf16-mixed``, ``fp16-mixed``,
+    ``bf16-true``); plans made from the profile record it."""
     torch_version: str = ""
     fingerprint: dict[str, Any] | None = None
     cross_unit: list[dict[str, Any]] = field(default_factory=list)
@@ -209,6 +214,8 @@ class Profile:
     """Peak of the optimizer step (part of ``fixed_peak_bytes``)."""
     optimizer_start_bytes: int | None = None
     """Live total when the optimizer step starts (its states not created yet: first step)."""
+    input_shapes: list[list[int]] | None = None
+    """Shapes of the example batch's tensors, in order: the batch the step was profiled on."""
 
     @property
     def unit_fqns(self) -> list[str]:

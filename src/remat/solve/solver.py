@@ -303,7 +303,15 @@ def plan_from_blocks(profile: Profile, blocks: Sequence[Block], **fields_: Any) 
             kind = "nested" if block.kind == "nested" else "segment"
             for j in range(block.start, block.end + 1):
                 actions[fqns[j]] = f"{kind}:{block.start}"
-    return Plan(actions=actions, units=list(fqns), fingerprint=profile.fingerprint, **fields_)
+    # the batch it was made for, so that a larger one under the plan is noticed
+    batch = {"input_shapes": profile.input_shapes, "base_bytes": profile.base_bytes}
+    return Plan(
+        actions=actions,
+        units=list(fqns),
+        fingerprint=profile.fingerprint,
+        precision=profile.precision,
+        **(batch | fields_),
+    )
 
 
 def _lower_bound(profile: Profile, budget_bytes: int) -> float:
