@@ -390,7 +390,7 @@ class _MetaValues(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
     def _error(self, read: str) -> Exception:
-        from remat.profiling.estimate import NotEstimableError, module_running
+        from remat.profiling.guard import NotEstimableError, module_running
 
         names = {id(m): n for n, m in self.model.named_modules()}
         return NotEstimableError(
@@ -407,12 +407,12 @@ def _is_meta(value: Any) -> bool:
 
 
 def _enter_meta_values(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    from remat.profiling.estimate import _Guard
+    from remat.profiling.guard import DataDependentGuard
 
     if not any(_is_meta(p) for p in module.parameters()):
         module.__dict__.setdefault("_remat_meta_modes", []).append(None)
         return
-    modes = (_MetaValues(module), _Guard(module))
+    modes = (_MetaValues(module), DataDependentGuard(module))
     for mode in modes:
         mode.__enter__()
     module.__dict__.setdefault("_remat_meta_modes", []).append(modes)

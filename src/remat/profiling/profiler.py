@@ -24,7 +24,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from remat._compat import in_backward
 from remat.apply.apply import apply_, fingerprint
 from remat.apply.selective import is_op_name, lenient_save_sets, op_name, save_name
 from remat.apply.units import (
@@ -37,7 +36,9 @@ from remat.apply.units import (
 from remat.cost.distributed import per_rank
 from remat.cost.model import OptionProfile, Profile, UnitProfile
 from remat.plan import Action, Plan
+from remat.profiling.marks import UnitMarks
 from remat.profiling.meta_kernels import mirror_cpu_on_meta
+from remat.profiling.meta_target import estimate_on_meta
 from remat.profiling.options import (
     copy_bandwidth,
     kept_by_policy,
@@ -64,62 +65,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class _UnitMarks:
-    """Hooks on the units that mark interval boundaries in a tracker, or take timestamps."""
-
-    def __init__(self, modules: list[nn.Module], on_event: Callable[[tuple[str, int]], None]):
-        self.on_event = on_event
-        self.handles: list[Any] = []
-        self.outputs: dict[int, dict[int, int]] = {}
-        self.inputs: dict[int, list[tuple[int, int]]] = {}
-        self.last_inputs: list[torch.Tensor] = []
-        self.data_dependent: dict[str, list[str]] = {}
-        for index, module in enumerate(modules):
-            self.handles.append(module.register_forward_pre_hook(self._pre(index)))
-            self.handles.append(module.register_forward_hook(self._post(index)))
-
-    def _pre(self, index: int) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any) -> None:
-            if in_backward():
-                return
-            self.last_inputs = tensors_in(args)
-            self.inputs[index] = [
-                (id(t.untyped_storage()), t.untyped_storage().nbytes()) for t in self.last_inputs
-            ]
-            self.on_event(("forward", index))
-            self.last_inputs = []
-
-        return hook
-
-    def _post(self, index: int) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if in_backward():
-                return
-            self.on_event(("after", index))
-            tensors = tensors_in(output)
-            self.outputs[index] = {
-                id(t.untyped_storage()): t.untyped_storage().nbytes() for t in tensors
-            }
-            needing = [t for t in tensors if t.requires_grad]
-            if needing and torch.is_grad_enabled():
-                torch.autograd.graph.register_multi_grad_hook(
-                    needing, lambda _grad: self.on_event(("backward", index)), mode="any"
-                )
-
-        return hook
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-
 def _tracked_step(
     model: nn.Module,
     example_inputs: Any,
     loss_fn: Callable[[Any], torch.Tensor],
     optimizer: str,
     unit_modules: list[nn.Module],
-) -> tuple[int, list[Mark], _UnitMarks, dict[int, int], list[int]]:
+) -> tuple[int, list[Mark], UnitMarks, dict[int, int], list[int]]:
     """One training step under the tracker with unit boundaries marked.
 
     Returns the peak, the marks, the unit hooks (inputs and outputs seen), per unit the bytes of
@@ -168,7 +120,7 @@ def _tracked_step(
             dead_by_end.append(sum(n for ref, n in held_by_parent if ref() is None))
             tracker.mark(("end", -1))
 
-        marks = _UnitMarks(unit_modules, on_event)
+        marks = UnitMarks(unit_modules, on_event)
         marks.handles.append(model.register_forward_hook(on_end))
         handle = None
         if opt is not None:
@@ -257,7 +209,7 @@ def _time_steps(
     step_ms: list[list[float]] = [[] for _ in variants]
     forward = [[[] for _ in unit_modules] for _ in variants]
     backward = [[[] for _ in unit_modules] for _ in variants]
-    marks = _UnitMarks(unit_modules, stamp)
+    marks = UnitMarks(unit_modules, stamp)
     try:
         for step in range(warmup + repeats):
             for which, plan in enumerate(variants):
@@ -385,9 +337,24 @@ def profile(
                 "device: got None with mode='estimate'; expected a device name such as"
                 " 'h100-80gb' (remat.devices.DEVICES lists them)"
             )
-        from remat.profiling.estimate import estimate_profile
 
-        return estimate_profile(
+        # The measurement below, on a meta copy under the target's kernels: per_rank is applied
+        # at its end, as for a measured profile.
+        def measure(meta_model: nn.Module, meta_inputs: Any) -> Profile:
+            return profile(
+                meta_model,
+                meta_inputs,
+                loss_fn=loss_fn,
+                optimizer=optimizer,
+                units=units,
+                progress=progress,
+                options=() if options is None else options,
+                world_size=world_size,
+                fsdp=fsdp,
+            )
+
+        return estimate_on_meta(
+            measure,
             model,
             example_inputs,
             device=device,
@@ -395,9 +362,7 @@ def profile(
             attention=attention,
             loss_fn=loss_fn,
             optimizer=optimizer,
-            units=units,
             progress=progress,
-            options=() if options is None else options,
         )
     if mode != "measure":
         raise ValueError(f"mode: got {mode!r}; expected 'measure' or 'estimate'")
@@ -791,7 +756,7 @@ def _pareto_options(
     return kept
 
 
-def _unit_sizes(marks: _UnitMarks, n: int) -> list[tuple[int, int]]:
+def _unit_sizes(marks: UnitMarks, n: int) -> list[tuple[int, int]]:
     """(input bytes, output bytes) per unit, each storage counted once."""
     return [
         (sum(dict(marks.inputs.get(i, [])).values()), sum(marks.outputs.get(i, {}).values()))
@@ -799,7 +764,7 @@ def _unit_sizes(marks: _UnitMarks, n: int) -> list[tuple[int, int]]:
     ]
 
 
-def _cross_unit(marks: _UnitMarks, fqns: list[str]) -> list[dict[str, Any]]:
+def _cross_unit(marks: UnitMarks, fqns: list[str]) -> list[dict[str, Any]]:
     """Inputs of a unit produced by an earlier, non-adjacent unit (skip connections)."""
     found = []
     for i in range(len(fqns)):
