@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from remat.models import BuiltModel, _check_int, _value_error
+from remat.models.base import BuiltModel, _check_int, _value_error
 
 __all__ = ["ResNet", "ResidualBlock", "build"]
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from remat.models import BuiltModel, _check_divisible, _check_dropout, _check_int
+from remat.models.base import BuiltModel, _check_divisible, _check_dropout, _check_int
 
 __all__ = ["GPT", "Block", "CausalSelfAttention", "FeedForward", "build"]
 

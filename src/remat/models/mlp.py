@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from remat.models import BuiltModel, _check_int
+from remat.models.base import BuiltModel, _check_int
 
 __all__ = ["MLP", "MLPBlock", "build"]
 

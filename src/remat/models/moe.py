@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from remat.models import BuiltModel, _check_divisible, _check_dropout, _check_int, _value_error
+from remat.models.base import BuiltModel, _check_divisible, _check_dropout, _check_int, _value_error
 from remat.models.gpt import CausalSelfAttention, FeedForward
 
 __all__ = ["MoEBlock", "MoEDecoder", "MoELayer", "build"]

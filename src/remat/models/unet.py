@@ -18,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from remat.models import BuiltModel, _check_divisible, _check_int
+from remat.models.base import BuiltModel, _check_divisible, _check_int
 
 __all__ = ["ConvBlock", "DownStage", "MidBlock", "UNet", "UpStage", "build"]
 
