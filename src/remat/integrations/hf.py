@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from remat.models import BuiltModel, _check_int, _value_error
+from remat.models.base import BuiltModel, _check_int, _value_error
 
 __all__ = [
     "HF_MODELS",
