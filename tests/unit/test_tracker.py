@@ -539,3 +539,24 @@ def test_report_to_dict() -> None:
     assert data["peak_bytes"] == report.peak_bytes
     assert data["modules"]["1"]["saved_bytes"] == report.modules["1"].saved_bytes
     assert set(data["peak_by_category"]) == set(CATEGORIES)
+
+
+def test_a_simulated_capacity_raises_out_of_memory_as_cuda_would() -> None:
+    from remat.profiling.tracker import current_capacity, simulated_capacity, track_memory
+
+    layer = torch.nn.Linear(64, 64, bias=False)  # 16,384 bytes of weights
+    x = torch.ones(32, 64)  # 8,192 bytes
+    with track_memory(layer, x) as free:
+        layer(x)
+    needed = free.peak_bytes
+    assert needed == 16384 + 8192 + 8192  # weights, input, output
+    with simulated_capacity(needed), track_memory(layer, x):
+        layer(x)  # exactly full fits
+    with simulated_capacity(needed - 1), track_memory(layer, x) as tracker:
+        with pytest.raises(torch.OutOfMemoryError, match="over the capacity of 32,767 bytes"):
+            layer(x)
+    assert tracker.peak_bytes <= needed
+    assert current_capacity() is None  # reset on exit
+    for bad in (0, -5, 1.5, True, "1GiB"):
+        with pytest.raises(ValueError, match="capacity: got"), simulated_capacity(bad):  # type: ignore[arg-type]
+            pass

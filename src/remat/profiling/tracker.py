@@ -26,6 +26,7 @@ import time
 import weakref
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,7 +47,9 @@ __all__ = [
     "MemoryReport",
     "MemoryTracker",
     "ModuleStats",
+    "current_capacity",
     "host_allocations",
+    "simulated_capacity",
     "track_memory",
 ]
 
@@ -599,6 +602,9 @@ class MemoryTracker(TorchDispatchMode):
 
     def _on_growth(self, phase: str, fqn: str) -> None:
         current = self.current_bytes
+        capacity = _CAPACITY.get()
+        if capacity is not None and current > capacity:
+            self._out_of_memory(current, capacity, phase, fqn)
         if self.marks and current > self.marks[-1].peak_bytes:
             self.marks[-1].peak_bytes = current
         if current > self.peak_bytes:
@@ -610,6 +616,15 @@ class MemoryTracker(TorchDispatchMode):
             peaks = self._module_peaks[name]
             if current > peaks.get(phase, -1):
                 peaks[phase] = current
+
+    def _out_of_memory(self, current: int, capacity: int, phase: str, fqn: str) -> None:
+        """A simulated device of ``capacity`` bytes is full: raise as CUDA's allocator would.
+        The peak is not raised past the capacity (the allocation never happened there)."""
+        raise torch.OutOfMemoryError(
+            f"remat simulated capacity: the step would hold {current:,} bytes of tensors, over the"
+            f" capacity of {capacity:,} bytes (in {phase} of {fqn or 'the model'}); as CUDA's"
+            " 'CUDA out of memory'"
+        )
 
     def _account_op(
         self, func: Any, args: Any, kwargs: Any, out: Any, phase: str, fqn: str, elapsed_ms: float
@@ -692,6 +707,47 @@ class MemoryTracker(TorchDispatchMode):
     def _order_key(self, fqn: str) -> tuple[int, str]:
         order = {name: i for i, name in enumerate(self._names.values())}
         return (order.get(fqn, len(order)), fqn)
+
+
+_CAPACITY: ContextVar[int | None] = ContextVar("remat_capacity_bytes", default=None)
+
+
+def current_capacity() -> int | None:
+    """The simulated device capacity in bytes (:func:`simulated_capacity`), or ``None``."""
+    return _CAPACITY.get()
+
+
+@contextlib.contextmanager
+def simulated_capacity(capacity_bytes: int | None) -> Iterator[None]:
+    """Within: every tracked step (:func:`track_memory`) whose live tensor bytes would exceed
+    ``capacity_bytes`` raises ``torch.OutOfMemoryError``, as a CUDA device of that size would.
+    So planning for a GPU one does not have, or a step that does not fit, can be tried on the
+    CPU. ``None``: no limit (the default).
+
+    Example:
+        >>> import torch
+        >>> layer = torch.nn.Linear(64, 64, bias=False)  # 16 KiB of weights
+        >>> with simulated_capacity(20_000), track_memory(layer):
+        ...     try:
+        ...         _ = layer(torch.ones(32, 64))  # 8 KiB more
+        ...     except torch.OutOfMemoryError as error:
+        ...         print(str(error).split(";")[0])
+        remat simulated capacity: the step would hold 24,576 bytes of tensors, over the capacity of 20,000 bytes (in forward of the model)
+    """
+    if capacity_bytes is not None and (
+        isinstance(capacity_bytes, bool)
+        or not isinstance(capacity_bytes, int)
+        or capacity_bytes < 1
+    ):
+        raise ValueError(
+            f"capacity: got {capacity_bytes!r}; expected a number of bytes >= 1 (or None for no"
+            " limit). Fix: pass an int, e.g. remat.units.parse_bytes('40GiB')"
+        )
+    token = _CAPACITY.set(capacity_bytes)
+    try:
+        yield
+    finally:
+        _CAPACITY.reset(token)
 
 
 def track_memory(
