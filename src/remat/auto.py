@@ -89,9 +89,10 @@ def solve_measured(
     budget: int | str | Budget,
     *,
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
-    optimizer: str = "adamw",
+    optimizer: Any = "adamw",
     max_iterations: int = 3,
     actions: Sequence[str] = ACTIONS,
+    precision: str | None = None,
 ) -> SolveResult:
     """Solve, then measure the plan's peak on the model and re-solve tighter while it does not fit.
 
@@ -103,9 +104,16 @@ def solve_measured(
     A percentage is never ``INFEASIBLE``: if no plan meets it when measured, it is resolved again
     from the least measured peak when that is above the predicted one, and at worst the least
     measured plan is the result (its notes say so).
+
+    The measured steps run in ``precision`` (default: the profile's, as the plans record it).
     """
     parsed = Budget.parse(budget)
-    kwargs: dict[str, Any] = {"loss_fn": loss_fn, "optimizer": optimizer, "actions": actions}
+    kwargs: dict[str, Any] = {
+        "loss_fn": loss_fn,
+        "optimizer": optimizer,
+        "actions": actions,
+        "precision": prof.precision if precision is None else precision,
+    }
     if parsed.kind == "min":
         return _least_measured(model, example_inputs, prof, **kwargs)
     first = solve(prof, parsed, actions=actions)
@@ -125,8 +133,9 @@ def _closed_loop(
     max_iterations: int,
     *,
     loss_fn: Callable[[Any], torch.Tensor] | None,
-    optimizer: str,
+    optimizer: Any,
     actions: Sequence[str],
+    precision: str,
 ) -> SolveResult:
     """Measure ``result``'s plan; while its peak is above ``result.budget_bytes``, solve again
     with the byte target lowered by the miss, up to ``max_iterations`` solves in all."""
@@ -137,7 +146,7 @@ def _closed_loop(
             return dataclasses.replace(result, budget_bytes=budget_bytes, iterations=iteration)
         with apply_(model, result.plan):
             measured = measure_step(
-                model, example_inputs, loss_fn=loss_fn, optimizer=optimizer
+                model, example_inputs, loss_fn=loss_fn, optimizer=optimizer, precision=precision
             ).peak_bytes  # measure_step restores weights and gradients
         result = dataclasses.replace(
             result, budget_bytes=budget_bytes, measured_peak_bytes=measured, iterations=iteration
@@ -206,8 +215,9 @@ def _least_measured(
     prof: Profile,
     *,
     loss_fn: Callable[[Any], torch.Tensor] | None,
-    optimizer: str,
+    optimizer: Any,
     actions: Sequence[str],
+    precision: str,
 ) -> SolveResult:
     """``min``: the least-peak plans with every allowed action, without the multi-unit blocks
     (``segment``, ``nested``: their peaks are the simulator's least certain, with skip tensors)
@@ -229,7 +239,9 @@ def _least_measured(
             continue
         seen.add(key)
         with apply_(model, result.plan):
-            peak = measure_step(model, example_inputs, loss_fn=loss_fn, optimizer=optimizer)
+            peak = measure_step(
+                model, example_inputs, loss_fn=loss_fn, optimizer=optimizer, precision=precision
+            )
         measured.append((peak.peak_bytes, result.predicted_step_ms or 0.0, result))
     if not measured:
         return solve(prof, "min", actions=actions)
@@ -253,9 +265,10 @@ def auto_(
     *,
     budget: int | str | Budget,
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
-    optimizer: str = "adamw",
+    optimizer: Any = "adamw",
     units: UnitSpec = None,
     actions: Sequence[str] | None = None,
+    precision: str = "32",
 ) -> Handle:
     """Profile the model, solve for the cheapest plan within ``budget``, apply it in place.
 
@@ -270,6 +283,10 @@ def auto_(
         units: what the plan may act on (see :func:`remat.find_units`).
         actions: what the plan may use (``keep`` and any of ``recompute``, ``segment``,
             ``nested``, ``selective``, ``offload``); default: all, offload on CUDA only.
+        precision: the step's precision: ``"32"``, ``"bf16-mixed"``, ``"fp16-mixed"`` (forward
+            and loss under ``torch.autocast``; train under the same autocast) or ``"bf16-true"``
+            (a model already in ``bfloat16``). The plan records it; applied under another
+            autocast state, it warns once.
 
     Returns:
         The :class:`~remat.apply.apply.Handle`; ``handle.result`` is the
@@ -297,6 +314,7 @@ def auto_(
         optimizer=optimizer,
         units=units,
         options=profile_options(actions, model),
+        precision=precision,
     )
     result = solve_measured(
         model,
@@ -306,6 +324,7 @@ def auto_(
         loss_fn=loss_fn,
         optimizer=optimizer,
         actions=actions if actions is not None else ACTIONS,
+        precision=precision,
     )
     if result.status == INFEASIBLE:
         raise InfeasibleBudgetError(result)

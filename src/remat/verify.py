@@ -34,7 +34,14 @@ from remat.apply.units import call_model, tensors_in
 from remat.cost.model import block_cost, blocks_of
 from remat.plan import Plan
 from remat.profiling.profiler import profile
-from remat.profiling.step import default_loss, measure_step, preserved_state
+from remat.profiling.step import (
+    check_precision,
+    default_loss,
+    measure_step,
+    model_device,
+    preserved_state,
+    step_autocast,
+)
 from remat.profiling.tracker import track_memory
 from remat.units import format_bytes
 
@@ -238,9 +245,10 @@ def _run(
     loss_fn: Callable[[Any], torch.Tensor],
     seed: int,
     units: list[str],
+    precision: str = "32",
 ) -> dict[str, Any]:
     """One forward and backward, recording module outputs, the forward's saved bytes, each unit's
-    kept bytes and what the engine stored for it."""
+    kept bytes and what the engine stored for it; the forward under ``precision``'s autocast."""
     outputs: dict[str, list[torch.Tensor]] = {}
     order: list[str] = []
     unit_outputs = _UnitOutputs(units)
@@ -267,7 +275,8 @@ def _run(
         torch.manual_seed(seed)
         with track_memory(model, inputs) as tracker:
             start = tracker.current_bytes
-            loss = loss_fn(call_model(model, inputs))
+            with step_autocast(precision, model_device(model)):
+                loss = loss_fn(call_model(model, inputs))
             saved = tracker.current_bytes - start
             alive = unit_outputs.alive_bytes()  # when the forward ends
             loss.backward()
@@ -293,7 +302,9 @@ def _unreachable(_: Any) -> torch.Tensor:
     raise AssertionError("the floor run's graph is never run backward")
 
 
-def _floor(model: nn.Module, example_inputs: Any, seed: int, units: list[str]) -> dict[str, int]:
+def _floor(
+    model: nn.Module, example_inputs: Any, seed: int, units: list[str], precision: str = "32"
+) -> dict[str, int]:
     """Per unit, what it keeps in a forward where autograd saves nothing (every saved tensor is
     dropped): what no action can free. The model's state is put back afterwards."""
     modules = dict(model.named_modules())
@@ -312,6 +323,7 @@ def _floor(model: nn.Module, example_inputs: Any, seed: int, units: list[str]) -
             preserved_state(model),
             track_memory(model, inputs) as tracker,
             torch.autograd.graph.saved_tensors_hooks(_drop, _unreachable),
+            step_autocast(precision, model_device(model)),
         ):
             output = call_model(model, inputs)
             # While the model's output is alive: the forward has just ended.
@@ -343,7 +355,9 @@ def _unit_checks(
     return checks
 
 
-def _predicted_saving(model: nn.Module, example_inputs: Any, plan: Plan, loss_fn: Any) -> int:
+def _predicted_saving(
+    model: nn.Module, example_inputs: Any, plan: Plan, loss_fn: Any, precision: str = "32"
+) -> int:
     """What the plan should drop from the forward's retention, from a profile (no timing) that
     measures exactly the plan's selective and offload actions. Information only."""
     options = sorted({str(a) for a in plan.actions.values() if a.kind in ("selective", "offload")})
@@ -355,6 +369,7 @@ def _predicted_saving(model: nn.Module, example_inputs: Any, plan: Plan, loss_fn
         repeats=0,
         units=plan.units,
         options=options,
+        precision=precision,
     )
     kept = sum(u.keep_bytes - u.keep_forward_only_bytes for u in prof.units)
     planned = sum(block_cost(prof, b).persistent_delta_bytes for b in blocks_of(prof, plan))
@@ -407,6 +422,7 @@ def verify(
     rtol: float = 0.0,
     atol: float = 0.0,
     seed: int = 0,
+    precision: str | None = None,
 ) -> VerifyReport:
     """Compare one training step with and without ``plan``; check the plan took effect.
 
@@ -426,6 +442,8 @@ def verify(
             ``remat plan --optimizer``.
         rtol, atol: tolerances; both 0 (default) means bitwise.
         seed: seed for both steps (dropout draws the same masks).
+        precision: the step's precision (default: the plan's, ``plan.precision``): both steps
+            run their forward under its autocast, and the peaks are of that step.
 
     Returns:
         A :class:`VerifyReport`.
@@ -442,6 +460,8 @@ def verify(
         [('0', 1024, 0), ('1', 1024, 0)]
     """
     loss_fn = loss_fn or default_loss
+    precision = plan.precision if precision is None else precision
+    check_precision(precision, model)
     with preserved_state(model):
         # Copied inside: the reference runs the step the planned model runs (a Hugging Face KV
         # cache off, which changes what a layer keeps), and the notice about it is said once.
@@ -449,8 +469,8 @@ def verify(
         with apply_(model, plan) as handle:
             units = list(handle.actions)
             checkpointed, actions = handle.checkpointed, dict(handle.actions)
-            planned = _run(model, example_inputs, loss_fn, seed, units)
-            plain = _run(reference, example_inputs, loss_fn, seed, units)
+            planned = _run(model, example_inputs, loss_fn, seed, units, precision)
+            plain = _run(reference, example_inputs, loss_fn, seed, units, precision)
             differing_grads = _differing_grads(reference, model, plain, planned, rtol, atol)
             differing_buffers = [
                 name
@@ -465,11 +485,17 @@ def verify(
             # reach the comparison above.
             for param in model.parameters():
                 param.grad = None
-            planned_peak = measure_step(model, example_inputs, loss_fn=loss_fn, optimizer=optimizer)
-        unplanned_peak = measure_step(model, example_inputs, loss_fn=loss_fn, optimizer=optimizer)
-    floor = _floor(reference, example_inputs, seed, units) if checkpointed else {}
+            planned_peak = measure_step(
+                model, example_inputs, loss_fn=loss_fn, optimizer=optimizer, precision=precision
+            )
+        unplanned_peak = measure_step(
+            model, example_inputs, loss_fn=loss_fn, optimizer=optimizer, precision=precision
+        )
+    floor = _floor(reference, example_inputs, seed, units, precision) if checkpointed else {}
     checks = _unit_checks(actions, plain, planned, floor)
-    predicted = _predicted_saving(model, example_inputs, plan, loss_fn) if checkpointed else 0
+    predicted = (
+        _predicted_saving(model, example_inputs, plan, loss_fn, precision) if checkpointed else 0
+    )
     first = None
     if first_output is not None:
         first = f"output of {first_output or '<model>'}"

@@ -58,6 +58,7 @@ from remat.profiling.step import (
     OPTIMIZERS,
     LossFn,
     make_optimizer,
+    make_scaler,
     measure_step,
     preserved_state,
     training_step,
@@ -239,9 +240,11 @@ def _plan_key(plan: Plan, units: Sequence[str]) -> tuple[tuple[str, str], ...]:
     return tuple(key)
 
 
-def _default_peak(optimizer: str, loss_fn: LossFn | None) -> PeakFn:
+def _default_peak(optimizer: Any, loss_fn: LossFn | None, precision: str = "32") -> PeakFn:
     def peak(model: nn.Module, example_inputs: Any) -> int:
-        return measure_step(model, example_inputs, loss_fn=loss_fn, optimizer=optimizer).peak_bytes
+        return measure_step(
+            model, example_inputs, loss_fn=loss_fn, optimizer=optimizer, precision=precision
+        ).peak_bytes
 
     return peak
 
@@ -279,6 +282,7 @@ def bench(
     progress: Progress | None = None,
     clock: Clock = time.perf_counter,
     measure_peak: PeakFn | None = None,
+    precision: str = "32",
 ) -> BenchResult:
     """Measure peak memory and step time of every strategy on the same training step.
 
@@ -298,6 +302,8 @@ def bench(
         with_compile: add ``compile:<fraction>`` for each of ``compile_fractions`` (torch.compile
             with ``activation_memory_budget``; compiling takes minutes on a CPU).
         model_name: a label for the report.
+        precision: the step's precision (``"32"``, ``"bf16-mixed"``, ``"fp16-mixed"``,
+            ``"bf16-true"``; see :func:`remat.profile`): every strategy's step runs in it.
         progress: called with a line of text as each stage starts (default: ``logging`` INFO).
         clock: seconds, for the timed steps (tests pass a fake one).
         measure_peak: ``(model, example_inputs) -> bytes`` for the peaks of the peers (default:
@@ -341,8 +347,8 @@ def bench(
         peers.insert(0, "none")
     peers = list(dict.fromkeys(peers))
     parsed_budgets = [Budget.parse(b) for b in budgets]
-    measure = measure_peak or _default_peak(optimizer, loss_fn)
-    notes: list[str] = []
+    measure = measure_peak or _default_peak(optimizer, loss_fn, precision)
+    notes: list[str] = [] if precision == "32" else [f"every step runs in precision {precision}"]
     if any(b.kind == "percent" for b in parsed_budgets):
         notes.append(
             "a percentage budget P% is P% of the way from the least peak any plan reaches (0%) to"
@@ -356,7 +362,14 @@ def bench(
 
     torch.manual_seed(seed)
     say("bench: profiling the model (tracked and timed steps)")
-    prof = profile(model, example_inputs, loss_fn=loss_fn, optimizer=optimizer, units=units)
+    prof = profile(
+        model,
+        example_inputs,
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        units=units,
+        precision=precision,
+    )
     unit_fqns = prof.unit_fqns
 
     rows: list[StrategyResult] = []
@@ -368,6 +381,7 @@ def bench(
         rows.append(row)
         if plan is None:
             return
+        plan.precision = precision  # the step it runs in: no warning about another autocast
         row.plan = {u: str(plan.action_for(u)) for u in unit_fqns}
         key = _plan_key(plan, unit_fqns)
         if key in keys:
@@ -419,7 +433,14 @@ def bench(
             try:  # the first step compiles; it is neither timed nor the warm-up
                 torch.manual_seed(seed)
                 peak = _allocator_peak(
-                    model, None, target, example_inputs, loss_fn, optimizer, cuda=cuda
+                    model,
+                    None,
+                    target,
+                    example_inputs,
+                    loss_fn,
+                    optimizer,
+                    cuda=cuda,
+                    precision=precision,
                 )
             except Exception as error:  # a missing C++ compiler, an unsupported op: reported
                 row.status = "failed"
@@ -448,7 +469,13 @@ def bench(
         else:
             say(f"bench: solving {name} and measuring its peak")
             result = solve_measured(
-                model, example_inputs, prof, budget, loss_fn=loss_fn, optimizer=optimizer
+                model,
+                example_inputs,
+                prof,
+                budget,
+                loss_fn=loss_fn,
+                optimizer=optimizer,
+                precision=precision,
             )
         row = StrategyResult(
             strategy=name,
@@ -492,12 +519,20 @@ def bench(
         for name in plans:
             say(f"bench: allocator peak of {name}")
             by_name[name].allocator_peak_bytes = _allocator_peak(
-                model, plans[name], None, example_inputs, loss_fn, optimizer, cuda=True
+                model,
+                plans[name],
+                None,
+                example_inputs,
+                loss_fn,
+                optimizer,
+                cuda=True,
+                precision=precision,
             )
 
     # Time: the same weights and seed before every step; one optimizer for all (its state exists
     # after the first warm-up step, so no timed step creates it).
     opt = make_optimizer(optimizer, model)
+    scaler = make_scaler(precision, device)
     params = [*model.parameters(), *model.buffers()]
     losses: dict[str, float] = {}
 
@@ -514,7 +549,14 @@ def bench(
                 handles.append(apply_(model, plan))
 
         def run() -> None:
-            loss = training_step(target, example_inputs, loss_fn=loss_fn, optimizer=opt)
+            loss = training_step(
+                target,
+                example_inputs,
+                loss_fn=loss_fn,
+                optimizer=opt,
+                precision=precision,
+                scaler=scaler,
+            )
             losses.setdefault(name, float(loss))
 
         def after() -> None:
@@ -589,9 +631,10 @@ def _allocator_peak(
     compiled: nn.Module | None,
     example_inputs: Any,
     loss_fn: LossFn | None,
-    optimizer: str,
+    optimizer: Any,
     *,
     cuda: bool,
+    precision: str = "32",
 ) -> int | None:
     """``torch.cuda.max_memory_allocated`` over one untracked training step (``None`` off CUDA,
     where the step still runs: it compiles a compiled model)."""
@@ -607,6 +650,7 @@ def _allocator_peak(
                 example_inputs,
                 loss_fn=loss_fn,
                 optimizer=opt,
+                precision=precision,
             )
             if not cuda:
                 return None

@@ -101,7 +101,33 @@ def add_model_arguments(parser: Any) -> None:
         choices=["adamw", "sgd", "none"],
         help="optimizer whose step is part of the measured step (default: adamw)",
     )
+    parser.add_argument(
+        "--precision",
+        default="32",
+        choices=["32", "bf16-mixed", "fp16-mixed", "bf16-true"],
+        help="precision of the step, by Lightning's names: 32 (as the model is; default),"
+        " bf16-mixed / fp16-mixed (forward and loss under torch.autocast, backward outside it;"
+        " fp16 with a GradScaler), bf16-true (with --dtype bfloat16)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+
+
+def check_precision_args(args: Any) -> None:
+    """``--precision bf16-true`` needs ``--dtype bfloat16``, and a mixed precision a device that
+    autocasts (cpu or cuda): usage errors otherwise."""
+    precision = getattr(args, "precision", "32")
+    if precision == "bf16-true" and args.dtype != "bfloat16":
+        raise UsageError(
+            f"--precision bf16-true: got --dtype {args.dtype}; expected --dtype bfloat16 (the"
+            " parameters in bfloat16), or --precision bf16-mixed to autocast a float32 model"
+        )
+    device = args.device.strip().lower()
+    if precision in ("bf16-mixed", "fp16-mixed") and device.split(":")[0] not in ("cpu", "cuda"):
+        raise UsageError(
+            f"--precision {precision}: got --device {args.device}; expected cpu or cuda, where"
+            " torch.autocast runs (meta and estimate mode do not model autocast yet: use --dtype"
+            " bfloat16 for a bf16 model there)"
+        )
 
 
 def load_model_from_args(args: Any) -> Any:
@@ -110,6 +136,7 @@ def load_model_from_args(args: Any) -> Any:
 
     from remat.models.spec import load_model, parse_overrides
 
+    check_precision_args(args)
     for flag in ("batch", "seq"):
         value = getattr(args, flag)
         if value is not None and value < 1:

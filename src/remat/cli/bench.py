@@ -161,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
         compile_fractions=fractions,
         model_name=args.model,
         progress=_progress,
+        precision=args.precision,
     )
     paths = write_report(result, args.out, plot=not args.no_plot)
     if args.json:

@@ -11,6 +11,7 @@ from remat.cli._common import (
     EXIT_OK,
     UsageError,
     add_model_arguments,
+    check_precision_args,
     emit_json,
     load_model_from_args,
     plan_lines,
@@ -93,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     from remat.profiling.step import measure_step
     from remat.solve.solver import ACTIONS
 
+    check_precision_args(args)
     if wants_estimate(args):
         return run_estimate(args)
     budget = None
@@ -144,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
         options=options,
         world_size=args.world_size,
         fsdp=args.fsdp,
+        precision=args.precision,
     )
     solver_actions = actions if actions is not None else list(ACTIONS)
     # The closed loop measures this one process, not a rank of a sharded or replicated run.
@@ -158,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
                 loss_fn=built.loss_fn,
                 optimizer=args.optimizer,
                 actions=solver_actions,
+                precision=args.precision,
             )
         else:
             result = remat.solve(prof, budget, actions=solver_actions)
@@ -172,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
         min_peak, where, cost = result.min_peak_bytes, result.where, result.cost
     else:
         plan = remat.baseline_plan(args.strategy, prof.unit_fqns)
-        plan.fingerprint = prof.fingerprint
+        plan.fingerprint, plan.precision = prof.fingerprint, prof.precision
         sim = remat.simulate(prof, plan)
         predicted, overhead, step_ms, where, cost = (
             sim.peak_bytes,
@@ -198,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
                     built.example_inputs,
                     loss_fn=built.loss_fn,
                     optimizer=args.optimizer,
+                    precision=args.precision,
                 ).peak_bytes
         plan.budget_bytes, plan.predicted_peak_bytes, plan.predicted_overhead = (
             budget_bytes,
@@ -211,6 +216,7 @@ def run(args: argparse.Namespace) -> int:
         "model": args.model,
         "device": args.device,
         "strategy": args.strategy,
+        "precision": args.precision,
         "status": status,
         "budget": args.budget,
         "budget_bytes": budget_bytes,

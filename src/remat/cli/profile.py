@@ -86,7 +86,9 @@ def run(args: argparse.Namespace) -> int:
     with remat.apply_(model, plan) as handle:
         if not on_meta:
             for _ in range(max(args.warmup, 0)):
-                training_step(model, built.example_inputs, loss_fn=built.loss_fn)
+                training_step(
+                    model, built.example_inputs, loss_fn=built.loss_fn, precision=args.precision
+                )
             for param in model.parameters():
                 param.grad = None
         torch.manual_seed(args.seed)
@@ -96,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
             loss_fn=built.loss_fn,
             optimizer=args.optimizer,
             time_ops=not on_meta,
+            precision=args.precision,
         )
         actions = dict(handle.actions)
     modules = dict(model.named_modules())
@@ -128,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
         "batch": args.batch,
         "seq": args.seq,
         "optimizer": args.optimizer,
+        "precision": args.precision,
         "strategy": args.strategy,
         "torch_version": torch.__version__,
         "peak_bytes": report.peak_bytes,

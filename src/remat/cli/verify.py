@@ -34,6 +34,7 @@ def register(subparsers: Any) -> None:
         " differs or a unit kept more than its action allows.",
     )
     add_model_arguments(parser)
+    parser.set_defaults(precision=None)  # the plan's own (verify runs the step it was made for)
     parser.add_argument(
         "--plan", required=True, metavar="PATH", help="plan JSON (remat plan --out)"
     )
@@ -62,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         atol=args.atol,
         optimizer=args.optimizer,
         seed=args.seed,
+        precision=args.precision or plan.precision,
     )
     payload = {
         "format_version": FORMAT_VERSION,

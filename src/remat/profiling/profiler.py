@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from remat.apply.apply import apply_, fingerprint
+from remat.apply.apply import apply_, fingerprint, precision_check_off
 from remat.apply.selective import is_op_name, lenient_save_sets, op_name, save_name
 from remat.apply.units import (
     UnitSpec,
@@ -46,10 +46,14 @@ from remat.profiling.options import (
     time_unit_ops,
 )
 from remat.profiling.step import (
+    MIXED_DTYPES,
     OPTIMIZERS,
+    check_precision,
     default_loss,
     make_optimizer,
+    make_scaler,
     preserved_state,
+    step_autocast,
     training_step,
 )
 from remat.profiling.tracker import Mark, track_memory
@@ -71,6 +75,7 @@ def _tracked_step(
     loss_fn: Callable[[Any], torch.Tensor],
     optimizer: str,
     unit_modules: list[nn.Module],
+    precision: str = "32",
 ) -> tuple[int, list[Mark], UnitMarks, dict[int, int], list[int]]:
     """One training step under the tracker with unit boundaries marked.
 
@@ -127,7 +132,9 @@ def _tracked_step(
             handle = opt.register_step_pre_hook(lambda *_: tracker.mark(("optimizer", -1)))
         try:
             tracker.mark(("start", -1))
-            training_step(model, example_inputs, loss_fn=loss_fn, optimizer=opt)
+            training_step(
+                model, example_inputs, loss_fn=loss_fn, optimizer=opt, precision=precision
+            )
         finally:
             marks.remove()
             if handle is not None:
@@ -193,12 +200,15 @@ def _time_steps(
     warmup: int,
     repeats: int,
     plans: Sequence[Plan] = (),
+    precision: str = "32",
 ) -> list[tuple[float, list[float], list[float]]]:
     """Medians of step time and of each unit's forward and backward time: first for the model as
     it is, then for each of ``plans`` applied to it. The plans' steps are interleaved with the
     model's (one round runs each once), so drift of the machine touches all alike; the warm-up
-    rounds run the model as it is only."""
+    rounds run the model as it is only. The steps run in ``precision`` (see
+    :func:`remat.profiling.step.training_step`)."""
     opt = make_optimizer(optimizer, model)
+    scaler = make_scaler(precision, device)
     events: list[tuple[tuple[str, int], float]] = []
 
     def stamp(label: tuple[str, int]) -> None:
@@ -221,11 +231,15 @@ def _time_steps(
                 with apply_(model, plan) if plan is not None else nullcontext():
                     _sync(device)
                     start = time.perf_counter()
-                    loss = loss_fn(call_model(model, example_inputs))
+                    with step_autocast(precision, device):
+                        loss = loss_fn(call_model(model, example_inputs))
                     stamp(("loss", -1))
-                    loss.backward()
+                    (loss if scaler is None else scaler.scale(loss)).backward()
                     stamp(("backward_end", -1))
-                    if opt is not None:
+                    if opt is not None and scaler is not None:
+                        scaler.step(opt)
+                        scaler.update()
+                    elif opt is not None:
                         opt.step()
                     _sync(device)
                     end = time.perf_counter()
@@ -286,6 +300,7 @@ def profile(
     attention: str = "auto",
     world_size: int = 1,
     fsdp: bool = False,
+    precision: str = "32",
 ) -> Profile:
     """Measure a model's training step for the planner, or estimate it for a target device.
 
@@ -311,12 +326,17 @@ def profile(
             (``fsdp=False``) or FSDP2 (``fsdp=True``: parameters, gradients and optimizer state
             sharded). ``example_inputs`` is then one rank's batch; the step is measured in this
             process and the figures are made per rank by :func:`remat.cost.distributed.per_rank`.
+        precision: the step's precision, by Lightning's names: ``"32"`` (as the model is),
+            ``"bf16-mixed"`` / ``"fp16-mixed"`` (forward and loss under ``torch.autocast``,
+            backward outside it; fp16 with a ``GradScaler``) or ``"bf16-true"`` (parameters
+            already ``bfloat16``). Every step profiling runs, tracked or timed, runs so.
 
     Returns:
         A :class:`~remat.cost.model.Profile`; units are in execution order.
 
     Raises:
-        ValueError: bad arguments, a unit that runs twice or never in one step.
+        ValueError: bad arguments, a unit that runs twice or never in one step, ``bf16-true``
+            for a model not in ``bfloat16`` (fix: ``model.to(torch.bfloat16)``).
         NotEstimableError: in estimate mode, a data-dependent op (a ``ValueError``).
 
     Example:
@@ -331,6 +351,12 @@ def profile(
         >>> est.device, est.time_source, est.units[0].keep_bytes < prof.units[0].keep_bytes
         ('a100-80gb', 'roofline', True)
     """
+    if mode == "estimate" and precision in MIXED_DTYPES:
+        raise ValueError(
+            f"precision: got {precision!r} with mode='estimate'; expected '32' or 'bf16-true'"
+            " (estimate mode does not model autocast yet: pass dtype='bfloat16' for a bf16"
+            " model, or measure the mixed step on the CPU)"
+        )
     if mode == "estimate":
         if device is None:
             raise ValueError(
@@ -378,6 +404,7 @@ def profile(
             f"world_size: got {world_size!r}; expected an integer >= 1 (the number of"
             " data-parallel ranks)"
         )
+    check_precision(precision, model)
     loss_fn = loss_fn or default_loss
     option_actions = _option_actions(options, next((p.device for p in model.parameters()), None))
     found = find_units_with_inputs(model, units, example_inputs)  # lists bytes if none repeat
@@ -386,6 +413,7 @@ def profile(
     unit_modules = [modules[fqn] for fqn in unit_fqns]
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     n = len(unit_fqns)
+    autocast = functools.partial(step_autocast, precision, device)  # forward-only passes
 
     # Three tracked steps: every unit kept (K), every unit recomputed (R), and all units in one
     # segment (S), which shows what a unit leaves alive when it is inside a segment.
@@ -402,24 +430,29 @@ def profile(
     recompute_times: tuple[Any, list[Any], list[Any]] | None = None
     # profiling runs optimizer steps, which must not train the model; each save set is measured
     # on every unit, though some units do not run all its ops (each unit's option names its own)
-    with preserved_state(model), lenient_save_sets():
+    # (its own plans, made without a precision, run under the step's autocast: not warned about)
+    with preserved_state(model), lenient_save_sets(), precision_check_off():
         for number, (key, plan) in enumerate(plans.items(), start=1):
             say(f"profile: tracked step {number}/{3 + len(option_actions)} ({names[key]})")
             if key == "S" and n < 2:
                 runs["S"] = runs["R"]
                 continue
             with apply_(model, plan):
-                runs[key] = _tracked_step(model, example_inputs, loss_fn, optimizer, unit_modules)
+                runs[key] = _tracked_step(
+                    model, example_inputs, loss_fn, optimizer, unit_modules, precision
+                )
         op_times: list[dict[Any, tuple[float, int]]] = [{} for _ in range(n)]
         auto_actions: set[str] = set()
         if any(a.startswith("selective:") for a in option_actions):
-            op_times = time_unit_ops(model, example_inputs, unit_modules)
+            with autocast():
+                op_times = time_unit_ops(model, example_inputs, unit_modules)
         if "selective:auto" in option_actions:
             every_op = sorted({op_name(key[0]) for unit in op_times for key in unit})
             graphs: list[Any] = []
-            kept_by_policy(
-                model, example_inputs, unit_fqns, "ops." + ".".join(every_op), graphs=graphs
-            )
+            with autocast():
+                kept_by_policy(
+                    model, example_inputs, unit_fqns, "ops." + ".".join(every_op), graphs=graphs
+                )
             auto = save_set_candidates(
                 op_times,
                 graphs,
@@ -438,7 +471,7 @@ def profile(
             plan = Plan(actions=dict.fromkeys(unit_fqns, action), units=unit_fqns)
             with apply_(model, plan):
                 runs[action] = _tracked_step(
-                    model, example_inputs, loss_fn, optimizer, unit_modules
+                    model, example_inputs, loss_fn, optimizer, unit_modules, precision
                 )
                 regions = [m.__dict__["forward"].__remat_region__ for m in unit_modules]
                 kept_bytes[action] = [dict(r.last_kept_bytes) for r in regions]
@@ -466,6 +499,7 @@ def profile(
                         for action in timed_options
                     ),
                 ],
+                precision=precision,
             )
             times, recompute_times = timed[0], timed[1]
             option_times = dict(zip(timed_options, timed[2:], strict=True))
@@ -503,7 +537,8 @@ def profile(
     end_need = end_mark.peak_bytes - base - QK[n] if end_mark is not None else 0
 
     none_report_units = _unit_sizes(k_units, n)
-    flops = _forward_flops(model, example_inputs, unit_fqns)
+    with autocast():
+        flops = _forward_flops(model, example_inputs, unit_fqns)
     cross = _cross_unit(k_units, unit_fqns)
     notes = []
     for fqn in unit_fqns:
@@ -622,6 +657,7 @@ def profile(
         device=str(device),
         dtype=str(next((p.dtype for p in model.parameters()), torch.float32)).replace("torch.", ""),
         optimizer=optimizer,
+        precision=precision,
         torch_version=torch.__version__,
         fingerprint=fingerprint(model, unit_fqns),
         cross_unit=cross,

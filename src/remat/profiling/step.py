@@ -1,13 +1,20 @@
 """One training step (forward, loss, backward, optimizer step), run the same way everywhere.
 
-Consumes a model, example inputs, an optional loss and an optimizer name; produces the loss, or, with
-:func:`measure_step`, the tracker's :class:`~remat.profiling.tracker.MemoryReport` for that step.
+Consumes a model, example inputs, an optional loss, an optimizer name and a precision; produces the
+loss, or, with :func:`measure_step`, the tracker's :class:`~remat.profiling.tracker.MemoryReport`
+for that step.
+
+Precision, by Lightning's names (:data:`remat.plan.PRECISIONS`): ``"32"`` runs as the model is;
+``"bf16-mixed"`` and ``"fp16-mixed"`` run the forward and the loss under
+``torch.autocast(device_type, dtype)`` and the backward outside it, as ``torch.amp`` recommends, and
+``"fp16-mixed"`` scales the loss with a ``torch.amp.GradScaler`` (it exists for the CPU as well);
+``"bf16-true"`` runs a model whose parameters are already ``bfloat16``, without autocast.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -15,13 +22,99 @@ from torch import nn
 
 from remat.apply.apply import kv_cache_off, warn_eval_mode
 from remat.apply.units import call_model, tensors_in
+from remat.plan import PRECISIONS
 from remat.profiling.target import current_target
 from remat.profiling.tracker import MemoryReport, track_memory
 
-__all__ = ["OPTIMIZERS", "default_loss", "make_optimizer", "measure_step", "training_step"]
+__all__ = [
+    "OPTIMIZERS",
+    "PRECISIONS",
+    "backward_and_step",
+    "check_precision",
+    "default_loss",
+    "make_optimizer",
+    "make_scaler",
+    "measure_step",
+    "model_device",
+    "step_autocast",
+    "training_step",
+]
 
 OPTIMIZERS = ("adamw", "sgd", "none")
 LossFn = Callable[[Any], torch.Tensor]
+MIXED_DTYPES = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}
+"""The autocast dtype of each mixed precision."""
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (the CPU for a model without any)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def check_precision(precision: str, model: nn.Module) -> None:
+    """Refuse a precision remat cannot run the model's step in.
+
+    Raises:
+        ValueError: an unknown name; ``bf16-true`` for a model with a floating-point parameter
+            that is not ``bfloat16``; a mixed precision on ``meta`` (autocast casts nothing
+            there).
+
+    Example:
+        >>> check_precision("bf16-mixed", torch.nn.Linear(2, 2))
+        >>> check_precision("bf16-true", torch.nn.Linear(2, 2))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: precision 'bf16-true': got parameter 'weight' in float32 ...
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: got {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if precision == "bf16-true":
+        wrong = [
+            (name, p.dtype)
+            for name, p in model.named_parameters()
+            if p.is_floating_point() and p.dtype != torch.bfloat16
+        ]
+        if wrong:
+            name, dtype = wrong[0]
+            raise ValueError(
+                f"precision 'bf16-true': got parameter {name!r} in"
+                f" {str(dtype).replace('torch.', '')} ({len(wrong)} parameters not bfloat16);"
+                " expected every floating-point parameter in bfloat16. Fix: call"
+                " model.to(torch.bfloat16) before planning, or use precision='bf16-mixed'"
+            )
+    if precision in MIXED_DTYPES and model_device(model).type == "meta":
+        raise ValueError(
+            f"precision {precision!r}: got a model on meta, where torch.autocast casts nothing;"
+            " expected a model on cpu or cuda. Fix: profile on the CPU (bf16 and fp16 autocast"
+            " run there), or plan a model already in the low dtype with precision='32'"
+        )
+
+
+def step_autocast(precision: str, device: torch.device | str) -> AbstractContextManager[Any]:
+    """The autocast the forward and loss of a step in ``precision`` run under on ``device``
+    (nothing for ``32`` and ``bf16-true``).
+
+    Example:
+        >>> with step_autocast("bf16-mixed", "cpu"):
+        ...     torch.nn.Linear(2, 2)(torch.ones(1, 2)).dtype
+        torch.bfloat16
+    """
+    dtype = MIXED_DTYPES.get(precision)
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def make_scaler(precision: str, device: torch.device | str) -> Any:
+    """A ``torch.amp.GradScaler`` for ``fp16-mixed`` on ``device`` (CPU included), else ``None``.
+
+    Example:
+        >>> make_scaler("fp16-mixed", "cpu") is not None, make_scaler("bf16-mixed", "cpu")
+        (True, None)
+    """
+    if precision != "fp16-mixed":
+        return None
+    return torch.amp.GradScaler(torch.device(device).type)
 
 
 def make_optimizer(name: str | torch.optim.Optimizer | None, model: nn.Module) -> Any:
@@ -109,23 +202,61 @@ def training_step(
     *,
     loss_fn: LossFn | None = None,
     optimizer: Any = None,
+    precision: str = "32",
+    scaler: Any = None,
 ) -> torch.Tensor:
     """Zero gradients, run forward, loss and backward, then the optimizer step if one is given.
+
+    Under a mixed ``precision`` the forward and the loss run under :func:`step_autocast`, the
+    backward outside it; ``fp16-mixed`` scales the loss with ``scaler`` (a new
+    :func:`make_scaler` when ``None``) and steps through it.
 
     Example:
         >>> model = torch.nn.Linear(3, 1)
         >>> loss = training_step(model, (torch.ones(4, 3),), optimizer=make_optimizer("sgd", model))
         >>> loss.shape
         torch.Size([])
+        >>> training_step(model, (torch.ones(4, 3),), precision="bf16-mixed").dtype
+        torch.float32
     """
     for param in model.parameters():
         param.grad = None
-    output = call_model(model, example_inputs)
-    loss = (loss_fn or default_loss)(output)
-    loss.backward()
-    if optimizer is not None:
-        optimizer.step()
+    device = model_device(model)
+    with step_autocast(precision, device):
+        output = call_model(model, example_inputs)
+        loss = (loss_fn or default_loss)(output)
+    backward_and_step(loss, optimizer, precision=precision, scaler=scaler, device=device)
     return loss.detach()
+
+
+def backward_and_step(
+    loss: torch.Tensor,
+    optimizer: Any,
+    *,
+    precision: str = "32",
+    scaler: Any = None,
+    device: torch.device | str = "cpu",
+) -> None:
+    """The second half of :func:`training_step`: backward (loss scaled for ``fp16-mixed``), then
+    the optimizer step if one is given (through the scaler for ``fp16-mixed``).
+
+    Example:
+        >>> model = torch.nn.Linear(3, 1)
+        >>> backward_and_step(model(torch.ones(2, 3)).sum(), None)
+        >>> model.weight.grad.shape
+        torch.Size([1, 3])
+    """
+    if scaler is None:
+        scaler = make_scaler(precision, device)
+    if scaler is None:
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+        return
+    scaler.scale(loss).backward()
+    if optimizer is not None:
+        scaler.step(optimizer)
+        scaler.update()
 
 
 @contextmanager
@@ -165,8 +296,11 @@ def measure_step(
     loss_fn: LossFn | None = None,
     optimizer: str | torch.optim.Optimizer | None = "adamw",
     time_ops: bool = False,
+    precision: str = "32",
 ) -> MemoryReport:
     """Run one training step under the tracker and return its report.
+
+    ``precision``: as :func:`training_step` (the forward under autocast for a mixed one).
 
     The optimizer (if any) is created before the tracker is entered; its states are created inside
     the step, as in the first step of training, so the step's peak includes them. The model's
@@ -178,14 +312,15 @@ def measure_step(
         >>> report.static_bytes, report.peak_by_category["gradient"]
         (384, 256)
     """
+    check_precision(precision, model)
     opt = make_optimizer(optimizer, model)
     roots = [model, example_inputs] + ([opt] if opt is not None else [])
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = model_device(model)
     with (
         preserved_state(model),
         track_memory(
             *roots, device="cuda" if device.type == "cuda" else None, time_ops=time_ops
         ) as tracker,
     ):
-        training_step(model, example_inputs, loss_fn=loss_fn, optimizer=opt)
+        training_step(model, example_inputs, loss_fn=loss_fn, optimizer=opt, precision=precision)
     return tracker.report()
