@@ -39,6 +39,7 @@ from remat.profiling.step import (
     default_loss,
     measure_step,
     model_device,
+    optimizer_name,
     preserved_state,
     step_autocast,
 )
@@ -418,7 +419,7 @@ def verify(
     example_inputs: Any,
     *,
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
-    optimizer: str = "adamw",
+    optimizer: Any = "adamw",
     rtol: float = 0.0,
     atol: float = 0.0,
     seed: int = 0,
@@ -519,6 +520,6 @@ def verify(
         measured_saved_bytes=plain["saved"] - planned["saved"],
         unplanned_peak_bytes=unplanned_peak.peak_bytes,
         measured_peak_bytes=planned_peak.peak_bytes,
-        optimizer=str(optimizer),
+        optimizer=optimizer_name(optimizer, model),
         checkpointed=checkpointed,
     )

@@ -55,8 +55,8 @@ from remat.cost.model import TIMED_SOURCES, Profile, simulate
 from remat.plan import Plan
 from remat.profiling.profiler import profile
 from remat.profiling.step import (
-    OPTIMIZERS,
     LossFn,
+    check_optimizer,
     make_optimizer,
     make_scaler,
     measure_step,
@@ -272,7 +272,7 @@ def bench(
     budgets: Sequence[str] = DEFAULT_BUDGETS,
     steps: int = 5,
     warmup: int = 1,
-    optimizer: str = "adamw",
+    optimizer: Any = "adamw",
     seed: int = 0,
     units: UnitSpec = None,
     dominate: bool = True,
@@ -295,7 +295,8 @@ def bench(
         budgets: remat's budgets (``"50%"``, ``"8GiB"``, ``"min"``); each gives ``remat:<budget>``.
             ``P%`` is ``P%`` of the way from the least peak any plan reaches to the unplanned one.
         steps: timed steps per strategy, after ``warmup`` warm-up steps each.
-        optimizer: ``"adamw"``, ``"sgd"`` or ``"none"``: whose step is part of the training step.
+        optimizer: whose step is part of the training step: ``"adamw"``, ``"sgd"``, ``"none"``, an
+            optimizer instance or a factory (see :func:`remat.profile`).
         seed: set before every step, so dropout draws the same under every strategy.
         units: what plans act on (see :func:`remat.find_units`).
         dominate: also solve at each peer's measured peak (``remat:@<peer>``).
@@ -328,8 +329,7 @@ def bench(
     """
     started = time.perf_counter()
     say = progress or (lambda text: logger.info("%s", text))
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer: got {optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
+    check_optimizer(optimizer)
     if steps < 1 or warmup < 0:
         raise ValueError(f"steps: got {steps} (warm-up {warmup}); expected steps >= 1, warmup >= 0")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -600,7 +600,7 @@ def bench(
         device=str(device),
         dtype=str(dtype).removeprefix("torch."),
         seed=seed,
-        optimizer=optimizer,
+        optimizer=prof.optimizer,
         machine=_machine(),
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         steps=steps,

@@ -47,11 +47,13 @@ from remat.profiling.options import (
 )
 from remat.profiling.step import (
     MIXED_DTYPES,
-    OPTIMIZERS,
+    check_optimizer,
     check_precision,
     default_loss,
     make_optimizer,
     make_scaler,
+    optimizer_name,
+    optimizer_state_bytes,
     preserved_state,
     step_autocast,
     training_step,
@@ -288,7 +290,7 @@ def profile(
     example_inputs: Any,
     *,
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
-    optimizer: str = "adamw",
+    optimizer: Any = "adamw",
     units: UnitSpec = None,
     warmup: int = 1,
     repeats: int = 3,
@@ -309,7 +311,10 @@ def profile(
         example_inputs: a tuple of positional arguments, a dict of keyword arguments, or one object.
         loss_fn: output -> scalar loss; default: the output if scalar, else the sum of the means of
             its floating tensors.
-        optimizer: ``"adamw"``, ``"sgd"`` or ``"none"``: whose step (and state) is part of the step.
+        optimizer: whose step (and state) is part of the step: ``"adamw"``, ``"sgd"``, ``"none"``,
+            a ``torch.optim.Optimizer`` instance (profiled on a new one of its class and
+            hyperparameters; the instance and its state are never changed) or a factory
+            ``params -> Optimizer``. Its state bytes come from running its own step.
         units: what plans may act on (see :func:`remat.find_units`).
         warmup, repeats: untimed and timed steps for the medians (real devices only).
         progress: called with a line of text as each measured step starts.
@@ -397,8 +402,7 @@ def profile(
             "device, dtype, attention: given with mode='measure', which profiles the model where"
             " it is; pass mode='estimate' to estimate for a target device"
         )
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer: got {optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
+    check_optimizer(optimizer)
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(
             f"world_size: got {world_size!r}; expected an integer >= 1 (the number of"
@@ -656,7 +660,7 @@ def profile(
         model_class=type(model).__name__,
         device=str(device),
         dtype=str(next((p.dtype for p in model.parameters()), torch.float32)).replace("torch.", ""),
-        optimizer=optimizer,
+        optimizer=optimizer_name(optimizer, model),
         precision=precision,
         torch_version=torch.__version__,
         fingerprint=fingerprint(model, unit_fqns),
@@ -811,16 +815,18 @@ def _cross_unit(marks: UnitMarks, fqns: list[str]) -> list[dict[str, Any]]:
     return found
 
 
-def _static_bytes(model: nn.Module, example_inputs: Any, optimizer: str) -> int:
+def _static_bytes(model: nn.Module, example_inputs: Any, optimizer: Any) -> int:
     """Parameters, buffers and inputs, plus a gradient per trainable parameter and the optimizer
-    state (two per parameter for AdamW)."""
+    state, counted on a fresh optimizer whose state its own step made
+    (:func:`remat.profiling.step.optimizer_state_bytes`: two moments per parameter for AdamW)."""
     storages: dict[int, int] = {}
     for tensor in [*model.parameters(), *model.buffers(), *tensors_in(example_inputs)]:
         storage = tensor.untyped_storage()
         storages[id(storage)] = storage.nbytes()
     trainable = sum(p.untyped_storage().nbytes() for p in model.parameters() if p.requires_grad)
-    states = {"adamw": 2, "sgd": 0, "none": 0}[optimizer]
-    return sum(storages.values()) + trainable * (1 + states)
+    with preserved_state(model):
+        state_bytes = optimizer_state_bytes(make_optimizer(optimizer, model))
+    return sum(storages.values()) + trainable + state_bytes
 
 
 def _forward_flops(model: nn.Module, example_inputs: Any, unit_fqns: list[str]) -> list[int]:

@@ -30,12 +30,15 @@ __all__ = [
     "OPTIMIZERS",
     "PRECISIONS",
     "backward_and_step",
+    "check_optimizer",
     "check_precision",
     "default_loss",
     "make_optimizer",
     "make_scaler",
     "measure_step",
     "model_device",
+    "optimizer_name",
+    "optimizer_state_bytes",
     "step_autocast",
     "training_step",
 ]
@@ -117,36 +120,137 @@ def make_scaler(precision: str, device: torch.device | str) -> Any:
     return torch.amp.GradScaler(torch.device(device).type)
 
 
-def make_optimizer(name: str | torch.optim.Optimizer | None, model: nn.Module) -> Any:
-    """``"adamw"`` (two states per parameter), ``"sgd"`` (none), ``"none"`` (no step), or an
-    optimizer instance passed through.
+OptimizerSpec = str | torch.optim.Optimizer | Callable[[Any], torch.optim.Optimizer] | None
+"""``"adamw"``, ``"sgd"``, ``"none"``, an optimizer instance, or a factory ``params -> optimizer``."""
 
-    AdamW's states are made now, zero, as its first step would make them: a measured step is then
-    any step of training, whose forward and backward run with the states alive (the first step's
-    peak would miss them), and the numbers computed are those of a first step all the same.
+
+def check_optimizer(spec: Any) -> None:
+    """Refuse what is not an optimizer name, instance or factory.
 
     Example:
-        >>> type(make_optimizer("sgd", torch.nn.Linear(2, 2))).__name__
-        'SGD'
+        >>> check_optimizer(lambda params: torch.optim.SGD(params, lr=0.1))
+        >>> check_optimizer("adam")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: optimizer: got 'adam'; expected ...
     """
-    if name is None or isinstance(name, torch.optim.Optimizer):
-        return name
-    params = [p for p in model.parameters() if p.requires_grad]
-    target = current_target()  # estimate mode: the optimizer path the modelled device takes
-    foreach = (
-        {}
-        if target is None or target.optimizer_foreach is None
-        else {"foreach": target.optimizer_foreach}
+    if spec is None or isinstance(spec, torch.optim.Optimizer) or callable(spec):
+        return
+    if isinstance(spec, str) and spec in OPTIMIZERS:
+        return
+    raise ValueError(
+        f"optimizer: got {spec!r}; expected one of {', '.join(OPTIMIZERS)}, a torch.optim"
+        " optimizer instance, or a factory params -> optimizer (e.g. lambda p:"
+        " torch.optim.Adam(p, lr=1e-3))"
     )
-    if name == "adamw":
-        opt = torch.optim.AdamW(params, lr=1e-3, **foreach)
-        _materialize_adamw_state(opt)
-        return opt
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=1e-3, **foreach)
-    if name == "none":
+
+
+def optimizer_name(spec: OptimizerSpec, model: nn.Module) -> str:
+    """How a profile records the optimizer: the shortcut's name, else the class name.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 2)
+        >>> optimizer_name("sgd", model), optimizer_name(torch.optim.RMSprop(model.parameters()), model)
+        ('sgd', 'RMSprop')
+    """
+    if spec is None or isinstance(spec, str):
+        return spec or "none"
+    if isinstance(spec, torch.optim.Optimizer):
+        return type(spec).__name__
+    return type(make_optimizer(spec, model)).__name__
+
+
+def make_optimizer(spec: OptimizerSpec, model: nn.Module) -> Any:
+    """The optimizer a measured step runs, its state made: never the user's own.
+
+    - ``"adamw"``: AdamW (lr 1e-3), its two moments made now, zero, as its first step would
+      make them (that step then computes exactly what it computes from scratch);
+    - ``"sgd"`` (no state), ``"none"`` / ``None`` (no step);
+    - an optimizer instance: a new one of its class with its param groups' hyperparameters, over
+      the same parameters (the instance and its state are not touched);
+    - a factory: called with the model's trainable parameters.
+
+    The state of an instance's or a factory's optimizer is made by one step of its own with zero
+    gradients, the parameters put back afterwards: a measured step is then any step of training,
+    whose forward and backward run with the state alive.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 2)
+        >>> type(make_optimizer("sgd", model)).__name__
+        'SGD'
+        >>> mine = torch.optim.Adam(model.parameters(), lr=0.5)
+        >>> made = make_optimizer(mine, model)
+        >>> made is mine, made.param_groups[0]["lr"], len(made.state), len(mine.state)
+        (False, 0.5, 2, 0)
+    """
+    check_optimizer(spec)
+    if spec is None or spec == "none":
         return None
-    raise ValueError(f"optimizer: got {name!r}; expected one of {', '.join(OPTIMIZERS)}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if isinstance(spec, torch.optim.Optimizer):
+        groups = [
+            {**{k: v for k, v in group.items() if k != "params"}, "params": list(group["params"])}
+            for group in spec.param_groups
+        ]
+        opt = type(spec)(groups)
+    elif not isinstance(spec, str):
+        opt = spec(params)
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise ValueError(
+                f"optimizer: the factory returned {type(opt).__name__}; expected a"
+                " torch.optim.Optimizer built over the parameters it is given"
+            )
+    else:
+        target = current_target()  # estimate mode: the optimizer path the modelled device takes
+        foreach = (
+            {}
+            if target is None or target.optimizer_foreach is None
+            else {"foreach": target.optimizer_foreach}
+        )
+        if spec == "adamw":
+            opt = torch.optim.AdamW(params, lr=1e-3, **foreach)
+            _materialize_adamw_state(opt)
+            return opt
+        return torch.optim.SGD(params, lr=1e-3, **foreach)
+    _materialize_by_step(opt)
+    return opt
+
+
+def _materialize_by_step(opt: torch.optim.Optimizer) -> None:
+    """Make ``opt``'s state with one step of its own on zero gradients, then put the parameters
+    and gradients back as they were (weight decay and momentum would move them)."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    grads = [p.grad for p in params]
+    with torch.no_grad():
+        saved = [p.detach().clone() for p in params]
+        for param in params:
+            param.grad = torch.zeros_like(param)
+        opt.step()
+        for param, value, grad in zip(params, saved, grads, strict=True):
+            param.copy_(value)
+            param.grad = grad
+
+
+def optimizer_state_bytes(opt: torch.optim.Optimizer | None) -> int:
+    """Bytes of the optimizer's state on its parameters' devices, each storage counted once;
+    scalar step counters (0-dim, a few bytes, kept on the host on CUDA) are left out.
+
+    Example:
+        >>> model = torch.nn.Linear(4, 4, bias=False)
+        >>> optimizer_state_bytes(make_optimizer("adamw", model))  # two moments of 16 floats
+        128
+    """
+    if opt is None:
+        return 0
+    storages: dict[int, int] = {}
+    for group in opt.param_groups:
+        for param in group["params"]:
+            for value in opt.state.get(param, {}).values():
+                if isinstance(value, torch.Tensor) and value.dim() > 0:
+                    if value.device == param.device:
+                        storage = value.untyped_storage()
+                        storages[id(storage)] = storage.nbytes()
+    return sum(storages.values())
 
 
 def _materialize_adamw_state(opt: torch.optim.Optimizer) -> None:
@@ -294,7 +398,7 @@ def measure_step(
     example_inputs: Any,
     *,
     loss_fn: LossFn | None = None,
-    optimizer: str | torch.optim.Optimizer | None = "adamw",
+    optimizer: OptimizerSpec = "adamw",
     time_ops: bool = False,
     precision: str = "32",
 ) -> MemoryReport:
