@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from remat.cost.distributed import static_parts
 from remat.cost.model import Profile, Simulation, simulate
 from remat.devices import get_device
 from remat.plan import Plan
@@ -160,6 +161,10 @@ class FitResult:
     table: list[SizePoint] = field(default_factory=list)
     """Every size tried, ascending."""
     breakdown: Breakdown | None = None
+    world_size: int = 1
+    """The data-parallel ranks the figures are for: every byte is one rank's."""
+    fsdp: bool = False
+    """Whether the ranks shard parameters, gradients and optimizer state (FSDP2) or not (DDP)."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; ``max_batch`` or ``max_seq`` holds ``max_size``."""
@@ -170,6 +175,8 @@ class FitResult:
             f"max_{self.dim}": self.max_size,
             "device": self.device,
             "dtype": self.dtype,
+            "world_size": self.world_size,
+            "fsdp": self.fsdp,
             "budget_bytes": self.budget_bytes,
             "predicted_peak_bytes": solved.predicted_peak_bytes if solved else None,
             "predicted_step_ms": solved.predicted_step_ms if solved else None,
@@ -181,27 +188,24 @@ class FitResult:
         }
 
 
-def memory_breakdown(
-    profile: Profile,
-    plan: Plan,
-    *,
-    parameter_bytes: int,
-    trainable_bytes: int,
-    optimizer_states: int,
-) -> Breakdown:
+def memory_breakdown(profile: Profile, plan: Plan) -> Breakdown:
     """Split the plan's predicted peak into static memory, each unit's activations and the rest.
+
+    The parameters, gradients and optimizer state are one rank's, from the profile's parameter
+    records and its ``world_size`` and ``fsdp`` (:func:`remat.cost.distributed.static_parts`).
 
     Args:
         profile: the step's profile.
         plan: the plan (``Plan()`` for none).
-        parameter_bytes: bytes of all parameters.
-        trainable_bytes: bytes of the parameters that get a gradient.
-        optimizer_states: optimizer states per trainable parameter (AdamW 2, SGD 0).
 
     Example:
         >>> from remat.cost.model import example_profile
-        >>> b = memory_breakdown(example_profile(), Plan(actions={"_default": "recompute"}),
-        ...                      parameter_bytes=200, trainable_bytes=200, optimizer_states=2)
+        >>> prof = example_profile()
+        >>> prof.optimizer = "adamw"
+        >>> prof.parameters = [{"owner": "", "dim0": 50, "row_bytes": 4, "trainable": True}]
+        >>> b = memory_breakdown(prof, Plan(actions={"_default": "recompute"}))
+        >>> b.parameter_bytes, b.gradient_bytes, b.optimizer_state_bytes, b.other_static_bytes
+        (200, 200, 400, 200)
         >>> b.static_bytes, b.unit_activation_bytes["b.0"], b.peak_bytes, b.saved_bytes
         (1000, (100, 10), 1260, 190)
     """
@@ -219,8 +223,7 @@ def memory_breakdown(
             else unit.inner_bytes
         )
         units[unit.fqn] = (unit.keep_bytes, planned)
-    gradient = trainable_bytes
-    state = trainable_bytes * optimizer_states
+    parameter_bytes, gradient, state = static_parts(profile)
     other = max(profile.static_bytes - parameter_bytes - gradient - state, 0)
     activations = sum(planned for _, planned in units.values())
     return Breakdown(
@@ -289,16 +292,6 @@ def plot_breakdown(
     return path
 
 
-def _static_parts(model: Any, optimizer: str) -> tuple[int, int, int]:
-    storages = {id(p.untyped_storage()): p.untyped_storage().nbytes() for p in model.parameters()}
-    trainable = {
-        id(p.untyped_storage()): p.untyped_storage().nbytes()
-        for p in model.parameters()
-        if p.requires_grad
-    }
-    return sum(storages.values()), sum(trainable.values()), {"adamw": 2}.get(optimizer, 0)
-
-
 def max_size(
     model: str,
     *,
@@ -312,6 +305,8 @@ def max_size(
     seq: int | None = None,
     units: Any = None,
     attention: str = "auto",
+    world_size: int = 1,
+    fsdp: bool = False,
     start: int = 1,
     limit: int = 1 << 20,
     progress: Callable[[str], None] | None = None,
@@ -326,6 +321,10 @@ def max_size(
         dtype: parameters' and inputs' dtype (``bfloat16``, ...; default: the factory's).
         budget: ``device`` (capacity less the reserve), ``device:NAME`` or a size.
         optimizer, units, attention: as :func:`remat.profile`.
+        world_size, fsdp: search for one of ``world_size`` data-parallel ranks under DDP or FSDP2
+            (as :func:`remat.profile`): ``batch`` is then one rank's batch, and every size is
+            judged by one rank's peak (sharded parameters, gradients and optimizer state under
+            FSDP2).
         overrides: more factory arguments (``n_layer``, ``d_model``, ...).
         start, limit: the first size tried and the largest considered.
         progress: called with a line of text per size tried (the CLI writes them to stderr).
@@ -335,7 +334,8 @@ def max_size(
 
     Raises:
         NotEstimableError: the model runs data-dependent ops (no shape-only form).
-        ValueError: an unknown device or dimension, a budget that depends on the profile.
+        ValueError: an unknown device or dimension, a budget that depends on the profile, a
+            ``world_size`` that is not an integer >= 1.
 
     Example:
         >>> result = max_size("mlp", device="cpu", budget="4MiB", optimizer="sgd",
@@ -383,6 +383,8 @@ def max_size(
             units=units,
             attention=attention,
             timing=timing,
+            world_size=world_size,
+            fsdp=fsdp,
         )
         return built, prof
 
@@ -414,6 +416,8 @@ def max_size(
             dtype=dtype_name,
             budget_bytes=budget_bytes,
             table=sorted(points.values(), key=lambda p: p.size),
+            world_size=world_size,
+            fsdp=fsdp,
         )
     low, high = start, None
     while high is None:
@@ -431,17 +435,10 @@ def max_size(
         else:
             high = middle
     say(f"fit: {dim} {low}: solving with roofline times on {spec.name}")
-    built, prof = estimate(low, timing=True)
+    _, prof = estimate(low, timing=True)
     solved = solve(prof, budget_bytes)
     assert solved.status != INFEASIBLE, "the probe found a plan that fits at this size"
-    params, trainable, states = _static_parts(built.model, optimizer)
-    breakdown = memory_breakdown(
-        prof,
-        solved.plan,
-        parameter_bytes=params,
-        trainable_bytes=trainable,
-        optimizer_states=states,
-    )
+    breakdown = memory_breakdown(prof, solved.plan)
     return FitResult(
         status=FOUND if high is not None else AT_LIMIT,
         dim=dim,
@@ -453,6 +450,8 @@ def max_size(
         solved=solved,
         table=sorted(points.values(), key=lambda p: p.size),
         breakdown=breakdown,
+        world_size=world_size,
+        fsdp=fsdp,
     )
 
 

@@ -4,7 +4,8 @@
 builds the model on ``meta``, profiles it in estimate mode for the device (kernels modelled as the
 device runs them, times from a roofline), solves, and prints the plan, the predicted peak and step
 time, the kernels assumed and a memory breakdown; with ``--max-batch`` / ``--max-seq`` it first
-searches for the largest size that fits (:func:`remat.fit.max_size`).
+searches for the largest size that fits (:func:`remat.fit.max_size`). With ``--world-size N``
+(and ``--fsdp``) every figure, the search's included, is one rank's, as when measuring.
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ def run_estimate(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UsageError(f"--{flag}: got {value}; expected a positive integer")
+    if args.world_size < 1:
+        raise UsageError(f"--world-size: got {args.world_size}; expected an integer >= 1")
     progress = _progress
     try:
         if args.max_batch or args.max_seq:
@@ -96,6 +99,8 @@ def run_estimate(args: argparse.Namespace) -> int:
                 seq=args.seq,
                 units=args.units,
                 attention=args.attention,
+                world_size=args.world_size,
+                fsdp=args.fsdp,
                 progress=progress,
             )
         else:
@@ -160,17 +165,12 @@ def _fixed_size(
         units=args.units,
         attention=args.attention,
         progress=progress,
+        world_size=args.world_size,
+        fsdp=args.fsdp,
     )
     solved = solve(prof, budget)
     least = solve(prof, "min")
-    params, trainable, states = fit._static_parts(built.model, args.optimizer)
-    breakdown = fit.memory_breakdown(
-        prof,
-        solved.plan,
-        parameter_bytes=params,
-        trainable_bytes=trainable,
-        optimizer_states=states,
-    )
+    breakdown = fit.memory_breakdown(prof, solved.plan)
     point = fit.SizePoint(
         size=args.batch or 0,
         fits=solved.status != "INFEASIBLE",
@@ -190,6 +190,8 @@ def _fixed_size(
         solved=solved,
         table=[point],
         breakdown=breakdown,
+        world_size=prof.world_size,
+        fsdp=prof.fsdp,
     )
 
 
@@ -197,6 +199,9 @@ def _print_human(args: argparse.Namespace, result: Any, spec: Any, chart: str | 
     print(
         f"{args.model} on {spec.name} ({spec.description}), {result.dtype}, estimated from shapes"
     )
+    if result.world_size > 1 or result.fsdp:
+        engine = "FSDP2" if result.fsdp else "DDP"
+        print(f"per rank of {result.world_size} under {engine}: every figure is one rank's")
     print(
         f"budget {args.budget or 'device'} -> {result.budget_bytes:,} bytes"
         f" ({format_bytes(result.budget_bytes)}; capacity {format_bytes(spec.memory_bytes)} less"

@@ -40,7 +40,14 @@ from typing import Any
 
 from remat.cost.model import Block, Profile, UnitProfile, evaluate_blocks
 
-__all__ = ["STATES_PER_PARAMETER", "ParameterBytes", "parameter_bytes", "per_rank", "shard_bytes"]
+__all__ = [
+    "STATES_PER_PARAMETER",
+    "ParameterBytes",
+    "parameter_bytes",
+    "per_rank",
+    "shard_bytes",
+    "static_parts",
+]
 
 STATES_PER_PARAMETER = {"adamw": 2, "sgd": 0, "none": 0}
 """Optimizer state tensors per trainable parameter, each the parameter's size."""
@@ -92,6 +99,38 @@ def parameter_bytes(profile: Profile, world_size: int) -> dict[str, ParameterByt
         owner: ParameterBytes(full=a, shard=b, trainable_full=c, trainable_shard=d)
         for owner, (a, b, c, d) in totals.items()
     }
+
+
+def static_parts(profile: Profile) -> tuple[int, int, int]:
+    """Bytes of the parameters, gradients and optimizer state that one rank holds at rest, for the
+    profile's own ``world_size`` and ``fsdp`` (what :func:`per_rank` put in ``static_bytes``):
+    shards under FSDP2; under DDP full replicas, with the gradient buckets counted as gradients.
+
+    The optimizer state is ``STATES_PER_PARAMETER`` tensors per trainable parameter (none for an
+    optimizer not in that table).
+
+    Example:
+        >>> from remat.cost.model import example_profile
+        >>> prof = example_profile()
+        >>> prof.parameters = [{"owner": "", "dim0": 10, "row_bytes": 4, "trainable": True}]
+        >>> prof.optimizer = "adamw"
+        >>> static_parts(prof)  # 40 B of parameters, their gradients, AdamW's two states
+        (40, 40, 80)
+        >>> prof.world_size, prof.fsdp = 4, True
+        >>> static_parts(prof)  # 3 of the 10 rows each
+        (12, 12, 24)
+    """
+    owners = parameter_bytes(profile, profile.world_size).values()
+    states = STATES_PER_PARAMETER.get(profile.optimizer, 0)
+    if profile.fsdp:
+        params = sum(p.shard for p in owners)
+        trainable = sum(p.trainable_shard for p in owners)
+        gradients = trainable
+    else:
+        params = sum(p.full for p in owners)
+        trainable = sum(p.trainable_full for p in owners)
+        gradients = trainable * (2 if profile.world_size > 1 else 1)  # DDP's buckets
+    return params, gradients, states * trainable
 
 
 def _check(profile: Profile, world_size: Any, fsdp: bool) -> None:
