@@ -26,6 +26,7 @@ from torch import nn
 
 from remat.apply.apply import apply_, fingerprint, precision_check_off
 from remat.apply.selective import is_op_name, lenient_save_sets, op_name, save_name
+from remat.apply.shapes import batch_shapes
 from remat.apply.units import (
     UnitSpec,
     call_model,
@@ -382,6 +383,7 @@ def profile(
                 options=() if options is None else options,
                 world_size=world_size,
                 fsdp=fsdp,
+                precision=precision,
             )
 
         return estimate_on_meta(
@@ -658,6 +660,7 @@ def profile(
         step_ms=times[0],
         time_source="measured" if times[0] is not None else "flops",
         model_class=type(model).__name__,
+        input_shapes=batch_shapes(example_inputs),
         device=str(device),
         dtype=str(next((p.dtype for p in model.parameters()), torch.float32)).replace("torch.", ""),
         optimizer=optimizer_name(optimizer, model),
