@@ -7,15 +7,21 @@ finds) is within the budget, the plan and predicted step time at that size, and 
 under ``none``, ``full`` and the solver's plan at every size it tried.
 
 The search never runs on real hardware and never tries an out-of-memory step: each size is built on
-``meta`` and profiled in estimate mode (:mod:`remat.profiling.estimate`). Sizes double until one
-does not fit, then a binary search between the last that fits and the first that does not, so the
-answer ``n`` comes with ``n + 1`` shown not to fit. It assumes that the least peak grows with the
-size, as it does for batch and sequence length.
+``meta`` and profiled in estimate mode (:mod:`remat.profiling.estimate`). Every probe costs the same
+on ``meta`` whatever the size, so the search probes few sizes: the least peak is close to a line
+in the size (piecewise linear: activations grow with batch and sequence length), so it follows the
+line through two probed peaks to where it reaches the budget (regula falsi, Anderson-Bjorck
+weighted, with geometric bisection as a fallback), growing eightfold while it has no line. The
+answer ``n`` is always a probed size that fits with ``n + 1`` probed and shown not to fit; only the
+number of probes depends on how straight the line is (about six for a transformer's sequence
+length, where doubling and bisecting took about thirty). It assumes that the least peak grows with
+the size, as it does for batch and sequence length.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,7 +54,7 @@ FOUND = "FOUND"
 NONE_FITS = "NONE_FITS"
 """Not even size 1 fits: ``max_size`` is ``None``."""
 AT_LIMIT = "AT_LIMIT"
-"""Every size up to ``limit`` fits; ``max_size`` is the limit."""
+"""Every size up to ``limit`` (or the largest the model takes) fits; ``max_size`` is that limit."""
 DIMENSIONS = ("batch", "seq")
 
 
@@ -292,6 +298,114 @@ def plot_breakdown(
     return path
 
 
+GROWTH = 8
+"""How much the search grows the size while it has no line to follow (one probe, or a flat one)."""
+
+
+@dataclass
+class _Search:
+    """Which size to probe next: the largest that fits is ``low``, the least that does not ``high``.
+
+    Within a bracket it steps to where the chord between the ends reaches the budget (regula falsi;
+    an end kept twice has its excess scaled, Anderson-Bjorck), bisecting geometrically when three
+    steps did not halve the bracket; before one, it extrapolates the line through the two largest
+    sizes that fit (at least doubling once that has fallen short twice), else it grows by
+    ``GROWTH``. A step is never outside the bracket, so the answer is exact whatever the line.
+    """
+
+    budget_bytes: int
+    limit: int
+    peaks: dict[int, int] = field(default_factory=dict)
+    low: int = 0
+    high: int | None = None
+    excess: dict[str, float] = field(default_factory=dict)
+    """``peak - budget`` at ``low`` and ``high``, scaled while that end is kept (Anderson-Bjorck)."""
+    side: str = ""
+    guided: bool = False
+    """Whether the last size came from a line."""
+    short: int = 0
+    """How many sizes in a row a line gave that fit (it fell short of the crossing)."""
+    widths: list[int] = field(default_factory=list)
+    checked: bool = False
+    """Whether the last size was next to an end of the bracket."""
+
+    def done(self) -> bool:
+        return self.high - self.low <= 1 if self.high is not None else self.low >= self.limit
+
+    def next_size(self) -> int:
+        low, high = self.low, self.high
+        if high is None:
+            fitting = sorted(self.peaks)
+            line = (
+                _crossing(
+                    fitting[-2], self.peaks[fitting[-2]], low, self.peaks[low], self.budget_bytes
+                )
+                if len(fitting) > 1
+                else None
+            )
+            size = low * GROWTH if line is None else math.floor(line)
+            if self.short >= 2:
+                size = max(size, 2 * low)  # the line keeps falling short
+            self.guided = line is not None
+            return min(max(size, low + 1), self.limit)
+        f_low, f_high = self.excess["low"], self.excess["high"]
+        size = min(
+            max(math.floor(low - f_low * (high - low) / (f_high - f_low)), low + 1), high - 1
+        )
+        stalled = len(self.widths) >= 3 and self.widths[-1] > self.widths[-3] / 2
+        next_to_end = size in (low + 1, high - 1)  # checks a crossing the line puts at an end
+        if stalled and (not next_to_end or self.checked):
+            size = min(max(math.isqrt(low * high), low + 1), high - 1)
+        self.checked = size in (low + 1, high - 1)
+        return size
+
+    def record(self, size: int, peak_bytes: int) -> bool:
+        """Note the least peak at ``size``; whether it fits."""
+        self.peaks[size] = peak_bytes
+        fits = peak_bytes <= self.budget_bytes
+        side = "low" if fits else "high"
+        excess = float(peak_bytes - self.budget_bytes)
+        if self.high is not None and side == self.side:  # the other end is kept again
+            kept = "high" if fits else "low"
+            ratio = 1 - excess / self.excess[side] if self.excess[side] else 0.0
+            self.excess[kept] *= ratio if ratio > 0 else 0.5
+        self.short = self.short + 1 if fits and self.guided else 0
+        self.side = side
+        self.excess[side] = excess
+        if fits:
+            self.low = size
+        else:
+            self.high = size
+        if self.high is not None:
+            self.widths.append(self.high - self.low)
+        return fits
+
+
+class _TooLarge(Exception):
+    """The model spec refuses this size (it is more than the model takes)."""
+
+
+def _largest_buildable(build: Callable[[int], Any], low: int, high: int) -> int:
+    """The largest size in ``[low, high)`` that ``build`` accepts, ``low`` accepted and ``high``
+    refused (a binary search: a refusal costs no profile)."""
+    while high - low > 1:
+        middle = (low + high) // 2
+        try:
+            build(middle)
+        except _TooLarge:
+            high = middle
+        else:
+            low = middle
+    return low
+
+
+def _crossing(s1: int, v1: int, s2: int, v2: int, budget_bytes: int) -> float | None:
+    """Where the line through ``(s1, v1)`` and ``(s2, v2)`` reaches the budget (None if flat)."""
+    if s2 <= s1 or v2 <= v1:
+        return None
+    return s1 + (budget_bytes - v1) * (s2 - s1) / (v2 - v1)
+
+
 def max_size(
     model: str,
     *,
@@ -326,7 +440,9 @@ def max_size(
             judged by one rank's peak (sharded parameters, gradients and optimizer state under
             FSDP2).
         overrides: more factory arguments (``n_layer``, ``d_model``, ...).
-        start, limit: the first size tried and the largest considered.
+        start, limit: the first size tried and the largest considered. A size the model refuses
+            (``load_model`` raises ``ValueError``, as for a sequence longer than a transformers
+            model's ``max_position_embeddings``) lowers the limit to the largest it takes.
         progress: called with a line of text per size tried (the CLI writes them to stderr).
 
     Returns:
@@ -348,6 +464,7 @@ def max_size(
     """
     from remat.models.spec import load_model
     from remat.profiling.estimate import estimate_profile
+    from remat.profiling.meta_target import roofline_times
 
     if dim not in DIMENSIONS:
         raise ValueError(f"dim: got {dim!r}; expected one of {', '.join(DIMENSIONS)}")
@@ -364,15 +481,18 @@ def max_size(
     sizes = {"batch": batch, "seq": seq}
 
     def build(size: int) -> Any:
-        return load_model(
-            model,
-            device="meta",
-            dtype=dtype,
-            **{**sizes, dim: size},
-            overrides=overrides,
-        )
+        try:
+            return load_model(
+                model, device="meta", dtype=dtype, **{**sizes, dim: size}, overrides=overrides
+            )
+        except ValueError as error:  # beyond what the model takes (its longest sequence, ...)
+            if size == start:
+                raise
+            raise _TooLarge(str(error)) from error
 
-    def estimate(size: int, timing: bool) -> tuple[Any, Profile]:
+    profiles: dict[int, Profile] = {}
+
+    def probe(size: int) -> bool:
         built = build(size)
         prof = estimate_profile(
             built.model,
@@ -382,14 +502,11 @@ def max_size(
             optimizer=optimizer,
             units=units,
             attention=attention,
-            timing=timing,
+            timing=False,
             world_size=world_size,
             fsdp=fsdp,
         )
-        return built, prof
-
-    def probe(size: int) -> bool:
-        _, prof = estimate(size, timing=False)
+        profiles[size] = prof
         least = solve(prof, "min")
         point = SizePoint(
             size=size,
@@ -419,23 +536,29 @@ def max_size(
             world_size=world_size,
             fsdp=fsdp,
         )
-    low, high = start, None
-    while high is None:
-        candidate = min(low * 2, limit)
-        if candidate == low:
-            break
-        if probe(candidate):
-            low = candidate
-        else:
-            high = candidate
-    while high is not None and high - low > 1:
-        middle = (low + high) // 2
-        if probe(middle):
-            low = middle
-        else:
-            high = middle
+    search = _Search(budget_bytes=budget_bytes, limit=limit, low=start)
+    search.record(start, points[start].min_peak_bytes)
+    while not search.done():
+        size = search.next_size()
+        try:
+            probe(size)
+        except _TooLarge as error:
+            search.limit = _largest_buildable(build, search.low, size)
+            say(f"fit: {dim} {size}: {error}; searching up to {search.limit}")
+            continue
+        search.record(size, points[size].min_peak_bytes)
+    low, high = search.low, search.high
     say(f"fit: {dim} {low}: solving with roofline times on {spec.name}")
-    _, prof = estimate(low, timing=True)
+    built = build(low)  # the probe's profile, with times from one roofline step
+    prof = roofline_times(
+        profiles[low],
+        built.model,
+        built.example_inputs,
+        device=spec,
+        attention=attention,
+        loss_fn=built.loss_fn,
+        optimizer=optimizer,
+    )
     solved = solve(prof, budget_bytes)
     assert solved.status != INFEASIBLE, "the probe found a plan that fits at this size"
     breakdown = memory_breakdown(prof, solved.plan)

@@ -159,7 +159,9 @@ def test_cli_max_batch_json_and_chart(
     assert data["max_batch"] == 1 and data["budget_bytes"] == 2335000
     assert data["predicted_peak_bytes"] <= data["budget_bytes"]
     assert data["predicted_step_ms"] > 0 and data["device"] == "t4"
-    assert [row["fits"] for row in data["table"]] == [True, False]
+    fits = {row["size"]: row["fits"] for row in data["table"]}
+    assert fits[1] and not fits[2]
+    assert [row["size"] for row in data["table"]] == sorted(fits)
     assert "fit: batch 1:" in captured.err  # progress on stderr
     assert os.path.getsize(chart) > 1000
     assert main(argv) == 0

@@ -39,6 +39,7 @@ __all__ = [
     "attention_kernel",
     "estimate_on_meta",
     "model_kernels",
+    "roofline_times",
     "to_meta",
 ]
 
@@ -439,6 +440,42 @@ def estimate_on_meta(
             " reads it on a real device; it then builds no mask (a padded batch would build one)"
         )
     return prof
+
+
+def roofline_times(
+    prof: Profile,
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    device: str | DeviceSpec,
+    dtype: str | torch.dtype | None = None,
+    attention: str = "auto",
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    optimizer: str = "adamw",
+) -> Profile:
+    """A copy of ``prof``, an estimate of this model and batch made with ``timing=False``, with the
+    roofline times that ``timing=True`` would have given it: only the roofline step runs (a search
+    over sizes times the one size it reports without measuring it again).
+
+    Example:
+        >>> from remat.profiling.profiler import profile
+        >>> model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+        >>> kw = {"device": "h100-80gb", "optimizer": "sgd"}
+        >>> bytes_only = estimate_on_meta(lambda m, x: profile(m, x, optimizer="sgd"), model,
+        ...                               (torch.ones(2, 8),), timing=False, **kw)
+        >>> timed = roofline_times(bytes_only, model, (torch.ones(2, 8),), **kw)
+        >>> bytes_only.time_source, timed.time_source, timed.step_ms > 0
+        ('flops', 'roofline', True)
+    """
+    spec = get_device(device)
+    meta_model, meta_inputs = to_meta(model, example_inputs, dtype)
+    _prepare_transformers(meta_model)
+    timed = copy.deepcopy(prof)
+    with model_kernels(spec, attention), DataDependentGuard(meta_model):
+        _add_roofline_times(
+            timed, meta_model, meta_inputs, loss_fn or default_loss, optimizer, spec
+        )
+    return timed
 
 
 def _add_roofline_times(
