@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -188,3 +190,56 @@ def test_cli_moe_is_not_estimable(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["plan", "moe", "--device", "h100-80gb", "--budget", "device", "--batch", "2"]
     assert main([*argv, "--seq", "8", "--set", "n_layer=1", "d_model=16", "n_head=2"]) == 1
     assert "runs nonzero, whose output shape depends on tensor values" in capsys.readouterr().err
+
+
+def _as_dict(prof: remat.Profile) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(prof), default=str))
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides", "device", "kwargs"),
+    [
+        ("gpt", {"n_layer": 2, "d_model": 32, "n_head": 4, "vocab": 64, "dropout": 0.1},
+         "h100-80gb", {}),
+        ("gpt", {"n_layer": 2, "d_model": 32, "n_head": 4, "vocab": 64}, "cpu",
+         {"options": ("selective:save_matmuls",)}),
+        ("hf:llama", {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
+                      "num_key_value_heads": 2, "intermediate_size": 64, "vocab_size": 64},
+         "h100-80gb", {"world_size": 4, "fsdp": True}),
+        ("hf:t5", {"num_layers": 2, "d_model": 32, "num_heads": 4, "d_ff": 64, "vocab_size": 64,
+                   "d_kv": 8}, "a100-40gb", {}),
+    ],
+)  # fmt: skip
+def test_answered_meta_ops_give_the_profile_the_meta_kernels_give(
+    name: str, overrides: dict, device: str, kwargs: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Estimate mode answers an op it has seen on the same shapes from memory (guard.answer_on_meta)
+    instead of running its meta kernel again: every byte and roofline time of the profile must be
+    what the meta kernels themselves give (the oracle: the same estimate with answering off)."""
+    if name.startswith("hf:"):
+        pytest.importorskip("transformers")
+    from remat.profiling import guard
+
+    def estimate() -> dict:
+        built = load_model(name, device="meta", dtype="bfloat16", batch=2, seq=16,
+                           overrides=overrides)  # fmt: skip
+        return _as_dict(
+            estimate_profile(
+                built.model, built.example_inputs, loss_fn=built.loss_fn, device=device, **kwargs
+            )
+        )
+
+    answered: list[int] = []
+    original = guard.answer_on_meta
+
+    def count(func: Any, args: tuple, kwargs: dict, memo: dict) -> Any:
+        before = len(memo)
+        out = original(func, args, kwargs, memo)
+        answered.append(len(memo) == before and bool(memo))
+        return out
+
+    monkeypatch.setattr(guard, "answer_on_meta", count)
+    fast = estimate()
+    assert sum(answered) > len(answered) / 2  # most ops were answered from memory
+    monkeypatch.setattr(guard, "answer_on_meta", lambda func, args, kw, memo: func(*args, **kw))
+    assert estimate() == fast

@@ -419,8 +419,9 @@ def estimate_on_meta(
     _prepare_transformers(meta_model)
     say = progress or (lambda text: logger.info("%s", text))
     with ExitStack() as stack:
+        # beneath every other dispatch mode, so that it may answer pointwise ops itself
+        stack.enter_context(DataDependentGuard(meta_model, fast_meta=True))
         kernels = stack.enter_context(model_kernels(spec, attention))
-        stack.enter_context(DataDependentGuard(meta_model))
         prof = measure(meta_model, meta_inputs)
         if timing:
             say(f"estimate: roofline step on {spec.name}")
@@ -471,7 +472,7 @@ def roofline_times(
     meta_model, meta_inputs = to_meta(model, example_inputs, dtype)
     _prepare_transformers(meta_model)
     timed = copy.deepcopy(prof)
-    with model_kernels(spec, attention), DataDependentGuard(meta_model):
+    with DataDependentGuard(meta_model, fast_meta=True), model_kernels(spec, attention):
         _add_roofline_times(
             timed, meta_model, meta_inputs, loss_fn or default_loss, optimizer, spec
         )
