@@ -20,6 +20,7 @@ from remat.apply.units import UnitSpec
 from remat.cost.model import Profile
 from remat.profiling.profiler import profile
 from remat.profiling.step import measure_step
+from remat.profiling.tracker import current_capacity, simulated_capacity
 from remat.solve.budget import Budget
 from remat.solve.solver import ACTIONS, INFEASIBLE, SolveResult, solve
 
@@ -259,6 +260,35 @@ def _least_measured(
     )
 
 
+def within_capacity(
+    profile_: Profile, budget: int | str | Budget, actions: Sequence[str]
+) -> Budget:
+    """``budget``, or the simulated capacity (:func:`~remat.profiling.tracker.simulated_capacity`)
+    where the budget resolves above it: no plan over the device's memory can run there.
+
+    Example:
+        >>> from remat.cost.model import example_profile
+        >>> from remat.profiling.tracker import simulated_capacity
+        >>> with simulated_capacity(5000):
+        ...     within_capacity(example_profile(), "1GiB", ["keep", "recompute"]).value
+        5000
+    """
+    budget = Budget.parse(budget)
+    capacity = current_capacity()
+    if capacity is None:
+        return budget
+    resolved = solve(profile_, budget, actions=actions).budget_bytes
+    if resolved is None or resolved <= capacity:
+        return budget
+    logger.warning(
+        "remat: budget %s (%d bytes) is over the capacity; planning for the capacity, %d bytes",
+        budget.text,
+        resolved,
+        capacity,
+    )
+    return Budget.parse(capacity)
+
+
 def auto_(
     model: nn.Module,
     example_inputs: Any,
@@ -269,6 +299,7 @@ def auto_(
     units: UnitSpec = None,
     actions: Sequence[str] | None = None,
     precision: str = "32",
+    capacity_bytes: int | None = None,
 ) -> Handle:
     """Profile the model, solve for the cheapest plan within ``budget``, apply it in place.
 
@@ -287,6 +318,8 @@ def auto_(
             and loss under ``torch.autocast``; train under the same autocast) or ``"bf16-true"``
             (a model already in ``bfloat16``). The plan records it; applied under another
             autocast state, it warns once.
+        capacity_bytes: the device's memory, simulated (see :func:`remat.profile`): profiling
+            and the plan's measured step hold no more, and a budget above it is lowered to it.
 
     Returns:
         The :class:`~remat.apply.apply.Handle`; ``handle.result`` is the
@@ -307,25 +340,27 @@ def auto_(
     """
     # a model that checkpoints itself would be profiled wrongly, then refused by apply_: refuse now
     _refuse_double_checkpointing(model, dict(model.named_modules()), [])
-    prof = profile(
-        model,
-        example_inputs,
-        loss_fn=loss_fn,
-        optimizer=optimizer,
-        units=units,
-        options=profile_options(actions, model),
-        precision=precision,
-    )
-    result = solve_measured(
-        model,
-        example_inputs,
-        prof,
-        budget,
-        loss_fn=loss_fn,
-        optimizer=optimizer,
-        actions=actions if actions is not None else ACTIONS,
-        precision=precision,
-    )
+    with simulated_capacity(capacity_bytes if capacity_bytes is not None else current_capacity()):
+        prof = profile(
+            model,
+            example_inputs,
+            loss_fn=loss_fn,
+            optimizer=optimizer,
+            units=units,
+            options=profile_options(actions, model),
+            precision=precision,
+        )
+        allowed = actions if actions is not None else ACTIONS
+        result = solve_measured(
+            model,
+            example_inputs,
+            prof,
+            within_capacity(prof, budget, allowed),
+            loss_fn=loss_fn,
+            optimizer=optimizer,
+            actions=allowed,
+            precision=precision,
+        )
     if result.status == INFEASIBLE:
         raise InfeasibleBudgetError(result)
     handle = apply_(model, result.plan)

@@ -78,6 +78,14 @@ def register(subparsers: Any) -> None:
         help="the ranks shard parameters, gradients and optimizer state with FSDP2 (fully_shard"
         " per unit); without it, DDP replicas (see docs/distributed.md)",
     )
+    parser.add_argument(
+        "--capacity",
+        metavar="BYTES",
+        help="the device's memory, simulated (e.g. 40GiB): any measured step that would hold"
+        " more raises torch.OutOfMemoryError, as CUDA would. Profiling then measures a step that"
+        " does not fit in windows of units and holds no more than this; a budget above it is"
+        " lowered to it. Plans a GPU you do not have, or a step that runs out of memory",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     add_estimate_arguments(parser)
     parser.set_defaults(func=run)
@@ -89,8 +97,24 @@ def _progress(text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from remat.profiling.tracker import simulated_capacity
+    from remat.units import parse_bytes
+
+    capacity = None
+    if args.capacity is not None:
+        try:
+            capacity = parse_bytes(args.capacity)
+        except ValueError as error:
+            raise UsageError(f"--capacity: {error}") from None
+        if capacity < 1:
+            raise UsageError(f"--capacity: got {args.capacity}; expected a size of at least 1 byte")
+    with simulated_capacity(capacity):
+        return _run(args, capacity)
+
+
+def _run(args: argparse.Namespace, capacity: int | None) -> int:
     import remat
-    from remat.auto import profile_options, solve_measured
+    from remat.auto import profile_options, solve_measured, within_capacity
     from remat.profiling.step import measure_step
     from remat.solve.solver import ACTIONS
 
@@ -149,6 +173,8 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision,
     )
     solver_actions = actions if actions is not None else list(ACTIONS)
+    if capacity is not None and budget is not None:
+        budget = within_capacity(prof, budget, solver_actions)  # no plan over the device runs
     # The closed loop measures this one process, not a rank of a sharded or replicated run.
     measure = not args.no_measure and not distributed
     if args.strategy == "auto":
@@ -230,6 +256,8 @@ def run(args: argparse.Namespace) -> int:
         "min_peak_bytes": min_peak,
         "unplanned_peak_bytes": prof.peak_bytes,
         "static_bytes": prof.static_bytes,
+        "capacity_bytes": capacity,
+        "profiling_peak_bytes": prof.profiling_peak_bytes,
         "world_size": prof.world_size,
         "fsdp": prof.fsdp,
         "peak_at": where,

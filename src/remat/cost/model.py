@@ -214,6 +214,12 @@ class Profile:
     """Peak of the optimizer step (part of ``fixed_peak_bytes``)."""
     optimizer_start_bytes: int | None = None
     """Live total when the optimizer step starts (its states not created yet: first step)."""
+    profiling_peak_bytes: int | None = None
+    """The most tensor memory profiling held at once on the device: the highest peak of its
+    tracked steps (of their windows, for a step that did not fit whole) plus what it kept beside
+    them (gradients the model had, copies of a CPU model's parameters)."""
+    capacity_bytes: int | None = None
+    """The device capacity profiling was held to (simulated), if one was given."""
     input_shapes: list[list[int]] | None = None
     """Shapes of the example batch's tensors, in order: the batch the step was profiled on."""
 

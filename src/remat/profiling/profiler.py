@@ -12,12 +12,13 @@ On ``meta`` (or under ``FakeTensorMode``) nothing runs, so there are no times: t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import statistics
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -46,6 +47,7 @@ from remat.profiling.options import (
     save_set_candidates,
     time_unit_ops,
 )
+from remat.profiling.pieces import Run, combine_windows, halve
 from remat.profiling.step import (
     MIXED_DTYPES,
     check_optimizer,
@@ -59,7 +61,7 @@ from remat.profiling.step import (
     step_autocast,
     training_step,
 )
-from remat.profiling.tracker import Mark, track_memory
+from remat.profiling.tracker import Mark, current_capacity, simulated_capacity, track_memory
 from remat.solve.baselines import baseline_plan
 
 __all__ = ["profile"]
@@ -79,6 +81,7 @@ def _tracked_step(
     optimizer: str,
     unit_modules: list[nn.Module],
     precision: str = "32",
+    forward_only: bool = False,
 ) -> tuple[int, list[Mark], UnitMarks, dict[int, int], list[int]]:
     """One training step under the tracker with unit boundaries marked.
 
@@ -138,17 +141,121 @@ def _tracked_step(
             training_step(
                 model, example_inputs, loss_fn=loss_fn, optimizer=opt, precision=precision
             )
+        except torch.OutOfMemoryError:
+            if not forward_only or not dead_by_end:
+                raise
+            # past the forward, which is all that is read of this run
+            logger.info("profile: the step ran out of memory after its forward; forward kept")
         finally:
             marks.remove()
             if handle is not None:
                 handle.remove()
-    forward_only = _forward_only(tracker, len(unit_modules))
+    alive_by_end = _forward_only(tracker, len(unit_modules))
     moved = dead_by_end[0] if dead_by_end and last > 0 else 0
-    if moved and forward_only[last - 1] >= moved:
-        forward_only[last - 1] -= moved
-        forward_only[last] += moved
+    if moved and alive_by_end[last - 1] >= moved:
+        alive_by_end[last - 1] -= moved
+        alive_by_end[last] += moved
     marks.data_dependent = tracker.report().data_dependent_ops
-    return tracker.peak_bytes, tracker.marks, marks, freed, forward_only
+    return tracker.peak_bytes, tracker.marks, marks, freed, alive_by_end
+
+
+def _in_windows(
+    step: Callable[[], Run],
+    unit_fqns: list[str],
+    action: str,
+    collect: Callable[[range], None] | None = None,
+) -> tuple[Run, list[range], int]:
+    """``step()`` with every unit under ``action``; if it runs out of memory, in windows of
+    units under ``action`` with the others recomputed, halved until each fits, and combined
+    (:mod:`remat.profiling.pieces`). ``collect(window)`` reads the regions while a window's
+    plan is on. Returns the run, the windows taken and the highest peak measured."""
+    n = len(unit_fqns)
+    pending, pieces = [range(n)], []
+    while pending:
+        window = pending.pop(0)
+        try:
+            with apply_(model_of(step), _window_plan(unit_fqns, window, action)):
+                run = step()
+                if collect is not None:
+                    collect(window)
+        except torch.OutOfMemoryError as error:
+            if len(window) == 1:
+                raise torch.OutOfMemoryError(
+                    f"{error}. remat cannot profile {unit_fqns[window.start]!r} under {action}"
+                    " even with every other unit recomputed: the device is too small for this"
+                    " step. Fix: a smaller batch, or a device with more memory."
+                ) from error
+            logger.info("profile: every unit %s does not fit; windows %s", action, halve(window))
+            pending[:0] = halve(window)
+            continue
+        pieces.append((window, run))
+    measured = max(run[0] for _, run in pieces)
+    return combine_windows(pieces, n), [window for window, _ in pieces], measured
+
+
+def _step_capacity(capacity_bytes: int | None, held_bytes: int) -> int | None:
+    """What a tracked step may hold under ``capacity_bytes`` (or the enclosing simulated
+    capacity) while profiling keeps ``held_bytes`` beside it."""
+    capacity = capacity_bytes if capacity_bytes is not None else current_capacity()
+    if capacity is None:
+        return None
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+        raise ValueError(
+            f"capacity_bytes: got {capacity!r}; expected a number of bytes >= 1. Fix: pass an"
+            " int, e.g. remat.units.parse_bytes('40GiB')"
+        )
+    if held_bytes >= capacity:
+        raise torch.OutOfMemoryError(
+            f"remat simulated capacity: the capacity of {capacity:,} bytes is full before any"
+            f" step runs (profiling keeps {held_bytes:,} bytes of the model's gradients and"
+            " copies). Fix: a device with more memory."
+        )
+    return capacity - held_bytes
+
+
+def _window_plan(unit_fqns: list[str], window: range, action: str) -> Plan:
+    """``action`` on the units of ``window``, the others recomputed (every unit: no plan for
+    ``keep``)."""
+    actions = {f: action if j in window else "recompute" for j, f in enumerate(unit_fqns)}
+    return Plan(actions=actions, units=unit_fqns)
+
+
+def _unplanned_times(
+    windows: list[range], timed: list[tuple[float, list[float], list[float]]]
+) -> tuple[float, list[float], list[float]]:
+    """The unplanned step's times from its windows' (one window: its own). A unit's forward and
+    backward are those of the run that kept it; the step's, each window's step less what its
+    recomputed units' backward took over their kept backward, averaged over the windows."""
+    if len(windows) == 1:
+        return timed[0]
+    n = sum(len(w) for w in windows)
+    forward, backward = [0.0] * n, [0.0] * n
+    for window, (_, forward_w, backward_w) in zip(windows, timed, strict=True):
+        for j in window:
+            forward[j], backward[j] = forward_w[j], backward_w[j]
+    steps = [
+        step_w - sum(backward_w[j] - backward[j] for j in range(n) if j not in window)
+        for window, (step_w, _, backward_w) in zip(windows, timed, strict=True)
+    ]
+    return statistics.fmean(steps), forward, backward
+
+
+def model_of(step: Callable[[], Run]) -> nn.Module:
+    """The model a ``functools.partial`` of :func:`_tracked_step` runs."""
+    return step.args[0]  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def _fits_or_says(what: str) -> Iterator[None]:
+    """A tracked step that must fit whole (every unit recomputed, one segment): out of memory
+    there means no plan fits, which is said."""
+    try:
+        yield
+    except torch.OutOfMemoryError as error:
+        raise torch.OutOfMemoryError(
+            f"{error}. remat cannot profile this step: it does not fit even with {what}, the"
+            " least memory a plan takes. Fix: a smaller batch, or a device with more memory."
+        ) from error
 
 
 def _forward_only(tracker: Any, n: int) -> list[int]:
@@ -204,12 +311,13 @@ def _time_steps(
     repeats: int,
     plans: Sequence[Plan] = (),
     precision: str = "32",
+    first: Plan | None = None,
 ) -> list[tuple[float, list[float], list[float]]]:
     """Medians of step time and of each unit's forward and backward time: first for the model as
-    it is, then for each of ``plans`` applied to it. The plans' steps are interleaved with the
-    model's (one round runs each once), so drift of the machine touches all alike; the warm-up
-    rounds run the model as it is only. The steps run in ``precision`` (see
-    :func:`remat.profiling.step.training_step`)."""
+    it is (or under ``first``, for a step that does not fit unplanned), then for each of
+    ``plans`` applied to it. The plans' steps are interleaved with the first (one round runs
+    each once), so drift of the machine touches all alike; the warm-up rounds run the first
+    only. The steps run in ``precision`` (see :func:`remat.profiling.step.training_step`)."""
     opt = make_optimizer(optimizer, model)
     scaler = make_scaler(precision, device)
     events: list[tuple[tuple[str, int], float]] = []
@@ -218,7 +326,7 @@ def _time_steps(
         _sync(device)
         events.append((label, time.perf_counter()))
 
-    variants: list[Plan | None] = [None, *plans]
+    variants: list[Plan | None] = [first, *plans]
     step_ms: list[list[float]] = [[] for _ in variants]
     forward = [[[] for _ in unit_modules] for _ in variants]
     backward = [[[] for _ in unit_modules] for _ in variants]
@@ -226,7 +334,7 @@ def _time_steps(
     try:
         for step in range(warmup + repeats):
             for which, plan in enumerate(variants):
-                if step < warmup and plan is not None:
+                if step < warmup and which > 0:
                     continue
                 events.clear()
                 for param in model.parameters():
@@ -304,6 +412,7 @@ def profile(
     world_size: int = 1,
     fsdp: bool = False,
     precision: str = "32",
+    capacity_bytes: int | None = None,
 ) -> Profile:
     """Measure a model's training step for the planner, or estimate it for a target device.
 
@@ -336,6 +445,11 @@ def profile(
             ``"bf16-mixed"`` / ``"fp16-mixed"`` (forward and loss under ``torch.autocast``,
             backward outside it; fp16 with a ``GradScaler``) or ``"bf16-true"`` (parameters
             already ``bfloat16``). Every step profiling runs, tracked or timed, runs so.
+        capacity_bytes: the device's memory, simulated (default: none, or that of an enclosing
+            :func:`~remat.profiling.tracker.simulated_capacity`): a tracked step that would hold
+            more raises ``torch.OutOfMemoryError``. Profiling holds no more than it: a step that
+            does not fit whole is measured in windows of units and combined exactly
+            (:mod:`remat.profiling.pieces`); ``Profile.profiling_peak_bytes`` says what it held.
 
     Returns:
         A :class:`~remat.cost.model.Profile`; units are in execution order.
@@ -343,6 +457,8 @@ def profile(
     Raises:
         ValueError: bad arguments, a unit that runs twice or never in one step, ``bf16-true``
             for a model not in ``bfloat16`` (fix: ``model.to(torch.bfloat16)``).
+        torch.OutOfMemoryError: the step does not fit even with every unit recomputed (or with
+            a unit kept while the rest are recomputed): no plan fits, and the message says so.
         NotEstimableError: in estimate mode, a data-dependent op (a ``ValueError``).
 
     Example:
@@ -384,6 +500,7 @@ def profile(
                 world_size=world_size,
                 fsdp=fsdp,
                 precision=precision,
+                capacity_bytes=capacity_bytes,
             )
 
         return estimate_on_meta(
@@ -429,6 +546,11 @@ def profile(
         "S": Plan(actions=dict.fromkeys(unit_fqns, "segment:all"), units=unit_fqns),
     }
     runs: dict[str, Any] = {}
+    windows: dict[str, list[range]] = {}  # runs that did not fit whole: the windows taken
+    measured: list[int] = []  # the tracked steps' measured peaks
+    step = functools.partial(
+        _tracked_step, model, example_inputs, loss_fn, optimizer, unit_modules, precision
+    )
     say = progress or (lambda text: logger.info("%s", text))
     names = {"K": "every unit kept", "R": "every unit recomputed", "S": "one segment"}
     times: tuple[Any, list[Any], list[Any]] = (None, [None] * n, [None] * n)
@@ -437,16 +559,24 @@ def profile(
     # profiling runs optimizer steps, which must not train the model; each save set is measured
     # on every unit, though some units do not run all its ops (each unit's option names its own)
     # (its own plans, made without a precision, run under the step's autocast: not warned about)
-    with preserved_state(model), lenient_save_sets(), precision_check_off():
+    with (
+        preserved_state(model) as preserved,
+        lenient_save_sets(),
+        precision_check_off(),
+        simulated_capacity(_step_capacity(capacity_bytes, preserved.held_bytes)),
+    ):
         for number, (key, plan) in enumerate(plans.items(), start=1):
             say(f"profile: tracked step {number}/{3 + len(option_actions)} ({names[key]})")
             if key == "S" and n < 2:
                 runs["S"] = runs["R"]
                 continue
-            with apply_(model, plan):
-                runs[key] = _tracked_step(
-                    model, example_inputs, loss_fn, optimizer, unit_modules, precision
-                )
+            if key == "K":  # the unplanned step: in windows if it does not fit
+                runs[key], windows[key], held = _in_windows(step, unit_fqns, "keep")
+                measured.append(held)
+                continue
+            with _fits_or_says(names[key]), apply_(model, plan):
+                runs[key] = step(forward_only=key == "S")  # S: its forward is what is read
+            measured.append(runs[key][0])
         op_times: list[dict[Any, tuple[float, int]]] = [{} for _ in range(n)]
         auto_actions: set[str] = set()
         if any(a.startswith("selective:") for a in option_actions):
@@ -474,21 +604,31 @@ def profile(
         replayed: dict[str, list[set[Any]]] = {}
         for number, action in enumerate(option_actions, start=4):
             say(f"profile: tracked step {number}/{3 + len(option_actions)} (every unit {action})")
-            plan = Plan(actions=dict.fromkeys(unit_fqns, action), units=unit_fqns)
-            with apply_(model, plan):
-                runs[action] = _tracked_step(
-                    model, example_inputs, loss_fn, optimizer, unit_modules, precision
-                )
-                regions = [m.__dict__["forward"].__remat_region__ for m in unit_modules]
-                kept_bytes[action] = [dict(r.last_kept_bytes) for r in regions]
-                replayed[action] = [set(r.last_replayed) for r in regions]
-                offloaded[action] = [r.last_offloaded_bytes for r in regions]
+            kept_bytes[action], replayed[action], offloaded[action] = [{}] * n, [set()] * n, [0] * n
+
+            def collect(window: range, action: str = action) -> None:
+                for j in window:
+                    region = unit_modules[j].__dict__["forward"].__remat_region__
+                    kept_bytes[action][j] = dict(region.last_kept_bytes)
+                    replayed[action][j] = set(region.last_replayed)
+                    offloaded[action][j] = region.last_offloaded_bytes
+
+            runs[action], windows[action], held = _in_windows(step, unit_fqns, action, collect)
+            measured.append(held)
         if device.type != "meta" and repeats > 0:
-            timed_options = [a for a in option_actions if a.startswith("selective:")]
+            timed_options = [
+                a for a in option_actions if a.startswith("selective:") and len(windows[a]) == 1
+            ]
             say(
                 f"profile: timing {warmup} warm-up and {repeats} measured rounds (unplanned,"
                 f" recomputed and {len(timed_options)} options, interleaved)"
             )
+            option_plans = [
+                Plan(actions=dict.fromkeys(unit_fqns, action), units=unit_fqns)
+                for action in timed_options
+            ]
+            # a step that did not fit whole is timed in the windows it was measured in
+            window_plans = [_window_plan(unit_fqns, w, "keep") for w in windows["K"]]
             timed = _time_steps(
                 model,
                 example_inputs,
@@ -498,17 +638,13 @@ def profile(
                 device,
                 warmup,
                 repeats,
-                plans=[
-                    plans["R"],
-                    *(
-                        Plan(actions=dict.fromkeys(unit_fqns, action), units=unit_fqns)
-                        for action in timed_options
-                    ),
-                ],
+                plans=[*window_plans[1:], plans["R"], *option_plans],
                 precision=precision,
+                first=window_plans[0] if len(window_plans) > 1 else None,
             )
-            times, recompute_times = timed[0], timed[1]
-            option_times = dict(zip(timed_options, timed[2:], strict=True))
+            times = _unplanned_times(windows["K"], timed[: len(window_plans)])
+            recompute_times = timed[len(window_plans)]
+            option_times = dict(zip(timed_options, timed[len(window_plans) + 1 :], strict=True))
     none_peak, _, k_units, _, fo_k = runs["K"]
     full_peak, _, _, _, fo_r = runs["R"]
     _, _, _, s_freed, fo_s = runs["S"]
@@ -673,6 +809,8 @@ def profile(
         start_peak_bytes=start_peak,
         optimizer_peak_bytes=optimizer_mark.peak_bytes if optimizer_mark else None,
         optimizer_start_bytes=optimizer_mark.start_bytes if optimizer_mark else None,
+        profiling_peak_bytes=preserved.held_bytes + max(measured),
+        capacity_bytes=capacity_bytes if capacity_bytes is not None else current_capacity(),
     )
     return per_rank(result, world_size=world_size, fsdp=fsdp)
 

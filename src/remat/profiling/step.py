@@ -363,34 +363,57 @@ def backward_and_step(
         scaler.update()
 
 
+class Preserved:
+    """What :func:`preserved_state` holds while it is entered."""
+
+    def __init__(self, held_bytes: int) -> None:
+        self.held_bytes = held_bytes
+        """Bytes it keeps on the model's device beside the model: its copies of parameters and
+        buffers (none on CUDA, whose copies go to host memory; none on ``meta``) and the
+        gradients the model had, kept to be put back."""
+
+
 @contextmanager
-def preserved_state(model: nn.Module) -> Iterator[None]:
+def preserved_state(model: nn.Module) -> Iterator[Preserved]:
     """Put the model's parameters, buffers and gradients back as they were on exit, so that
     measuring or profiling training steps does not train the model; inside, the model runs as it
     trains under a plan: a Hugging Face KV cache is off (:func:`remat.apply.apply.kv_cache_off`).
-    A model in eval mode is warned about once: its step is not the training step.
+    A model in eval mode is warned about once: its step is not the training step. The copies of
+    a CUDA model's tensors are kept in host memory, so the device holds no more than the step.
 
     Example:
         >>> model = torch.nn.Linear(2, 2)
         >>> before = model.weight.detach().clone()
-        >>> with preserved_state(model):
+        >>> with preserved_state(model) as kept:
         ...     _ = training_step(model, (torch.ones(1, 2),), optimizer=make_optimizer("sgd", model))
-        >>> torch.equal(model.weight, before), model.weight.grad is None
-        (True, True)
+        >>> torch.equal(model.weight, before), model.weight.grad is None, kept.held_bytes
+        (True, True, 24)
     """
     warn_eval_mode(model)
     tensors = [*model.parameters(), *model.buffers()]
-    saved = [t.detach().clone() for t in tensors]
+    saved = [_host_copy(t) for t in tensors]
     grads = [p.grad for p in model.parameters()]
+    held = sum(c.untyped_storage().nbytes() for c in saved if c.device.type == "cpu")
+    held *= all(t.device.type == "cpu" for t in tensors)  # else the copies left the device
+    held += sum(g.untyped_storage().nbytes() for g in grads if g is not None)
     try:
         with kv_cache_off(model):
-            yield
+            yield Preserved(held)
     finally:
         with torch.no_grad():
             for tensor, value in zip(tensors, saved, strict=True):
                 tensor.copy_(value)
         for param, grad in zip(model.parameters(), grads, strict=True):
             param.grad = grad
+
+
+def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of ``tensor`` that leaves its device's memory alone: in host memory for an
+    accelerator's tensor, beside it for the CPU's and ``meta``'s."""
+    tensor = tensor.detach()
+    if tensor.device.type in ("cpu", "meta"):
+        return tensor.clone()
+    return tensor.to("cpu", copy=True)
 
 
 def measure_step(

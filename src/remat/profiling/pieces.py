@@ -1,0 +1,119 @@
+"""A tracked step that does not fit, taken in pieces that do, and combined exactly.
+
+The profiler measures every unit under one action (kept, or a selective option) in one tracked
+step. When that step would not fit on the device (``torch.OutOfMemoryError``, real or under
+:func:`~remat.profiling.tracker.simulated_capacity`), it is taken in *windows*: each run puts the
+action on a window of consecutive units and recomputes the rest, which holds less. A window that
+does not fit either is halved, down to single units.
+
+Every figure the profiler takes from a run is a difference within that run: a unit's retention
+is the live total at its forward's start less the one at the unit before it, its backward need is
+its backward peak less the retention that outlives the forward (``persistent``). So the windows'
+runs combine into the marks the whole run would have left: each window's forward marks are
+shifted so that its first unit starts where the window before ended, and each backward mark keeps
+its height above the persistent retention before it. The whole step's peak is then the highest of
+the combined marks, a prediction of what could not be measured.
+
+Consumes: per window, the run ``_tracked_step`` returned for it. Produces: one run of the same
+form, for the profiler's arithmetic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from remat.profiling.tracker import Mark
+
+__all__ = ["combine_windows", "halve"]
+
+Run = tuple[int, list[Mark], Any, dict[int, int], list[int]]
+
+
+def halve(window: range) -> list[range]:
+    """The two halves of a window of units (a window of one is not halved).
+
+    Example:
+        >>> halve(range(0, 5)), halve(range(3, 4))
+        ([range(0, 2), range(2, 5)], [range(3, 4)])
+    """
+    if len(window) < 2:
+        return [window]
+    middle = window.start + len(window) // 2
+    return [range(window.start, middle), range(middle, window.stop)]
+
+
+def _by_label(marks: list[Mark]) -> dict[tuple[str, int], Mark]:
+    return {tuple(m.label): m for m in marks}  # type: ignore[misc]
+
+
+def _starts(found: dict[tuple[str, int], Mark], n: int) -> list[int]:
+    return [found[("forward", j)].start_bytes for j in range(n)] + [
+        found[("after", n - 1)].start_bytes
+    ]
+
+
+def combine_windows(pieces: Sequence[tuple[range, Run]], n: int) -> Run:
+    """One run from the runs of windows that cover units ``0..n-1`` in order (see the module's
+    doc): its marks are those the run of every unit under the windows' action would have left.
+    The unit hooks and freed inputs are those of the first window's run (the caller takes the
+    units' inputs and outputs from a run that fits whole).
+
+    Example:
+        >>> def run(offset):  # two units; every mark `offset` higher in the second run
+        ...     marks = [Mark(("start", -1), 0, 10)] + [
+        ...         Mark(label, start + offset, peak + offset) for label, start, peak in [
+        ...             (("forward", 0), 10, 30), (("after", 0), 25, 25),
+        ...             (("forward", 1), 25, 45), (("after", 1), 40, 40), (("end", -1), 40, 60),
+        ...             (("backward", 1), 50, 55), (("backward", 0), 30, 35)]]
+        ...     return (0, marks, None, {}, [0, 0])
+        >>> peak, marks, *_ = combine_windows([(range(0, 1), run(0)), (range(1, 2), run(7))], 2)
+        >>> peak, [(m.label, m.start_bytes) for m in marks if m.label[1] == 1]
+        (60, [(('forward', 1), 25), (('after', 1), 40), (('backward', 1), 50)])
+    """
+    pieces = sorted(pieces, key=lambda piece: piece[0].start)
+    if len(pieces) == 1:
+        return pieces[0][1]
+    covered = [j for window, _ in pieces for j in window]
+    if covered != list(range(n)):
+        raise ValueError(f"combine_windows: windows cover units {covered}; expected 0..{n - 1}")
+    found = [_by_label(run[1]) for _, run in pieces]
+    starts = [_starts(f, n) for f in found]
+    base = starts[0][0]
+    forward_only = [0] * n
+    shift = [0] * len(pieces)
+    combined_starts = [0] * (n + 1)
+    for i, (window, run) in enumerate(pieces):
+        if i > 0:
+            shift[i] = combined_starts[window.start] - starts[i][window.start]
+        for j in range(window.start, window.stop + 1):
+            combined_starts[j] = starts[i][j] + shift[i]
+        for j in window:
+            forward_only[j] = run[4][j]
+
+    def persistent(starts_: list[int], forward_only_: list[int], j: int) -> int:
+        return starts_[j] - base - sum(forward_only_[:j])
+
+    marks: list[Mark] = []
+    first_marks = pieces[0][1][1]
+    marks += [m for m in first_marks if m.label[0] in ("start", "optimizer")]
+    for i, (window, run) in enumerate(pieces):
+        for j in window:
+            for kind in ("forward", "after"):
+                mark = found[i][(kind, j)]
+                marks.append(
+                    Mark(mark.label, mark.start_bytes + shift[i], mark.peak_bytes + shift[i])
+                )
+            kinds = [("backward", j)] + ([("end", -1)] if j == n - 1 else [])
+            for label in kinds:
+                mark = found[i].get(label)
+                if mark is None:
+                    continue
+                at = n if label[0] == "end" else j
+                lift = persistent(combined_starts, forward_only, at) - persistent(
+                    starts[i], run[4], at
+                )
+                marks.append(Mark(mark.label, mark.start_bytes + lift, mark.peak_bytes + lift))
+    peak = max(m.peak_bytes for m in marks)
+    _, _, unit_marks, freed, _ = pieces[0][1]
+    return peak, marks, unit_marks, freed, forward_only
