@@ -14,7 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import remat
 from remat.models import build_builtin
 from remat.profiling.step import make_optimizer, measure_step, training_step
-from remat.profiling.tracker import CATEGORIES, MemoryReport
+from remat.profiling.tracker import CATEGORIES, MemoryReport, track_memory
 
 F32 = 4  # bytes per float32 element
 
@@ -560,3 +560,36 @@ def test_a_simulated_capacity_raises_out_of_memory_as_cuda_would() -> None:
     for bad in (0, -5, 1.5, True, "1GiB"):
         with pytest.raises(ValueError, match="capacity: got"), simulated_capacity(bad):  # type: ignore[arg-type]
             pass
+
+
+def test_a_tracker_keeps_nothing_alive_after_it_exits() -> None:
+    """Its storage finalizers live in Python's registry until the storages die; before they were
+    detached they held the tracker and its roots, so every tracked step kept its optimizer's
+    state (and the model) alive for good."""
+    import gc
+    import weakref
+
+    model = torch.nn.Linear(8, 8)
+    opt = torch.optim.AdamW(model.parameters())
+    with track_memory(model, opt) as tracker:
+        model(torch.ones(2, 8)).sum().backward()
+        opt.step()
+    assert tracker.report().peak_bytes > 0  # the report outlives the roots
+    refs = [weakref.ref(model), weakref.ref(opt)]
+    del model, opt
+    gc.collect()
+    assert [r() for r in refs] == [None, None]
+
+
+def test_measure_step_leaves_no_optimizer_alive() -> None:
+    import gc
+    import weakref
+
+    from remat.profiling.step import measure_step
+
+    model = torch.nn.Linear(8, 8)
+    measure_step(model, (torch.ones(2, 8),))
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None

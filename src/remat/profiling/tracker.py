@@ -241,6 +241,7 @@ class MemoryTracker(TorchDispatchMode):
             round_bytes = target.round_bytes if target is not None else None
         self._round_bytes = round_bytes
         self._live: dict[int, _Storage] = {}
+        self._finalizers: list[weakref.finalize] = []
         self._all: list[_Storage] = []
         self._event = 0
         self.current_bytes = 0
@@ -302,6 +303,13 @@ class MemoryTracker(TorchDispatchMode):
         self._handles.clear()
         self._report = self._make_report()
         self._active = False
+        # The finalizers are held by Python's registry until their storages die, and they hold
+        # this tracker and its roots (the model, the optimizer and its state): detached here, or
+        # every tracked step would keep its optimizer's state alive for good.
+        for finalizer in self._finalizers:
+            finalizer.detach()
+        self._finalizers.clear()
+        self._roots = []
 
     def report(self) -> MemoryReport:
         """The measurements so far (inside the block) or final (after it)."""
@@ -376,7 +384,7 @@ class MemoryTracker(TorchDispatchMode):
         key = id(storage)
         self._live[key] = info
         self._all.append(info)
-        weakref.finalize(storage, self._release, key, info)
+        self._finalizers.append(weakref.finalize(storage, self._release, key, info))
 
     def _release(self, key: int, info: _Storage) -> None:
         if not self._active or info.died_at is not None:
@@ -586,7 +594,7 @@ class MemoryTracker(TorchDispatchMode):
         info = _Storage(self._size(storage), "host", self._event, "host", self._segment, fqn)
         info.category = "host"
         self._live[id(storage)] = info
-        weakref.finalize(storage, self._release, id(storage), info)
+        self._finalizers.append(weakref.finalize(storage, self._release, id(storage), info))
         self.host_bytes += info.nbytes
         self.host_peak_bytes = max(self.host_peak_bytes, self.host_bytes)
 
