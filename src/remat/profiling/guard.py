@@ -24,6 +24,7 @@ __all__ = ["DataDependentGuard", "NotEstimableError", "answer_on_meta", "module_
 _FAST: dict[Any, tuple[bool, bool]] = {}
 """Per op: (whether :func:`answer_on_meta` may answer it, whether it is pointwise)."""
 _MISSING = object()
+_VOID = object()
 _LEAVES = (str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
 
 
@@ -107,19 +108,25 @@ class _Unanswerable(Exception):
     """An argument :func:`answer_on_meta` cannot key on (a tensor off ``meta``, a generator)."""
 
 
-def _answerable(func: Any) -> tuple[bool, bool]:
-    """(Whether ``func`` is a functional op returning one new tensor, whether it is pointwise.)"""
+def _answerable(func: Any) -> tuple[str, bool]:
+    """(What ``func`` returns, if :func:`answer_on_meta` may answer it: ``fresh`` for a functional
+    op returning one new tensor, ``void`` for an in-place op returning nothing (``_foreach_add_``,
+    whose meta kernel only checks shapes), else ``""``; whether it is pointwise.)"""
     known = _FAST.get(func)
     if known is None:
         schema = getattr(func, "_schema", None)
-        fresh = (
+        kind = ""
+        if schema is not None and not schema.returns and schema.is_mutable:
+            kind = "void"
+        elif (
             schema is not None
             and not schema.is_mutable
             and len(schema.returns) == 1
             and str(schema.returns[0].type) == "Tensor"
             and schema.returns[0].alias_info is None
-        )
-        known = (fresh, torch.Tag.pointwise in getattr(func, "tags", ()))
+        ):
+            kind = "fresh"
+        known = (kind, torch.Tag.pointwise in getattr(func, "tags", ()))
         _FAST[func] = known
     return known
 
@@ -131,7 +138,7 @@ def _key(value: Any, pointwise: bool) -> Any:
     if isinstance(value, torch.Tensor):
         if type(value) not in (torch.Tensor, nn.Parameter) or value.device.type != "meta":
             raise _Unanswerable
-        return (tuple(value.shape), value.stride(), value.dtype)
+        return (value.shape, value.stride(), value.dtype)
     if isinstance(value, bool | int | float | complex):
         return type(value) if pointwise else (type(value), value)
     if isinstance(value, _LEAVES):
@@ -172,8 +179,9 @@ def answer_on_meta(func: Any, args: tuple, kwargs: dict, memo: dict[Any, Any]) -
 
     A meta kernel's output is a function of that alone, so the answer is exact: a new tensor of
     the shape, strides and dtype the op's own kernel gave the first time. Only functional ops
-    returning one new tensor with a storage of its own are answered (not views, in-place ops or
-    several outputs), and only for inputs all on ``meta``. PyTorch's meta kernels for many ops
+    returning one new tensor with a storage of its own are answered (not views or several
+    outputs), and in-place ops returning nothing (on ``meta`` their kernels only check shapes, as
+    an optimizer's ``_foreach_*_`` ops), and only for inputs all on ``meta``. PyTorch's meta kernels for many ops
     (every pointwise one) are Python, about half a millisecond each; a model's repeated layers
     and a profile's repeated steps run the same ops on the same shapes again and again.
 
@@ -187,8 +195,8 @@ def answer_on_meta(func: Any, args: tuple, kwargs: dict, memo: dict[Any, Any]) -
         >>> answer_on_meta(torch.ops.aten.eq.Tensor, (x, x), {}, memo).dtype
         torch.bool
     """
-    fresh, pointwise = _answerable(func)
-    if not fresh:
+    kind, pointwise = _answerable(func)
+    if not kind:
         return func(*args, **kwargs)
     try:
         key = (
@@ -202,9 +210,18 @@ def answer_on_meta(func: Any, args: tuple, kwargs: dict, memo: dict[Any, Any]) -
     known = memo.get(key, _MISSING)
     if known is _MISSING:
         out = func(*args, **kwargs)
-        memo[key] = _layout(out, tree_flatten((args, kwargs))[0])
+        if kind == "void":  # answered if it changed no input's shape, strides or dtype
+            same = out is None and key[1:3] == (
+                _key(args, pointwise),
+                _key(tuple(kwargs.items()), pointwise),
+            )
+            memo[key] = _VOID if same else None
+        else:
+            memo[key] = _layout(out, tree_flatten((args, kwargs))[0])
         return out
     if known is None:
         return func(*args, **kwargs)
+    if known is _VOID:
+        return None
     shape, stride, dtype = known
     return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
