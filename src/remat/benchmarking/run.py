@@ -638,8 +638,8 @@ def _allocator_peak(
 ) -> int | None:
     """``torch.cuda.max_memory_allocated`` over one untracked training step (``None`` off CUDA,
     where the step still runs: it compiles a compiled model)."""
-    opt = make_optimizer(optimizer, model)
-    with preserved_state(model):
+    with preserved_state(model, optimizer):
+        opt = make_optimizer(optimizer, model)
         handle = apply_(model, plan) if plan is not None else None
         try:
             if cuda:

@@ -560,7 +560,7 @@ def profile(
     # on every unit, though some units do not run all its ops (each unit's option names its own)
     # (its own plans, made without a precision, run under the step's autocast: not warned about)
     with (
-        preserved_state(model) as preserved,
+        preserved_state(model, optimizer) as preserved,
         lenient_save_sets(),
         precision_check_off(),
         simulated_capacity(_step_capacity(capacity_bytes, preserved.held_bytes)),
@@ -965,7 +965,7 @@ def _static_bytes(model: nn.Module, example_inputs: Any, optimizer: Any) -> int:
         storage = tensor.untyped_storage()
         storages[id(storage)] = storage.nbytes()
     trainable = sum(p.untyped_storage().nbytes() for p in model.parameters() if p.requires_grad)
-    with preserved_state(model):
+    with preserved_state(model, optimizer):
         state_bytes = optimizer_state_bytes(make_optimizer(optimizer, model))
     return sum(storages.values()) + trainable + state_bytes
 

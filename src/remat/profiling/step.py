@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -210,10 +211,54 @@ def make_optimizer(spec: OptimizerSpec, model: nn.Module) -> Any:
         if spec == "adamw":
             opt = torch.optim.AdamW(params, lr=1e-3, **foreach)
             _materialize_adamw_state(opt)
-            return opt
-        return torch.optim.SGD(params, lr=1e-3, **foreach)
+        else:
+            opt = torch.optim.SGD(params, lr=1e-3, **foreach)
+        return _held_still(opt)
+    _held_still(opt)
     _materialize_by_step(opt)
     return opt
+
+
+LR_EXACT = tuple(
+    getattr(torch.optim, name)
+    for name in (
+        "Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adafactor", "Adamax", "NAdam", "RAdam",
+        "ASGD", "Adadelta",
+    )
+    if hasattr(torch.optim, name)
+)  # fmt: skip
+"""torch.optim's optimizers whose step with learning rate 0 leaves every parameter's value as
+it was (weight decay is scaled by the learning rate too; checked in the tests). Rprop is not
+one: its step sizes do not follow the learning rate once they adapt."""
+
+_STILL: ContextVar[bool] = ContextVar("remat_parameters_still", default=False)
+
+
+def _held_still(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Inside :func:`preserved_state` for an optimizer of :data:`LR_EXACT`: learning rate 0,
+    so its step runs the same kernels on the same memory and moves no parameter, and non-finite
+    gradients zeroed before it (``0 * nan`` would be ``nan``)."""
+    if not _STILL.get():
+        return opt
+    if type(opt) not in LR_EXACT:
+        raise RuntimeError(
+            f"remat: preserved_state was told the optimizer holds still, but it is"
+            f" {type(opt).__name__}; pass the same optimizer to both"
+        )
+    for group in opt.param_groups:
+        lr = group.get("lr")
+        group["lr"] = torch.zeros_like(lr) if isinstance(lr, torch.Tensor) else 0.0
+    opt.register_step_pre_hook(_zero_non_finite_grads)
+    return opt
+
+
+def _zero_non_finite_grads(opt: torch.optim.Optimizer, *_: Any) -> None:
+    with torch.no_grad():
+        for group in opt.param_groups:
+            for param in group["params"]:
+                grad = param.grad
+                if grad is not None and grad.device.type != "meta":
+                    torch.nan_to_num_(grad, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _materialize_by_step(opt: torch.optim.Optimizer) -> None:
@@ -222,12 +267,14 @@ def _materialize_by_step(opt: torch.optim.Optimizer) -> None:
     params = [p for group in opt.param_groups for p in group["params"]]
     grads = [p.grad for p in params]
     with torch.no_grad():
-        saved = [p.detach().clone() for p in params]
+        # held still (learning rate 0), the step moves nothing: no copy of the parameters
+        saved = None if _STILL.get() else [p.detach().clone() for p in params]
         for param in params:
             param.grad = torch.zeros_like(param)
         opt.step()
-        for param, value, grad in zip(params, saved, grads, strict=True):
-            param.copy_(value)
+        for index, (param, grad) in enumerate(zip(params, grads, strict=True)):
+            if saved is not None:
+                param.copy_(saved[index])
             param.grad = grad
 
 
@@ -310,6 +357,8 @@ def training_step(
     scaler: Any = None,
 ) -> torch.Tensor:
     """Zero gradients, run forward, loss and backward, then the optimizer step if one is given.
+    Within :func:`accumulating`, the step is the last micro-batch of an accumulation instead:
+    the gradients are alive (zero) from the start, and backward adds into them.
 
     Under a mixed ``precision`` the forward and the loss run under :func:`step_autocast`, the
     backward outside it; ``fp16-mixed`` scales the loss with ``scaler`` (a new
@@ -323,14 +372,64 @@ def training_step(
         >>> training_step(model, (torch.ones(4, 3),), precision="bf16-mixed").dtype
         torch.float32
     """
-    for param in model.parameters():
-        param.grad = None
+    if _ACCUMULATING.get():
+        _gradients_alive(model)
+    else:
+        for param in model.parameters():
+            param.grad = None
     device = model_device(model)
     with step_autocast(precision, device):
         output = call_model(model, example_inputs)
         loss = (loss_fn or default_loss)(output)
     backward_and_step(loss, optimizer, precision=precision, scaler=scaler, device=device)
     return loss.detach()
+
+
+_ACCUMULATING: ContextVar[bool] = ContextVar("remat_accumulating", default=False)
+
+
+@contextmanager
+def accumulating(accumulation_steps: int) -> Iterator[None]:
+    """Within, every step measured or profiled is the worst micro-batch of gradient
+    accumulation over ``accumulation_steps`` micro-batches (1: no accumulation): the last one,
+    whose forward and backward run with the gradients of the ones before alive, followed by the
+    optimizer step. Its peak is the accumulated step's peak: the first micro-batch has no
+    gradients in its forward, and the ones between hold the same and take no optimizer step.
+
+    Example:
+        >>> model = torch.nn.Linear(8, 8, bias=False)  # 256 bytes of weights, 256 of gradients
+        >>> measure_step(model, (torch.ones(4, 8),), optimizer="sgd").peak_bytes
+        904
+        >>> with accumulating(4):  # the gradients alive, and the next one's beside them
+        ...     measure_step(model, (torch.ones(4, 8),), optimizer="sgd").peak_bytes
+        1160
+    """
+    if (
+        isinstance(accumulation_steps, bool)
+        or not isinstance(accumulation_steps, int)
+        or accumulation_steps < 1
+    ):
+        raise ValueError(
+            f"accumulation_steps: got {accumulation_steps!r}; expected an integer >= 1 (the"
+            " micro-batches whose gradients add up before each optimizer step; 1: none)"
+        )
+    token = _ACCUMULATING.set(accumulation_steps > 1 or _ACCUMULATING.get())
+    try:
+        yield
+    finally:
+        _ACCUMULATING.reset(token)
+
+
+def _gradients_alive(model: nn.Module) -> None:
+    """Every trainable parameter's gradient alive, as after the micro-batches before: zero."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if not param.requires_grad:
+                continue
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            else:
+                param.grad.zero_()
 
 
 def backward_and_step(
@@ -374,37 +473,75 @@ class Preserved:
 
 
 @contextmanager
-def preserved_state(model: nn.Module) -> Iterator[Preserved]:
+def preserved_state(
+    model: nn.Module, optimizer: OptimizerSpec | object = ...
+) -> Iterator[Preserved]:
     """Put the model's parameters, buffers and gradients back as they were on exit, so that
     measuring or profiling training steps does not train the model; inside, the model runs as it
     trains under a plan: a Hugging Face KV cache is off (:func:`remat.apply.apply.kv_cache_off`).
-    A model in eval mode is warned about once: its step is not the training step. The copies of
-    a CUDA model's tensors are kept in host memory, so the device holds no more than the step.
+    A model in eval mode is warned about once: its step is not the training step.
+
+    ``optimizer``, the one the steps inside will run (:func:`make_optimizer` makes them): when it
+    is ``"adamw"``, ``"sgd"``, ``"none"`` or an instance of :data:`LR_EXACT`, the optimizers made
+    inside run with learning rate 0 and move no parameter, so the parameters are not copied
+    (only any holding a negative zero, whose sign such a step may flip). Otherwise (a factory, or
+    not given) every parameter is copied, in host memory for a CUDA model's, so the device holds
+    no more than the step. Buffers are always copied.
 
     Example:
         >>> model = torch.nn.Linear(2, 2)
         >>> before = model.weight.detach().clone()
-        >>> with preserved_state(model) as kept:
+        >>> with preserved_state(model, "sgd") as kept:
         ...     _ = training_step(model, (torch.ones(1, 2),), optimizer=make_optimizer("sgd", model))
         >>> torch.equal(model.weight, before), model.weight.grad is None, kept.held_bytes
-        (True, True, 24)
+        (True, True, 0)
     """
     warn_eval_mode(model)
-    tensors = [*model.parameters(), *model.buffers()]
+    still = optimizer is not ... and _holds_still(optimizer)
+    tensors = [*model.buffers()] + [
+        p for p in model.parameters() if not still or _has_negative_zero(p)
+    ]
     saved = [_host_copy(t) for t in tensors]
     grads = [p.grad for p in model.parameters()]
     held = sum(c.untyped_storage().nbytes() for c in saved if c.device.type == "cpu")
     held *= all(t.device.type == "cpu" for t in tensors)  # else the copies left the device
     held += sum(g.untyped_storage().nbytes() for g in grads if g is not None)
+    token = _STILL.set(still)
     try:
         with kv_cache_off(model):
             yield Preserved(held)
     finally:
+        _STILL.reset(token)
         with torch.no_grad():
             for tensor, value in zip(tensors, saved, strict=True):
                 tensor.copy_(value)
         for param, grad in zip(model.parameters(), grads, strict=True):
             param.grad = grad
+
+
+def _holds_still(optimizer: OptimizerSpec | object) -> bool:
+    """Whether the optimizers :func:`make_optimizer` makes for ``optimizer`` can step with
+    learning rate 0 and leave every parameter as it was."""
+    if optimizer is None or optimizer in OPTIMIZERS:
+        return True
+    return isinstance(optimizer, torch.optim.Optimizer) and type(optimizer) in LR_EXACT
+
+
+def _has_negative_zero(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` holds a ``-0.0`` (a step with learning rate 0 may make it ``+0.0``);
+    read in slices, so the check holds little memory. ``meta`` holds no values: ``False``; a
+    tensor whose values cannot be read here (fake, or a sharded ``DTensor``): ``True``."""
+    if tensor.device.type == "meta" or not tensor.is_floating_point():
+        return False
+    try:
+        flat = tensor.detach().reshape(-1)
+        for start in range(0, flat.numel(), 1 << 22):
+            part = flat[start : start + (1 << 22)]
+            if bool(((part == 0) & torch.signbit(part)).any()):
+                return True
+    except RuntimeError:  # values that cannot be read here (fake, sharded): copy it, to be safe
+        return True
+    return False
 
 
 def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
@@ -440,14 +577,15 @@ def measure_step(
         (384, 256)
     """
     check_precision(precision, model)
-    opt = make_optimizer(optimizer, model)
-    roots = [model, example_inputs] + ([opt] if opt is not None else [])
     device = model_device(model)
-    with (
-        preserved_state(model),
-        track_memory(
+    with preserved_state(model, optimizer):
+        opt = make_optimizer(optimizer, model)
+        roots = [model, example_inputs] + ([opt] if opt is not None else [])
+        tracker = track_memory(
             *roots, device="cuda" if device.type == "cuda" else None, time_ops=time_ops
-        ) as tracker,
-    ):
-        training_step(model, example_inputs, loss_fn=loss_fn, optimizer=opt, precision=precision)
+        )
+        with tracker:
+            training_step(
+                model, example_inputs, loss_fn=loss_fn, optimizer=opt, precision=precision
+            )
     return tracker.report()
