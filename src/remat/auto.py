@@ -19,7 +19,7 @@ from remat.apply.apply import Handle, _refuse_double_checkpointing, apply_
 from remat.apply.units import UnitSpec
 from remat.cost.model import Profile
 from remat.profiling.profiler import profile
-from remat.profiling.step import measure_step
+from remat.profiling.step import accumulating, measure_step
 from remat.profiling.tracker import current_capacity, simulated_capacity
 from remat.solve.budget import Budget
 from remat.solve.solver import ACTIONS, INFEASIBLE, SolveResult, solve
@@ -300,6 +300,7 @@ def auto_(
     actions: Sequence[str] | None = None,
     precision: str = "32",
     capacity_bytes: int | None = None,
+    accumulation_steps: int = 1,
 ) -> Handle:
     """Profile the model, solve for the cheapest plan within ``budget``, apply it in place.
 
@@ -320,6 +321,9 @@ def auto_(
             autocast state, it warns once.
         capacity_bytes: the device's memory, simulated (see :func:`remat.profile`): profiling
             and the plan's measured step hold no more, and a budget above it is lowered to it.
+        accumulation_steps: micro-batches whose gradients add up before each optimizer step:
+            above 1, the step planned and measured is the last micro-batch, its forward and
+            backward with the gradients alive (the accumulated step's peak).
 
     Returns:
         The :class:`~remat.apply.apply.Handle`; ``handle.result`` is the
@@ -340,7 +344,8 @@ def auto_(
     """
     # a model that checkpoints itself would be profiled wrongly, then refused by apply_: refuse now
     _refuse_double_checkpointing(model, dict(model.named_modules()), [])
-    with simulated_capacity(capacity_bytes if capacity_bytes is not None else current_capacity()):
+    capacity = capacity_bytes if capacity_bytes is not None else current_capacity()
+    with simulated_capacity(capacity), accumulating(accumulation_steps):
         prof = profile(
             model,
             example_inputs,

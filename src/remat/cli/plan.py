@@ -86,6 +86,14 @@ def register(subparsers: Any) -> None:
         " does not fit in windows of units and holds no more than this; a budget above it is"
         " lowered to it. Plans a GPU you do not have, or a step that runs out of memory",
     )
+    parser.add_argument(
+        "--accumulate",
+        type=int,
+        default=1,
+        metavar="N",
+        help="gradient accumulation over N micro-batches: the step planned and measured is the"
+        " last one, its forward and backward with the gradients alive (default: 1, none)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     add_estimate_arguments(parser)
     parser.set_defaults(func=run)
@@ -97,6 +105,7 @@ def _progress(text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from remat.profiling.step import accumulating
     from remat.profiling.tracker import simulated_capacity
     from remat.units import parse_bytes
 
@@ -108,7 +117,9 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--capacity: {error}") from None
         if capacity < 1:
             raise UsageError(f"--capacity: got {args.capacity}; expected a size of at least 1 byte")
-    with simulated_capacity(capacity):
+    if args.accumulate < 1:
+        raise UsageError(f"--accumulate: got {args.accumulate}; expected an integer >= 1")
+    with simulated_capacity(capacity), accumulating(args.accumulate):
         return _run(args, capacity)
 
 
@@ -257,6 +268,7 @@ def _run(args: argparse.Namespace, capacity: int | None) -> int:
         "unplanned_peak_bytes": prof.peak_bytes,
         "static_bytes": prof.static_bytes,
         "capacity_bytes": capacity,
+        "accumulation_steps": args.accumulate,
         "profiling_peak_bytes": prof.profiling_peak_bytes,
         "world_size": prof.world_size,
         "fsdp": prof.fsdp,

@@ -30,6 +30,7 @@ from remat.profiling.tracker import MemoryReport, track_memory
 __all__ = [
     "OPTIMIZERS",
     "PRECISIONS",
+    "accumulating",
     "backward_and_step",
     "check_optimizer",
     "check_precision",
@@ -561,10 +562,13 @@ def measure_step(
     optimizer: OptimizerSpec = "adamw",
     time_ops: bool = False,
     precision: str = "32",
+    accumulation_steps: int = 1,
 ) -> MemoryReport:
     """Run one training step under the tracker and return its report.
 
     ``precision``: as :func:`training_step` (the forward under autocast for a mixed one).
+    ``accumulation_steps``: more than 1 measures the last micro-batch of a gradient accumulation
+    (:func:`accumulating`), whose peak is the accumulated step's.
 
     The optimizer (if any) is created before the tracker is entered; its states are created inside
     the step, as in the first step of training, so the step's peak includes them. The model's
@@ -578,7 +582,7 @@ def measure_step(
     """
     check_precision(precision, model)
     device = model_device(model)
-    with preserved_state(model, optimizer):
+    with accumulating(accumulation_steps), preserved_state(model, optimizer):
         opt = make_optimizer(optimizer, model)
         roots = [model, example_inputs] + ([opt] if opt is not None else [])
         tracker = track_memory(
