@@ -73,6 +73,8 @@ class OptionProfile:
     retain_bytes: int = 0
     """What the unit adds to the live total until its backward (like ``recompute_bytes``)."""
     forward_only_bytes: int = 0
+    cache_bytes: int = 0
+    """Part of ``retain_bytes`` that dies when autocast exits (see ``UnitProfile.keep_cache_bytes``)."""
     forward_need_bytes: int = 0
     backward_need_bytes: int | None = None
     saved_bytes: int = 0
@@ -117,6 +119,13 @@ class UnitProfile:
     such as skip tensors in a list): it counts in forward moments, not in backward ones."""
     recompute_forward_only_bytes: int = 0
     inner_forward_only_bytes: int = 0
+    keep_cache_bytes: int = 0
+    """Part of ``keep_bytes`` that dies when autocast exits after the loss: low-precision copies
+    of the unit's parameters that autocast cached in the forward and nothing saved for backward
+    (a bias an addmm does not save; a recomputed unit's weights, whose casts its replay makes
+    again). It counts in forward moments and the loss, not in backward ones. Zero without autocast."""
+    recompute_cache_bytes: int = 0
+    inner_cache_bytes: int = 0
     input_freed_bytes: int = 0
     """Inside a segment, bytes of its input from the previous unit that died during its forward; a
     segment that starts with this unit stores that input instead."""
@@ -171,7 +180,12 @@ class Profile:
     """Live total when the first unit's forward starts (the same under every plan)."""
     end_need_bytes: int = 0
     """Peak after the model's forward returns (loss, its backward, the head's backward), less the
-    base and the retention that outlives the forward, with every unit kept."""
+    base and the retention alive into the backward, with every unit kept. With ``loss_need_bytes``
+    set, only from autocast's exit on (the loss's and the head's backward)."""
+    loss_need_bytes: int | None = None
+    """Under autocast whose cache some unit's retention holds (``*_cache_bytes``): the peak from
+    the model's forward return to autocast's exit (the loss), less the base and the retention
+    that outlives the forward, with every unit kept; ``None``: the loss is in ``end_need_bytes``."""
     fixed_peak_bytes: int
     """Largest live total in parts of the step no plan changes (before the first unit, the
     optimizer step)."""
@@ -303,9 +317,15 @@ class Block:
 @dataclass(frozen=True, kw_only=True)
 class BlockCost:
     """A block as the solver sees it. With ``T`` the retention of the blocks before it and ``P``
-    the part of ``T`` that outlives the forward, its worst forward moment is ``base + T +
-    forward_need_bytes`` and its worst backward moment ``base + P + backward_need_bytes``; it adds
-    ``delta_bytes`` to ``T`` (``persistent_delta_bytes`` to ``P``) and costs ``cost``."""
+    the part of ``T`` alive in the backward (it outlives the forward, and autocast's cache,
+    which dies after the loss), its worst forward moment is ``base + T + forward_need_bytes`` and
+    its worst backward moment ``base + P + backward_need_bytes``; it adds ``delta_bytes`` to ``T``
+    (``persistent_delta_bytes`` to ``P``) and costs ``cost``.
+
+    Under autocast whose cache a unit holds (``Profile.loss_need_bytes`` set), the block that ends
+    with the last unit has the loss among its forward moments: ``T`` then less the forward-only
+    bytes of that block (those of blocks before it, held by the parent only, are counted as if
+    alive: exact when there are none, as in a transformer; above the measured loss otherwise)."""
 
     forward_need_bytes: int
     backward_need_bytes: int
@@ -344,13 +364,17 @@ def block_cost(profile: Profile, block: Block) -> BlockCost:
                 f" it has {[o.action for o in unit.options] or 'none'}. Profile with that option"
                 " (remat.profile(..., options=[...]))."
             )
-        fwd, fwd_where = _worst({f"forward of {unit.fqn}": option.forward_need_bytes})
+        outlives = option.retain_bytes - option.forward_only_bytes
+        forward = _with_loss(
+            profile, block, {f"forward of {unit.fqn}": option.forward_need_bytes}, outlives
+        )
+        fwd, fwd_where = _worst(forward)
         bwd, bwd_where = _worst({f"backward of {unit.fqn}": option.backward_need_bytes})
         return BlockCost(
             forward_need_bytes=fwd,
             backward_need_bytes=bwd,
             delta_bytes=option.retain_bytes,
-            persistent_delta_bytes=option.retain_bytes - option.forward_only_bytes,
+            persistent_delta_bytes=outlives - option.cache_bytes,
             cost=option.cost(profile.time_source),
             forward_where=fwd_where,
             backward_where=bwd_where,
@@ -358,12 +382,12 @@ def block_cost(profile: Profile, block: Block) -> BlockCost:
     if block.kind == "keep" or start == end:
         unit = units[start]
         keep = block.kind == "keep"
+        delta = unit.keep_bytes if keep else unit.recompute_bytes
+        only = unit.keep_forward_only_bytes if keep else unit.recompute_forward_only_bytes
+        cached = unit.keep_cache_bytes if keep else unit.recompute_cache_bytes
+        need = unit.forward_need_keep_bytes if keep else unit.forward_need_recompute_bytes
         fwd, fwd_where = _worst(
-            {
-                f"forward of {unit.fqn}": unit.forward_need_keep_bytes
-                if keep
-                else unit.forward_need_recompute_bytes
-            }
+            _with_loss(profile, block, {f"forward of {unit.fqn}": need}, delta - only)
         )
         bwd, bwd_where = _worst(
             {
@@ -372,27 +396,31 @@ def block_cost(profile: Profile, block: Block) -> BlockCost:
                 else unit.backward_need_recompute_bytes
             }
         )
-        delta = unit.keep_bytes if keep else unit.recompute_bytes
-        only = unit.keep_forward_only_bytes if keep else unit.recompute_forward_only_bytes
         cost = 0.0 if keep else unit.recompute_cost(profile.time_source)
         return BlockCost(
             forward_need_bytes=fwd,
             backward_need_bytes=bwd,
             delta_bytes=delta,
-            persistent_delta_bytes=delta - only,
+            persistent_delta_bytes=delta - only - cached,
             cost=cost,
             forward_where=fwd_where,
             backward_where=bwd_where,
         )
     # A segment. Forward: each unit runs as inside a segment; the segment stores its first input.
+    # ``persistent``: what the segment holds in its backward (not autocast's cache, dead by then).
     forward: dict[str, float | None] = {}
     held = persistent = units[start].input_freed_bytes
     for j in range(start, end + 1):
         forward[f"forward of {units[j].fqn}"] = held + units[j].forward_need_inner_bytes
         held += units[j].inner_bytes
         if j < end:
-            persistent += units[j].inner_bytes - units[j].inner_forward_only_bytes
+            persistent += (
+                units[j].inner_bytes
+                - units[j].inner_forward_only_bytes
+                - units[j].inner_cache_bytes
+            )
     last = units[end]
+    last_outlives = last.inner_bytes - last.inner_forward_only_bytes
     backward: dict[str, float | None] = {}
     cost_of = [units[j].recompute_cost(profile.time_source) for j in range(start, end + 1)]
     if block.kind == "nested":
@@ -409,19 +437,20 @@ def block_cost(profile: Profile, block: Block) -> BlockCost:
                     + boundaries
                     + unit.forward_need_recompute_bytes
                 )
-            boundaries += unit.recompute_bytes
+            boundaries += unit.recompute_bytes - unit.recompute_cache_bytes
         for k in range(start, end + 1):
             need = units[k].backward_need_recompute_bytes
             if need is not None:
                 backward[f"backward of {units[k].fqn}"] = boundaries + need
-        fwd, fwd_where = _worst(forward)
+        outlives = persistent + _cache(units, start, end - 1) + last_outlives
+        fwd, fwd_where = _worst(_with_loss(profile, block, forward, outlives))
         bwd, bwd_where = _worst(backward)
         cost = 2 * sum(cost_of[:-1]) + cost_of[-1]
         return BlockCost(
             forward_need_bytes=fwd,
             backward_need_bytes=bwd,
             delta_bytes=held,
-            persistent_delta_bytes=persistent + last.inner_bytes - last.inner_forward_only_bytes,
+            persistent_delta_bytes=persistent + last_outlives - last.inner_cache_bytes,
             cost=cost,
             forward_where=fwd_where,
             backward_where=bwd_where,
@@ -441,11 +470,11 @@ def block_cost(profile: Profile, block: Block) -> BlockCost:
         need = last.backward_need_recompute_bytes if k == end else unit.backward_need_keep_bytes
         if need is not None:
             backward[f"backward of {unit.fqn}"] = replayed + need
-        replayed += unit.keep_bytes - unit.keep_forward_only_bytes
-    fwd, fwd_where = _worst(forward)
+        # (a replay's own autocast drops its cache when the replayed unit returns)
+        replayed += unit.keep_bytes - unit.keep_forward_only_bytes - unit.keep_cache_bytes
     bwd, bwd_where = _worst(backward)
     cost = sum(cost_of)
-    persistent_delta = persistent + last.inner_bytes - last.inner_forward_only_bytes
+    persistent_delta = persistent + last_outlives - last.inner_cache_bytes
     # The inner figures come from one segment over every unit, where a skip tensor from an
     # earlier unit is internal and dies at its last use. A shorter segment whose inner unit takes
     # a skip from outside stores it (a checkpoint input), so it outlives the forward. What the
@@ -453,10 +482,14 @@ def block_cost(profile: Profile, block: Block) -> BlockCost:
     # not store, counts that; the block retains at least as much.
     if _takes_skip_from_outside(profile, start, end):
         one_by_one = sum(
-            units[j].recompute_bytes - units[j].recompute_forward_only_bytes
+            units[j].recompute_bytes
+            - units[j].recompute_forward_only_bytes
+            - units[j].recompute_cache_bytes
             for j in range(start, end + 1)
         ) - sum(min(units[j].output_bytes, units[j].recompute_bytes) for j in range(start, end))
         persistent_delta = max(persistent_delta, one_by_one)
+    outlives = persistent_delta + _cache(units, start, end)
+    fwd, fwd_where = _worst(_with_loss(profile, block, forward, outlives))
     return BlockCost(
         forward_need_bytes=fwd,
         backward_need_bytes=bwd,
@@ -466,6 +499,22 @@ def block_cost(profile: Profile, block: Block) -> BlockCost:
         forward_where=fwd_where,
         backward_where=bwd_where,
     )
+
+
+def _cache(units: Sequence[UnitProfile], start: int, end: int) -> int:
+    """Autocast's cache that units ``start..end`` hold inside a segment (dies after the loss)."""
+    return sum(units[j].inner_cache_bytes for j in range(start, end + 1))
+
+
+def _with_loss(
+    profile: Profile, block: Block, forward: dict[str, float | None], outlives_bytes: int
+) -> dict[str, float | None]:
+    """``forward`` with the loss, for the block that ends with the last unit under autocast
+    whose cache a unit holds (``Profile.loss_need_bytes``): the block's retention that outlives
+    the forward (``outlives_bytes``), autocast's cache included, plus the loss's need."""
+    if profile.loss_need_bytes is None or block.end != len(profile.units) - 1:
+        return forward
+    return {**forward, "loss": outlives_bytes + profile.loss_need_bytes}
 
 
 def _takes_skip_from_outside(profile: Profile, start: int, end: int) -> bool:

@@ -27,7 +27,7 @@ from remat.profiling.tracker import Mark
 
 __all__ = ["combine_windows", "halve"]
 
-Run = tuple[int, list[Mark], Any, dict[int, int], list[int]]
+Run = tuple[int, list[Mark], Any, dict[int, int], list[int], list[int]]
 
 
 def halve(window: range) -> list[range]:
@@ -66,7 +66,7 @@ def combine_windows(pieces: Sequence[tuple[range, Run]], n: int) -> Run:
         ...             (("forward", 0), 10, 30), (("after", 0), 25, 25),
         ...             (("forward", 1), 25, 45), (("after", 1), 40, 40), (("end", -1), 40, 60),
         ...             (("backward", 1), 50, 55), (("backward", 0), 30, 35)]]
-        ...     return (0, marks, None, {}, [0, 0])
+        ...     return (0, marks, None, {}, [0, 0], [0, 0])
         >>> peak, marks, *_ = combine_windows([(range(0, 1), run(0)), (range(1, 2), run(7))], 2)
         >>> peak, [(m.label, m.start_bytes) for m in marks if m.label[1] == 1]
         (60, [(('forward', 1), 25), (('after', 1), 40), (('backward', 1), 50)])
@@ -80,7 +80,7 @@ def combine_windows(pieces: Sequence[tuple[range, Run]], n: int) -> Run:
     found = [_by_label(run[1]) for _, run in pieces]
     starts = [_starts(f, n) for f in found]
     base = starts[0][0]
-    forward_only = [0] * n
+    forward_only, cache = [0] * n, [0] * n
     shift = [0] * len(pieces)
     combined_starts = [0] * (n + 1)
     for i, (window, run) in enumerate(pieces):
@@ -89,10 +89,13 @@ def combine_windows(pieces: Sequence[tuple[range, Run]], n: int) -> Run:
         for j in range(window.start, window.stop + 1):
             combined_starts[j] = starts[i][j] + shift[i]
         for j in window:
-            forward_only[j] = run[4][j]
+            forward_only[j], cache[j] = run[4][j], run[5][j]
 
     def persistent(starts_: list[int], forward_only_: list[int], j: int) -> int:
         return starts_[j] - base - sum(forward_only_[:j])
+
+    # marks after autocast's exit stand above what is alive into the backward: less its cache
+    gone = [f + c for f, c in zip(forward_only, cache, strict=True)]
 
     marks: list[Mark] = []
     first_marks = pieces[0][1][1]
@@ -104,16 +107,20 @@ def combine_windows(pieces: Sequence[tuple[range, Run]], n: int) -> Run:
                 marks.append(
                     Mark(mark.label, mark.start_bytes + shift[i], mark.peak_bytes + shift[i])
                 )
-            kinds = [("backward", j)] + ([("end", -1)] if j == n - 1 else [])
-            for label in kinds:
+            last = [("end", -1), ("loss", -1), ("head", -1)] if j == n - 1 else []
+            for label in [("backward", j), *last]:
                 mark = found[i].get(label)
                 if mark is None:
                     continue
-                at = n if label[0] == "end" else j
-                lift = persistent(combined_starts, forward_only, at) - persistent(
-                    starts[i], run[4], at
+                at = n if label[1] < 0 else j
+                before = label[0] in ("end", "loss")
+                window_gone = (
+                    run[4] if before else [f + c for f, c in zip(run[4], run[5], strict=True)]
+                )
+                lift = persistent(combined_starts, forward_only if before else gone, at) - (
+                    persistent(starts[i], window_gone, at)
                 )
                 marks.append(Mark(mark.label, mark.start_bytes + lift, mark.peak_bytes + lift))
     peak = max(m.peak_bytes for m in marks)
-    _, _, unit_marks, freed, _ = pieces[0][1]
-    return peak, marks, unit_marks, freed, forward_only
+    _, _, unit_marks, freed, _, _ = pieces[0][1]
+    return peak, marks, unit_marks, freed, forward_only, cache

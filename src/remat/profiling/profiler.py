@@ -82,12 +82,14 @@ def _tracked_step(
     unit_modules: list[nn.Module],
     precision: str = "32",
     forward_only: bool = False,
-) -> tuple[int, list[Mark], UnitMarks, dict[int, int], list[int]]:
-    """One training step under the tracker with unit boundaries marked.
+) -> Run:
+    """One training step under the tracker with unit boundaries marked, and the loss: marks
+    ``("loss", -1)`` once it is computed (autocast, if any, exits next and drops its cache) and
+    ``("head", -1)`` when its backward starts.
 
     Returns the peak, the marks, the unit hooks (inputs and outputs seen), per unit the bytes of
     its inputs produced by the previous unit that died before the next unit's forward, and per
-    unit the forward-only bytes (see ``_forward_only``).
+    unit the forward-only bytes and autocast's cache (see ``_forward_only``).
 
     The last unit's input from the unit before it may outlive the last unit's forward only because
     the parent still holds it (``x = block(x)`` rebinds ``x`` after the call returns). When it dies
@@ -131,6 +133,13 @@ def _tracked_step(
             dead_by_end.append(sum(n for ref, n in held_by_parent if ref() is None))
             tracker.mark(("end", -1))
 
+        def marked_loss(output: Any) -> torch.Tensor:
+            loss = loss_fn(output)
+            tracker.mark(("loss", -1))
+            if loss.requires_grad:
+                loss.register_hook(lambda _grad: tracker.mark(("head", -1)))
+            return loss
+
         marks = UnitMarks(unit_modules, on_event)
         marks.handles.append(model.register_forward_hook(on_end))
         handle = None
@@ -139,7 +148,7 @@ def _tracked_step(
         try:
             tracker.mark(("start", -1))
             training_step(
-                model, example_inputs, loss_fn=loss_fn, optimizer=opt, precision=precision
+                model, example_inputs, loss_fn=marked_loss, optimizer=opt, precision=precision
             )
         except torch.OutOfMemoryError:
             if not forward_only or not dead_by_end:
@@ -150,13 +159,13 @@ def _tracked_step(
             marks.remove()
             if handle is not None:
                 handle.remove()
-    alive_by_end = _forward_only(tracker, len(unit_modules))
+    alive_by_end, cache = _forward_only(tracker, len(unit_modules))
     moved = dead_by_end[0] if dead_by_end and last > 0 else 0
     if moved and alive_by_end[last - 1] >= moved:
         alive_by_end[last - 1] -= moved
         alive_by_end[last] += moved
     marks.data_dependent = tracker.report().data_dependent_ops
-    return tracker.peak_bytes, tracker.marks, marks, freed, alive_by_end
+    return tracker.peak_bytes, tracker.marks, marks, freed, alive_by_end, cache
 
 
 def _in_windows(
@@ -258,26 +267,35 @@ def _fits_or_says(what: str) -> Iterator[None]:
         ) from error
 
 
-def _forward_only(tracker: Any, n: int) -> list[int]:
+def _forward_only(tracker: Any, n: int) -> tuple[list[int], list[int]]:
     """Per unit, bytes created between its forward's start and the next unit's that were alive
     then but died before the model's forward returned (held by the parent only, such as a list of
-    skip tensors): they count against forward moments, not backward ones."""
+    skip tensors): they count against forward moments, not backward ones. And per unit, those
+    that died between the loss and its backward: autocast's cache, dropped when autocast exits
+    (casts of parameters that nothing saved), which count in the loss but not in backward."""
     events = {tuple(m.label): m.event for m in tracker.marks}
-    end = events.get(("end", -1))
+    end, loss = events.get(("end", -1)), events.get(("loss", -1))
+    head = events.get(("head", -1), float("inf"))
     bounds = [events.get(("forward", j)) for j in range(n)] + [events.get(("after", n - 1))]
-    result = [0] * n
+    result, cache = [0] * n, [0] * n
     if end is None or any(b is None for b in bounds):
-        return result
+        return result, cache
     for created, died, nbytes in tracker.lifetimes():
         # Deaths inside a later unit's interval are already in that unit's retention; only those
         # between the last unit's end and the forward's return are forward-only.
-        if died is None or died > end or died <= bounds[-1] or created >= bounds[-1]:
+        if died is None or created >= bounds[-1]:
+            continue
+        if bounds[-1] < died <= end:
+            found = result
+        elif loss is not None and loss <= died < head:
+            found = cache
+        else:
             continue
         for j in range(n):
             if bounds[j] <= created < bounds[j + 1]:
-                result[j] += nbytes
+                found[j] += nbytes
                 break
-    return result
+    return result, cache
 
 
 def _intervals(marks: list[Mark], num_units: int) -> dict[tuple[str, int], Mark]:
@@ -645,9 +663,9 @@ def profile(
             times = _unplanned_times(windows["K"], timed[: len(window_plans)])
             recompute_times = timed[len(window_plans)]
             option_times = dict(zip(timed_options, timed[len(window_plans) + 1 :], strict=True))
-    none_peak, _, k_units, _, fo_k = runs["K"]
-    full_peak, _, _, _, fo_r = runs["R"]
-    _, _, _, s_freed, fo_s = runs["S"]
+    none_peak, _, k_units, _, fo_k, ca_k = runs["K"]
+    full_peak, _, _, _, fo_r, ca_r = runs["R"]
+    _, _, _, s_freed, fo_s, ca_s = runs["S"]
     K, R, S = (_intervals(runs[x][1], n) for x in "KRS")
     fixed = max(
         m.peak_bytes for x in "KRS" for m in runs[x][1] if m.label[0] in ("start", "optimizer")
@@ -667,16 +685,17 @@ def profile(
         """Peak from each unit's forward start to the next unit's (the last: to the model's end)."""
         return [max(run[("forward", j)].peak_bytes, run[("after", j)].peak_bytes) for j in range(n)]
 
-    def persistent(starts_: list[int], forward_only: list[int]) -> list[int]:
-        """Live bytes at each unit's start that outlive the forward (relative to the base)."""
-        return [starts_[j] - base - sum(forward_only[:j]) for j in range(n + 1)]
+    def persistent(starts_: list[int], forward_only: list[int], cache: list[int]) -> list[int]:
+        """Live bytes at each unit's start that are alive in the backward (relative to the base):
+        they outlive the forward, and autocast's cache, which dies after the loss."""
+        return [starts_[j] - base - sum(forward_only[:j]) - sum(cache[:j]) for j in range(n + 1)]
 
     LK, LR, LS = starts(K), starts(R), starts(S)
     PK, PR, PS = forward_peaks(K), forward_peaks(R), forward_peaks(S)
-    QK, QR = persistent(LK, fo_k), persistent(LR, fo_r)
+    QK, QR = persistent(LK, fo_k, ca_k), persistent(LR, fo_r, ca_r)
     missing = Mark(None, 0, 0)
-    end_mark = K.get(("end", -1))
-    end_need = end_mark.peak_bytes - base - QK[n] if end_mark is not None else 0
+    cached = any(any(runs[x][5]) for x in ["K", "R", "S", *option_actions])
+    end_need, loss_need = _end_needs(K, base + QK[n], sum(ca_k), cached)
 
     none_report_units = _unit_sizes(k_units, n)
     with autocast():
@@ -720,6 +739,9 @@ def profile(
                 keep_forward_only_bytes=fo_k[j],
                 recompute_forward_only_bytes=fo_r[j],
                 inner_forward_only_bytes=fo_s[j],
+                keep_cache_bytes=ca_k[j],
+                recompute_cache_bytes=ca_r[j],
+                inner_cache_bytes=ca_s[j],
                 input_freed_bytes=s_freed.get(j, 0),
                 forward_need_keep_bytes=PK[j] - LK[j],
                 forward_need_recompute_bytes=PR[j] - LR[j],
@@ -744,7 +766,7 @@ def profile(
         run = _intervals(runs[action][1], n)
         starts_x = starts(run)
         peaks_x = forward_peaks(run)
-        held_x = persistent(starts_x, runs[action][4])
+        held_x = persistent(starts_x, runs[action][4], runs[action][5])
         for j, unit in enumerate(units_out):
             unit_action = _unit_action(action, ran[j])
             if unit_action is None or unit.option(unit_action) is not None:
@@ -754,6 +776,7 @@ def profile(
                 action=unit_action,
                 retain_bytes=starts_x[j + 1] - starts_x[j],
                 forward_only_bytes=runs[action][4][j],
+                cache_bytes=runs[action][5][j],
                 forward_need_bytes=peaks_x[j] - starts_x[j],
                 backward_need_bytes=bwd.peak_bytes - base - held_x[j] if bwd.label else None,
             )
@@ -790,6 +813,7 @@ def profile(
         static_bytes=static_bytes,
         base_bytes=base,
         end_need_bytes=end_need,
+        loss_need_bytes=loss_need,
         fixed_peak_bytes=fixed,
         peak_bytes=none_peak,
         full_peak_bytes=full_peak,
@@ -813,6 +837,21 @@ def profile(
         capacity_bytes=capacity_bytes if capacity_bytes is not None else current_capacity(),
     )
     return per_rank(result, world_size=world_size, fsdp=fsdp)
+
+
+def _end_needs(
+    K: dict[tuple[str, int], Mark], held_bytes: int, cache_bytes: int, cached: bool
+) -> tuple[int, int | None]:
+    """``Profile.end_need_bytes`` and ``loss_need_bytes`` from the run with every unit kept,
+    where ``held_bytes`` were alive into the backward and ``cache_bytes`` more until autocast's
+    exit. Without autocast's cache in any run, the loss is part of the end need (``None``)."""
+    end, loss, head = (K.get((kind, -1)) for kind in ("end", "loss", "head"))
+    before = max((m.peak_bytes for m in (end, loss) if m is not None), default=None)
+    after = head.peak_bytes if head is not None else None
+    if not cached or before is None or after is None:
+        peaks = [p for p in (before, after) if p is not None]
+        return (max(peaks) - held_bytes if peaks else 0), None
+    return after - held_bytes, before - held_bytes - cache_bytes
 
 
 def _recompute_ms(
