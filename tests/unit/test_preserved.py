@@ -96,3 +96,19 @@ def test_a_different_optimizer_inside_is_an_error() -> None:
     model = _model()
     with preserved_state(model, "adamw"), pytest.raises(RuntimeError, match="holds still"):
         make_optimizer(torch.optim.Rprop(model.parameters()), model)
+
+
+def test_a_transformers_bert_profile_holds_at_most_its_step_plus_ten_percent() -> None:
+    """The issue's case at a small size: BertForMaskedLM in train mode, labels in a dict batch,
+    the default profile (every option, timed rounds)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.BertForMaskedLM(config).train()
+    ids = torch.randint(0, 128, (2, 32))
+    prof = remat.profile(model, {"input_ids": ids, "labels": ids}, repeats=1)
+    assert prof.profiling_peak_bytes is not None
+    assert prof.profiling_peak_bytes <= 1.1 * prof.peak_bytes
