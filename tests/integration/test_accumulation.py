@@ -90,3 +90,13 @@ def test_cli_accumulate(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as usage:
         main([*argv, "--accumulate", "0"])
     assert usage.value.code == 2
+
+
+def test_the_profile_records_accumulation_and_plans_for_it() -> None:
+    model = _model()
+    one = remat.profile(model, (_ids(0),), options=(), repeats=0)
+    four = remat.profile(model, (_ids(0),), options=(), repeats=0, accumulation_steps=4)
+    assert (one.accumulation_steps, four.accumulation_steps) == (1, 4)
+    assert four.peak_bytes == _loop_peak(model, 4) > one.peak_bytes
+    with pytest.raises(ValueError, match="accumulation_steps: got 0"):
+        remat.profile(model, (_ids(0),), options=(), repeats=0, accumulation_steps=0)

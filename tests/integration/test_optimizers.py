@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from torch import nn
 
 import remat
 from remat.models.gpt import GPT
@@ -109,3 +110,23 @@ def test_a_factory_must_return_an_optimizer() -> None:
         remat.profile(_model(), (_ids(),), optimizer=lambda p: list(p), options=(), repeats=0)
     with pytest.raises(ValueError, match="optimizer: got 'adam'"):
         remat.profile(_model(), (_ids(),), optimizer="adam", options=(), repeats=0)
+
+
+def test_per_rank_shards_any_optimizers_measured_state() -> None:
+    """``per_rank`` read AdamW's two states from a table by name and refused other optimizers;
+    it now shards the state the optimizer's own step made: an Adam instance, with AdamW's two
+    moments, gives AdamW's per-rank figures."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(16, 16), nn.GELU()) for _ in range(4)])
+    x = (torch.randn(4, 16),)
+    ranked = {
+        name: remat.profile(
+            model, x, optimizer=spec, options=(), repeats=0, world_size=4, fsdp=True
+        )
+        for name, spec in [("adamw", "adamw"), ("Adam", torch.optim.Adam(model.parameters()))]
+    }
+    assert ranked["Adam"].optimizer == "Adam"
+    assert ranked["Adam"].static_bytes == ranked["adamw"].static_bytes
+    assert ranked["Adam"].base_bytes == ranked["adamw"].base_bytes
+    one = remat.profile(model, x, optimizer="adamw", options=(), repeats=0)
+    assert ranked["Adam"].static_bytes < one.static_bytes / 2  # parameters and states sharded

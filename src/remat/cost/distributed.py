@@ -46,6 +46,7 @@ __all__ = [
     "parameter_bytes",
     "per_rank",
     "shard_bytes",
+    "state_ratio",
     "static_parts",
 ]
 
@@ -121,7 +122,7 @@ def static_parts(profile: Profile) -> tuple[int, int, int]:
         (12, 12, 24)
     """
     owners = parameter_bytes(profile, profile.world_size).values()
-    states = STATES_PER_PARAMETER.get(profile.optimizer, 0)
+    states = state_ratio(profile)
     if profile.fsdp:
         params = sum(p.shard for p in owners)
         trainable = sum(p.trainable_shard for p in owners)
@@ -130,7 +131,26 @@ def static_parts(profile: Profile) -> tuple[int, int, int]:
         params = sum(p.full for p in owners)
         trainable = sum(p.trainable_full for p in owners)
         gradients = trainable * (2 if profile.world_size > 1 else 1)  # DDP's buckets
-    return params, gradients, states * trainable
+    return params, gradients, round(states * trainable)
+
+
+def state_ratio(profile: Profile) -> float:
+    """Bytes of optimizer state per byte of trainable parameter: measured (the profile's
+    ``optimizer_state_bytes`` over its trainable bytes, one process), else
+    ``STATES_PER_PARAMETER`` by the optimizer's name (older profiles; 0 for a name not there).
+
+    Example:
+        >>> from remat.cost.model import example_profile
+        >>> prof = example_profile()
+        >>> prof.parameters = [{"owner": "", "dim0": 10, "row_bytes": 4, "trainable": True}]
+        >>> prof.optimizer, prof.optimizer_state_bytes = "Adafactor", 20
+        >>> state_ratio(prof)  # 20 bytes of state over 40 of parameters
+        0.5
+    """
+    if profile.optimizer_state_bytes is not None:
+        trainable = sum(p.trainable_full for p in parameter_bytes(profile, 1).values())
+        return profile.optimizer_state_bytes / trainable if trainable else 0.0
+    return float(STATES_PER_PARAMETER.get(profile.optimizer, 0))
 
 
 def _check(profile: Profile, world_size: Any, fsdp: bool) -> None:
@@ -150,7 +170,7 @@ def _check(profile: Profile, world_size: Any, fsdp: bool) -> None:
             "per_rank: the profile records no parameters (made by an older remat?); profile the"
             " model again with remat.profile"
         )
-    if profile.optimizer not in STATES_PER_PARAMETER:
+    if profile.optimizer_state_bytes is None and profile.optimizer not in STATES_PER_PARAMETER:
         raise ValueError(
             f"per_rank: the profile's optimizer is {profile.optimizer!r}; expected one of"
             f" {', '.join(STATES_PER_PARAMETER)}"
@@ -190,7 +210,7 @@ def per_rank(profile: Profile, *, world_size: int, fsdp: bool = False) -> Profil
         return profile
     _check(profile, world_size, fsdp)
     owners = parameter_bytes(profile, world_size)
-    states = STATES_PER_PARAMETER[profile.optimizer]
+    states = state_ratio(profile)
     assert profile.start_peak_bytes is not None  # _check
     start = profile.start_peak_bytes
     optimizer = profile.optimizer_peak_bytes
@@ -208,7 +228,7 @@ def per_rank(profile: Profile, *, world_size: int, fsdp: bool = False) -> Profil
     else:
         saved_all = sum(p.full - p.shard for p in owners.values())
         saved_trainable = sum(p.trainable_full - p.trainable_shard for p in owners.values())
-        at_rest = saved_all + (1 + states) * saved_trainable
+        at_rest = saved_all + saved_trainable + round(states * saved_trainable)
         static = profile.static_bytes - at_rest
         # During forward and backward the root's parameters are gathered, on top of their shards;
         # the units' parameters are shards except the unit running.
@@ -217,7 +237,7 @@ def per_rank(profile: Profile, *, world_size: int, fsdp: bool = False) -> Profil
         # Gathered parameters keep FSDP2's padding: N shards each.
         root_gathered = world_size * root.shard
         # The optimizer states are alive through the step (steady state), as shards.
-        states_saved = states * saved_trainable
+        states_saved = round(states * saved_trainable)
         base = (
             profile.base_bytes - units_saved - states_saved + root.shard + root_gathered - root.full
         )

@@ -234,6 +234,12 @@ class Profile:
     them (gradients the model had, copies of a CPU model's parameters)."""
     capacity_bytes: int | None = None
     """The device capacity profiling was held to (simulated), if one was given."""
+    optimizer_state_bytes: int | None = None
+    """Bytes of the optimizer's state, measured by its own step (``None`` in older profiles);
+    :func:`remat.cost.distributed.per_rank` shards it with the parameters."""
+    accumulation_steps: int = 1
+    """Micro-batches of gradient accumulation the step was profiled for (above 1: the last
+    one, with the gradients alive)."""
     input_shapes: list[list[int]] | None = None
     """Shapes of the example batch's tensors, in order: the batch the step was profiled on."""
 

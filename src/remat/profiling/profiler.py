@@ -50,8 +50,10 @@ from remat.profiling.options import (
 from remat.profiling.pieces import Run, combine_windows, halve
 from remat.profiling.step import (
     MIXED_DTYPES,
+    accumulating,
     check_optimizer,
     check_precision,
+    current_accumulation,
     default_loss,
     make_optimizer,
     make_scaler,
@@ -431,6 +433,7 @@ def profile(
     fsdp: bool = False,
     precision: str = "32",
     capacity_bytes: int | None = None,
+    accumulation_steps: int = 1,
 ) -> Profile:
     """Measure a model's training step for the planner, or estimate it for a target device.
 
@@ -468,6 +471,10 @@ def profile(
             more raises ``torch.OutOfMemoryError``. Profiling holds no more than it: a step that
             does not fit whole is measured in windows of units and combined exactly
             (:mod:`remat.profiling.pieces`); ``Profile.profiling_peak_bytes`` says what it held.
+        accumulation_steps: micro-batches whose gradients add up before each optimizer step;
+            above 1 the step profiled is the last micro-batch, with the gradients alive from the
+            start (:func:`remat.profiling.step.accumulating`). Default: 1, or that of an
+            enclosing ``accumulating``.
 
     Returns:
         A :class:`~remat.cost.model.Profile`; units are in execution order.
@@ -582,6 +589,7 @@ def profile(
         lenient_save_sets(),
         precision_check_off(),
         simulated_capacity(_step_capacity(capacity_bytes, preserved.held_bytes)),
+        accumulating(accumulation_steps),
     ):
         for number, (key, plan) in enumerate(plans.items(), start=1):
             say(f"profile: tracked step {number}/{3 + len(option_actions)} ({names[key]})")
@@ -807,7 +815,7 @@ def profile(
     time_source = "measured" if times[0] is not None else "flops"
     for unit in units_out:
         unit.options = _pareto_options(unit, time_source, auto_actions)
-    static_bytes = _static_bytes(model, example_inputs, optimizer)
+    static_bytes, state_bytes = _static_bytes(model, example_inputs, optimizer)
     result = Profile(
         units=units_out,
         static_bytes=static_bytes,
@@ -824,6 +832,8 @@ def profile(
         device=str(device),
         dtype=str(next((p.dtype for p in model.parameters()), torch.float32)).replace("torch.", ""),
         optimizer=optimizer_name(optimizer, model),
+        optimizer_state_bytes=state_bytes,
+        accumulation_steps=max(accumulation_steps, current_accumulation()),
         precision=precision,
         torch_version=torch.__version__,
         fingerprint=fingerprint(model, unit_fqns),
@@ -995,10 +1005,11 @@ def _cross_unit(marks: UnitMarks, fqns: list[str]) -> list[dict[str, Any]]:
     return found
 
 
-def _static_bytes(model: nn.Module, example_inputs: Any, optimizer: Any) -> int:
+def _static_bytes(model: nn.Module, example_inputs: Any, optimizer: Any) -> tuple[int, int]:
     """Parameters, buffers and inputs, plus a gradient per trainable parameter and the optimizer
     state, counted on a fresh optimizer whose state its own step made
-    (:func:`remat.profiling.step.optimizer_state_bytes`: two moments per parameter for AdamW)."""
+    (:func:`remat.profiling.step.optimizer_state_bytes`: two moments per parameter for AdamW);
+    and the optimizer state's part of it."""
     storages: dict[int, int] = {}
     for tensor in [*model.parameters(), *model.buffers(), *tensors_in(example_inputs)]:
         storage = tensor.untyped_storage()
@@ -1006,7 +1017,7 @@ def _static_bytes(model: nn.Module, example_inputs: Any, optimizer: Any) -> int:
     trainable = sum(p.untyped_storage().nbytes() for p in model.parameters() if p.requires_grad)
     with preserved_state(model, optimizer):
         state_bytes = optimizer_state_bytes(make_optimizer(optimizer, model))
-    return sum(storages.values()) + trainable + state_bytes
+    return sum(storages.values()) + trainable + state_bytes, state_bytes
 
 
 def _forward_flops(model: nn.Module, example_inputs: Any, unit_fqns: list[str]) -> list[int]:

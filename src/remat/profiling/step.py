@@ -34,6 +34,7 @@ __all__ = [
     "backward_and_step",
     "check_optimizer",
     "check_precision",
+    "current_accumulation",
     "default_loss",
     "make_optimizer",
     "make_scaler",
@@ -373,7 +374,7 @@ def training_step(
         >>> training_step(model, (torch.ones(4, 3),), precision="bf16-mixed").dtype
         torch.float32
     """
-    if _ACCUMULATING.get():
+    if _ACCUMULATING.get() > 1:
         _gradients_alive(model)
     else:
         for param in model.parameters():
@@ -386,7 +387,12 @@ def training_step(
     return loss.detach()
 
 
-_ACCUMULATING: ContextVar[bool] = ContextVar("remat_accumulating", default=False)
+_ACCUMULATING: ContextVar[int] = ContextVar("remat_accumulating", default=1)
+
+
+def current_accumulation() -> int:
+    """The micro-batches of the enclosing :func:`accumulating` (1 outside any)."""
+    return _ACCUMULATING.get()
 
 
 @contextmanager
@@ -414,7 +420,7 @@ def accumulating(accumulation_steps: int) -> Iterator[None]:
             f"accumulation_steps: got {accumulation_steps!r}; expected an integer >= 1 (the"
             " micro-batches whose gradients add up before each optimizer step; 1: none)"
         )
-    token = _ACCUMULATING.set(accumulation_steps > 1 or _ACCUMULATING.get())
+    token = _ACCUMULATING.set(accumulation_steps if accumulation_steps > 1 else _ACCUMULATING.get())
     try:
         yield
     finally:
