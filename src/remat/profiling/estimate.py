@@ -58,11 +58,10 @@ from remat.profiling.guard import NotEstimableError, module_running
 from remat.profiling.meta_target import (
     ATTENTION_KERNELS,
     attention_kernel,
-    estimate_on_meta,
     model_kernels,
     to_meta,
 )
-from remat.profiling.profiler import profile
+from remat.profiling.profiler import estimate_via_meta
 
 __all__ = [
     "ATTENTION_KERNELS",
@@ -127,21 +126,7 @@ def estimate_profile(
         (8, True, True)
     """
 
-    def measure(meta_model: nn.Module, meta_inputs: Any) -> Profile:
-        return profile(
-            meta_model,
-            meta_inputs,
-            loss_fn=loss_fn,
-            optimizer=optimizer,
-            units=units,
-            progress=progress,
-            options=options,
-            world_size=world_size,
-            fsdp=fsdp,
-        )
-
-    return estimate_on_meta(
-        measure,
+    return estimate_via_meta(
         model,
         example_inputs,
         device=device,
@@ -149,6 +134,10 @@ def estimate_profile(
         attention=attention,
         loss_fn=loss_fn,
         optimizer=optimizer,
-        timing=timing,
+        units=units,
         progress=progress,
+        options=options,
+        world_size=world_size,
+        fsdp=fsdp,
+        timing=timing,
     )

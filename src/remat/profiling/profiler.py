@@ -204,6 +204,58 @@ def _in_windows(
     return combine_windows(pieces, n), [window for window, _ in pieces], measured
 
 
+def estimate_via_meta(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    device: str | Any,
+    dtype: str | torch.dtype | None,
+    attention: str,
+    loss_fn: Callable[[Any], torch.Tensor] | None,
+    optimizer: Any,
+    units: UnitSpec,
+    progress: Callable[[str], None] | None,
+    options: Sequence[str],
+    world_size: int,
+    fsdp: bool,
+    precision: str = "32",
+    capacity_bytes: int | None = None,
+    timing: bool = True,
+) -> Profile:
+    """What ``profile(mode="estimate")`` and :func:`remat.profiling.estimate.estimate_profile`
+    run: this profiler's measurement on a meta copy under the target's kernels
+    (:func:`~remat.profiling.meta_target.estimate_on_meta`), ``per_rank`` applied at its end as
+    for a measured profile, and the roofline times when ``timing``."""
+
+    def measure(meta_model: nn.Module, meta_inputs: Any) -> Profile:
+        return profile(
+            meta_model,
+            meta_inputs,
+            loss_fn=loss_fn,
+            optimizer=optimizer,
+            units=units,
+            progress=progress,
+            options=options,
+            world_size=world_size,
+            fsdp=fsdp,
+            precision=precision,
+            capacity_bytes=capacity_bytes,
+        )
+
+    return estimate_on_meta(
+        measure,
+        model,
+        example_inputs,
+        device=device,
+        dtype=dtype,
+        attention=attention,
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        timing=timing,
+        progress=progress,
+    )
+
+
 def _step_capacity(capacity_bytes: int | None, held_bytes: int) -> int | None:
     """What a tracked step may hold under ``capacity_bytes`` (or the enclosing simulated
     capacity) while profiling keeps ``held_bytes`` beside it."""
@@ -511,25 +563,7 @@ def profile(
                 " 'h100-80gb' (remat.devices.DEVICES lists them)"
             )
 
-        # The measurement below, on a meta copy under the target's kernels: per_rank is applied
-        # at its end, as for a measured profile.
-        def measure(meta_model: nn.Module, meta_inputs: Any) -> Profile:
-            return profile(
-                meta_model,
-                meta_inputs,
-                loss_fn=loss_fn,
-                optimizer=optimizer,
-                units=units,
-                progress=progress,
-                options=() if options is None else options,
-                world_size=world_size,
-                fsdp=fsdp,
-                precision=precision,
-                capacity_bytes=capacity_bytes,
-            )
-
-        return estimate_on_meta(
-            measure,
+        return estimate_via_meta(
             model,
             example_inputs,
             device=device,
@@ -537,7 +571,13 @@ def profile(
             attention=attention,
             loss_fn=loss_fn,
             optimizer=optimizer,
+            units=units,
             progress=progress,
+            options=() if options is None else options,
+            world_size=world_size,
+            fsdp=fsdp,
+            precision=precision,
+            capacity_bytes=capacity_bytes,
         )
     if mode != "measure":
         raise ValueError(f"mode: got {mode!r}; expected 'measure' or 'estimate'")
