@@ -14,7 +14,7 @@ $(BIN)/activate:
 
 $(VENV)/.installed: $(BIN)/activate pyproject.toml
 	$(BIN)/pip install -q "$(TORCH_PIN)"
-	$(BIN)/pip install -q -e ".[dev,hf,plot]" "$(TORCH_PIN)"
+	$(BIN)/pip install -q -e ".[dev,hf,plot,lightning,accelerate]" "$(TORCH_PIN)"
 	touch $@
 
 venv: $(VENV)/.installed
