@@ -73,6 +73,13 @@ def test_train_gpt_with_a_budget_and_without(
     plain = run("--budget", "none", "--steps", "2", *GPT_SIZES)
     assert "plan:" not in plain.stdout
     assert peak < field_bytes(plain.stdout, "measured peak")
+    # steady-state steps (the optimizer's state alive): the planned run's step without its plan
+    # is the plain run's step to the byte, and min recomputes more than 50%
+    assert field_bytes(planned.stdout, "unplanned peak") == field_bytes(
+        plain.stdout, "measured peak"
+    )
+    least = run("--budget", "min", "--steps", "2", *GPT_SIZES)
+    assert field_bytes(least.stdout, "measured peak") < peak
 
 
 def test_hf_finetune(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
