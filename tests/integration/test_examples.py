@@ -104,3 +104,21 @@ def test_hf_finetune(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.Mon
     )
     check_trained_within_budget(done, steps=6)
     assert "hf:gpt2" in done.stdout
+
+
+def test_accelerate_train(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = pytest.importorskip("accelerate.state")
+    state.AcceleratorState._reset_state(reset_partial_state=True)  # one process-wide state
+    try:
+        done = run_example(
+            capsys, monkeypatch, "accelerate_train.py", "--steps", "3", "--cpu",
+            *("--budget", "min", "--n-layer", "3", "--d-model", "32"),
+        )  # fmt: skip
+    finally:
+        state.AcceleratorState._reset_state(reset_partial_state=True)
+    out = done.stdout
+    assert re.search(r"^plan: .*recompute blocks\.[0-9]", out, re.MULTILINE), out
+    peak = field_bytes(out, "measured peak")  # steady state, planned before prepare
+    assert 0 < peak <= field_bytes(out, "budget") < field_bytes(out, "unplanned peak")
