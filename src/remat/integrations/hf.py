@@ -17,6 +17,10 @@ its KV cache anyway (:func:`remat.apply.apply.kv_cache_off`, while measuring and
 on ``--device meta``, estimate mode): the mask checks transformers makes on tensor values are
 answered as for a batch without padding.
 
+``RematCallback(budget=...)`` is a ``transformers.TrainerCallback``: passed to a ``Trainer``, it
+plans for the Trainer's own step at the start of training, applies the plan, saves it in
+``output_dir`` and reuses it on resume (see ``docs/trainers.md``).
+
 Needs the ``hf`` extra (``pip install 'remat[hf]'``); transformers is imported on first use.
 """
 
@@ -39,11 +43,15 @@ from remat.models.base import BuiltModel, _check_int, _value_error
 
 __all__ = [
     "HF_MODELS",
+    "RematCallback",  # noqa: F822 (made on first use, by __getattr__)
     "build",
     "checkpointing_modules",
     "config_keys",
+    "first_batch",
     "prepare_meta",
     "prepare_model",
+    "refuse_trainer_args",
+    "trainer_precision",
 ]
 
 
@@ -462,3 +470,205 @@ def prepare_meta(model: nn.Module) -> list[str]:
             module.__dict__["_remat_meta_values"] = True
         readied.append(name)
     return readied
+
+
+# --------------------------------------------------------------------- Trainer callback
+def __getattr__(name: str) -> Any:
+    """``RematCallback`` is made on first use: it subclasses transformers' ``TrainerCallback``,
+    and importing this module imports no transformers."""
+    if name == "RematCallback":
+        return _remat_callback_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def trainer_precision(args: Any, model: nn.Module) -> str:
+    """The precision of the step a ``Trainer`` runs, by remat's names: ``bf16-mixed`` for
+    ``args.bf16``, ``fp16-mixed`` for ``args.fp16``, ``bf16-true`` for a model already in
+    bfloat16, else ``32``.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> trainer_precision(SimpleNamespace(bf16=True, fp16=False), nn.Linear(2, 2))
+        'bf16-mixed'
+        >>> trainer_precision(SimpleNamespace(bf16=False, fp16=False), nn.Linear(2, 2))
+        '32'
+    """
+    if getattr(args, "bf16", False):
+        return "bf16-mixed"
+    if getattr(args, "fp16", False):
+        return "fp16-mixed"
+    first = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return "bf16-true" if first is not None and first.dtype == torch.bfloat16 else "32"
+
+
+def refuse_trainer_args(args: Any) -> None:
+    """Refuse ``TrainingArguments`` the callback cannot plan for: the Trainer's own gradient
+    checkpointing (both would recompute), and FSDP (the Trainer shards the model before any
+    callback sees a batch, and a plan goes on before sharding).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> refuse_trainer_args(SimpleNamespace(gradient_checkpointing=False, fsdp=""))
+        >>> refuse_trainer_args(SimpleNamespace(gradient_checkpointing=True, fsdp=""))
+        Traceback (most recent call last):
+        ...
+        ValueError: RematCallback: got TrainingArguments(gradient_checkpointing=True); ...
+    """
+    own = getattr(args, "activation_checkpointing", False) or getattr(
+        args, "gradient_checkpointing", False
+    )
+    if own:
+        raise ValueError(
+            "RematCallback: got TrainingArguments(gradient_checkpointing=True); expected the"
+            " Trainer's own checkpointing off, so that remat's plan decides what to recompute"
+            " (both together recompute twice). Fix: TrainingArguments(gradient_checkpointing="
+            "False) and keep the callback, or drop the callback"
+        )
+    if getattr(args, "fsdp", None):
+        raise ValueError(
+            f"RematCallback: got TrainingArguments(fsdp={args.fsdp!r}); expected no FSDP: the"
+            " Trainer shards the model before a callback sees a batch, and a plan goes on before"
+            " sharding. Fix: drop the callback and plan before the Trainer, with"
+            " remat.integrations.trainer_plan.plan_for_trainer(model, batch, budget=...,"
+            " world_size=N, fsdp=True), or train with DDP (no fsdp) and the callback"
+        )
+
+
+def first_batch(dataloader: Any, device: torch.device) -> Any:
+    """The first batch of ``dataloader``, on ``device``, read without disturbing training: an
+    accelerate ``DataLoaderShard`` is read through its own ``base_dataloader`` (its iteration
+    state and gradient-accumulation bookkeeping stay as they are), and random number generators
+    are restored afterwards.
+
+    Example:
+        >>> from torch.utils.data import DataLoader
+        >>> loader = DataLoader(list(range(10)), batch_size=4, shuffle=True)
+        >>> state = torch.get_rng_state()
+        >>> first_batch(loader, torch.device("cpu")).shape, torch.equal(state, torch.get_rng_state())
+        (torch.Size([4]), True)
+    """
+    loader = getattr(dataloader, "base_dataloader", dataloader)
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        iterator = iter(loader)
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            raise ValueError(
+                "RematCallback: got an empty train dataloader; expected at least one batch to"
+                " plan for. Fix: give the Trainer a train_dataset with at least one batch"
+            ) from None
+        finally:
+            del iterator
+    return _to_device(batch, device)
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, Mapping):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
+
+
+def _remat_callback_class() -> type:
+    made = globals().get("_REMAT_CALLBACK")
+    if made is not None:
+        return made
+    try:
+        from transformers import TrainerCallback
+    except ImportError:
+        raise ImportError(
+            "remat.integrations.hf.RematCallback needs transformers, which is not installed."
+            " Fix: pip install 'remat[hf]' (or pip install transformers)"
+        ) from None
+
+    class RematCallback(TrainerCallback):
+        """Plan activation checkpointing for a Hugging Face ``Trainer``, at the start of training.
+
+        At ``on_train_begin`` the first batch of the train dataloader (on the model's device)
+        is profiled for the step the Trainer runs: its precision (``args.bf16`` /
+        ``args.fp16``), its optimizer (the Trainer's own instance, left unchanged), its
+        ``gradient_accumulation_steps`` and its ``world_size`` (under DDP rank 0 plans and
+        every rank applies the same plan). The plan is applied to the model in place, saved as
+        ``output_dir/remat_plan.json``, and its summary (``remat/...`` keys: units checkpointed,
+        predicted and measured peak, budget) appended to ``state.log_history``; a resumed run
+        reuses the saved plan when the model's fingerprint and these settings match (see
+        :func:`remat.integrations.trainer_plan.plan_for_trainer`). Training draws the same
+        random numbers as without the callback.
+
+        Refused (``ValueError`` when the Trainer is made): ``gradient_checkpointing=True`` and
+        ``fsdp``. ``torch_compile=True`` works: the plan goes on the model inside the compiled
+        wrapper before its first call.
+
+        Args:
+            budget: as :func:`remat.auto_`: bytes, ``"22GiB"``, ``"60%"``, ``"min"``.
+            options: more :func:`remat.auto_` options (``actions``, ``units``, ``loss_fn``,
+                ``capacity_bytes``).
+
+        Attributes:
+            handle: the installed plan's :class:`~remat.apply.apply.Handle` once training began.
+
+        Example:
+            >>> from remat.integrations.hf import RematCallback
+            >>> callback = RematCallback(budget="60%")
+            >>> callback.budget, callback.handle
+            ('60%', None)
+        """
+
+        def __init__(self, budget: int | str, **options: Any) -> None:
+            self.budget = budget
+            self.options = options
+            self.handle: Any = None
+
+        def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            refuse_trainer_args(args)
+
+        def on_train_begin(
+            self,
+            args: Any,
+            state: Any,
+            control: Any,
+            model: nn.Module | None = None,
+            optimizer: Any = None,
+            train_dataloader: Any = None,
+            **kwargs: Any,
+        ) -> None:
+            from remat.integrations.trainer_plan import plan_for_trainer
+
+            refuse_trainer_args(args)
+            if model is None or train_dataloader is None:
+                raise ValueError(
+                    "RematCallback: on_train_begin got no model or no train dataloader;"
+                    " expected a Trainer that passes both (transformers >= 4.40). Fix: upgrade"
+                    " transformers"
+                )
+            if self.handle is not None and self.handle.active and self.handle.model is model:
+                return  # train() again on the same model: the plan is on
+            device = next(model.parameters()).device
+            planned_for = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+            if not isinstance(planned_for, torch.optim.Optimizer):
+                planned_for = "adamw"  # not made yet: the Trainer's default
+
+            def log(summary: dict[str, Any]) -> None:
+                state.log_history.append({**summary, "step": state.global_step})
+
+            self.handle = plan_for_trainer(
+                model,
+                first_batch(train_dataloader, device),
+                budget=self.budget,
+                output_dir=args.output_dir,
+                precision=trainer_precision(args, model),
+                optimizer=planned_for,
+                accumulation_steps=args.gradient_accumulation_steps,
+                world_size=args.world_size,
+                fsdp=False,
+                log=log,
+                **self.options,
+            )
+
+    RematCallback.__module__ = __name__
+    RematCallback.__qualname__ = "RematCallback"
+    globals()["_REMAT_CALLBACK"] = RematCallback
+    return RematCallback
