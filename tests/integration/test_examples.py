@@ -122,3 +122,20 @@ def test_accelerate_train(
     assert re.search(r"^plan: .*recompute blocks\.[0-9]", out, re.MULTILINE), out
     peak = field_bytes(out, "measured peak")  # steady state, planned before prepare
     assert 0 < peak <= field_bytes(out, "budget") < field_bytes(out, "unplanned peak")
+
+
+def test_hf_trainer(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    state = pytest.importorskip("accelerate.state")  # the Trainer's accelerator: one per process
+    state.AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        done = run_example(capsys, monkeypatch, "hf_trainer.py", "--steps", "3")
+    finally:
+        state.AcceleratorState._reset_state(reset_partial_state=True)
+    out = done.stdout
+    assert re.search(r"^plan: .*recompute model\.layers\.[0-9]", out, re.MULTILINE), out
+    without = re.search(r"^losses without: +(.+)$", out, re.MULTILINE)
+    with_plan = re.search(r"^losses with: +(.+)$", out, re.MULTILINE)
+    assert without and with_plan and without.group(1) == with_plan.group(1), out
+    assert len(without.group(1).split()) == 3
+    planned = field_bytes(out, "steady-state peak with the plan")
+    assert 0 < planned < field_bytes(out, "steady-state peak without the plan")
