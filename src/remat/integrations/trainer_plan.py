@@ -267,11 +267,12 @@ def plan_for_trainer(
         >>> model = nn.Sequential(*[nn.Sequential(nn.Linear(32, 32), nn.GELU()) for _ in range(6)])
         >>> batch = (torch.randn(64, 32),)
         >>> out = tempfile.mkdtemp()
-        >>> handle = plan_for_trainer(model, batch, budget="min", output_dir=out, optimizer="sgd")
+        >>> options = {"budget": "min", "output_dir": out, "optimizer": "sgd", "actions": ["keep", "recompute"]}
+        >>> handle = plan_for_trainer(model, batch, **options)
         >>> len(handle.checkpointed) > 0, (Path(out) / PLAN_FILE).is_file()
         (True, True)
         >>> handle.remove()
-        >>> again = plan_for_trainer(model, batch, budget="min", output_dir=out, optimizer="sgd")
+        >>> again = plan_for_trainer(model, batch, **options)
         >>> again.result is None, again.checkpointed == handle.checkpointed
         (True, True)
         >>> again.remove()
