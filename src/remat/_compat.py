@@ -1,11 +1,17 @@
 """Every private or version-dependent torch API that remat uses, in one place.
 
 Each function says why it needs what it uses, so that a torch upgrade touches this file only.
+:data:`VERSION_PATHS` names each of them: the torch API, the release that introduced or last changed
+it, and what remat does where it is missing. remat supports torch 2.11 and later (pyproject), and
+is tested on 2.11 (CUDA, scripts/gpu_check.sh) and 2.13 (CPU); tests/unit/test_compat_versions.py
+checks every path on the installed torch and each fallback by hiding what it falls back from.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,7 +24,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 __all__ = [
+    "MIN_TORCH",
+    "VERSION_PATHS",
     "TorchDispatchMode",
+    "VersionPath",
     "compile_with_activation_budget",
     "compiled_original",
     "flop_formula",
@@ -262,4 +271,120 @@ def sdpa_backend(
     ``torch._fused_sdp_choice``, which returns an ``SDPBackend`` value."""
     extra = {"enable_gqa": True} if enable_gqa else {}  # the argument is new in torch 2.5
     choice = torch._fused_sdp_choice(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, **extra)
-    return torch.nn.attention.SDPBackend(choice).name.lower()
+    try:
+        name = torch.nn.attention.SDPBackend(choice).name
+    except ValueError:
+        name = "???"
+    if name == "???":  # a backend this torch's enum does not name (pybind's name for it is ???)
+        return f"backend_{int(choice)}"
+    return name.lower()
+
+
+MIN_TORCH = (2, 11)
+"""The oldest torch remat supports (pyproject's ``torch>=2.11``)."""
+
+
+@dataclass(frozen=True)
+class VersionPath:
+    """One private or version-dependent torch API that remat uses, and what it does without it.
+
+    ``api`` is a dotted path from ``torch`` (``module:attribute.attribute`` where the module is not
+    imported by ``import torch``); ``since`` the torch release that introduced it or last changed
+    what remat relies on; ``fallback`` what remat does where it is missing (``None``: nothing, it is
+    required, and torch >= :data:`MIN_TORCH` has it).
+
+    Example:
+        >>> path = next(p for p in VERSION_PATHS if p.function == "sdpa_backend")
+        >>> path.api, path.since <= MIN_TORCH, path.resolve() is torch._fused_sdp_choice
+        ('torch._fused_sdp_choice', True, True)
+    """
+
+    function: str
+    api: str
+    since: tuple[int, int]
+    fallback: str | None = None
+
+    def resolve(self) -> Any:
+        """The object ``api`` names on the installed torch; ``AttributeError`` /
+        ``ImportError`` where it has none."""
+        module_name, _, attributes = self.api.partition(":")
+        if not attributes:
+            module_name, attributes = "torch", self.api.removeprefix("torch.")
+        obj: Any = importlib.import_module(module_name)
+        for name in attributes.split("."):
+            obj = getattr(obj, name)
+        return obj
+
+
+VERSION_PATHS: tuple[VersionPath, ...] = (
+    VersionPath("TorchDispatchMode", "torch.utils._python_dispatch:TorchDispatchMode", (2, 0)),
+    VersionPath("tree_flatten", "torch.utils._pytree:tree_flatten", (2, 0)),
+    VersionPath("tree_unflatten", "torch.utils._pytree:tree_unflatten", (2, 0)),
+    VersionPath("in_backward", "torch._C._current_graph_task_id", (2, 1)),
+    VersionPath("tensor_version", "torch.Tensor._version", (1, 0)),
+    VersionPath("is_fake_tensor", "torch._subclasses.fake_tensor:FakeTensor", (2, 0)),
+    VersionPath("forward_hook_count", "torch.nn.Module.__init__", (1, 0)),  # _forward_hooks dicts
+    VersionPath(
+        "global_forward_hook_count", "torch.nn.modules.module:_global_forward_hooks", (1, 13)
+    ),
+    VersionPath("flop_formula", "torch.utils.flop_counter:flop_registry", (2, 1)),
+    VersionPath(
+        "op_is_view",
+        "torch.ops.aten.view.default.is_view",
+        (2, 0),
+        "no is_view: not a view (False)",
+    ),
+    VersionPath(
+        "op_writes_inputs",
+        "torch.ops.aten.add_.Tensor._schema",
+        (2, 0),
+        "no _schema: assume the op may write its inputs (True)",
+    ),
+    VersionPath(
+        "op_writes_self",
+        "torch.ops.aten.add_.Tensor._schema",
+        (2, 0),
+        "no _schema: not an in-place op on its first argument (False)",
+    ),
+    VersionPath("no_dispatch_modes", "torch.utils._python_dispatch:_disable_current_modes", (2, 0)),
+    VersionPath("function_modes", "torch.overrides:_get_current_function_mode_stack", (2, 0)),
+    VersionPath(
+        "local_tensor",
+        "torch.distributed.tensor:DTensor",
+        (2, 4),
+        "no _local_tensor attribute: the tensor itself (not a DTensor)",
+    ),
+    VersionPath(
+        "is_module_compiled",
+        "torch.nn.Module.compile",
+        (2, 2),
+        "no _compiled_call_impl attribute: not compiled (False)",
+    ),
+    VersionPath(
+        "compiled_original",
+        "torch._dynamo.eval_frame:OptimizedModule",
+        (2, 0),
+        "torch._dynamo not imported: nothing was compiled, the module itself",
+    ),
+    VersionPath(
+        "on_storage_resize",
+        "torch.UntypedStorage.resize_",
+        (2, 6),  # FSDP2's fully_shard public in torch.distributed.fsdp, its _fsdp_param resizing
+    ),
+    VersionPath(
+        "compile_with_activation_budget",
+        "torch._functorch.config:activation_memory_budget",
+        (2, 4),
+    ),
+    VersionPath("compile_with_activation_budget", "torch._inductor.compile_fx:compile_fx", (2, 0)),
+    VersionPath(
+        "sdpa_backend",
+        "torch._fused_sdp_choice",
+        (2, 5),  # enable_gqa=; on sm90 with cuDNN > 9.15 it may answer cudnn_attention first
+        "enable_gqa passed only when True (older torch takes no such argument); a choice the"
+        " SDPBackend enum does not name is backend_<number>",
+    ),
+    VersionPath("sdpa_backend", "torch.nn.attention:SDPBackend", (2, 3)),
+    VersionPath("integrations.distributed", "torch.distributed.fsdp:fully_shard", (2, 6)),
+)
+"""Each private or version-dependent torch API remat uses (see :class:`VersionPath`)."""
