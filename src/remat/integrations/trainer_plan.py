@@ -13,6 +13,7 @@ Framework-free: :class:`remat.integrations.hf.RematCallback` (Hugging Face ``Tra
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -241,16 +242,17 @@ def plan_for_trainer(
         accumulation_steps: the trainer's gradient accumulation steps.
         world_size, fsdp: plan for one of ``world_size`` ranks under DDP or FSDP2; then the
             step is profiled in this process, the figures made per rank, and the plan solved
-            without the measured closed loop. Under ``torch.distributed`` rank 0 plans and every
-            rank applies its plan (:func:`remat.integrations.distributed.broadcast_plan`).
+            without the measured closed loop. Under ``torch.distributed`` rank 0 alone reads the
+            saved plan or plans, writes the file, and every rank applies its plan
+            (:func:`remat.integrations.distributed.broadcast_plan`).
         log: called once with :func:`plan_summary`'s dict (e.g. the trainer's ``log``).
         auto_options: more :func:`remat.auto_` options (``loss_fn``, ``units``, ``actions``,
             ``capacity_bytes``).
 
     Returns:
         The :class:`~remat.apply.apply.Handle` (``handle.remove()`` takes the plan off);
-        ``handle.result`` is the solver's result when the plan was made now, ``None`` when the
-        saved plan was reused.
+        ``handle.result`` is the solver's result when the plan was made now (on rank 0), ``None``
+        when the saved plan was reused (then ``handle.plan.metadata["reused_from"]`` is its file).
 
     Raises:
         ValueError: the model checkpoints itself (Hugging Face ``gradient_checkpointing``);
@@ -291,36 +293,35 @@ def plan_for_trainer(
         batch=batch,
     )
     path = Path(output_dir) / PLAN_FILE if output_dir is not None else None
-    saved = _saved_plan(path, model, settings) if path is not None else None
     rank, ranks = rank_and_world_size()
-    if saved is not None:
-        handle = remat.apply_(model, saved)
-        logger.info("remat: reusing the plan in %s (no profile)", path)
-    else:
-        made: list[Handle] = []
+    made: list[Handle] = []
 
-        def make() -> remat.Plan:
-            made.append(
-                _solve_new(
-                    model,
-                    batch,
-                    budget=budget,
-                    precision=precision,
-                    optimizer=optimizer,
-                    accumulation_steps=accumulation_steps,
-                    world_size=world_size,
-                    fsdp=fsdp,
-                    auto_options=dict(auto_options),
-                )
+    def make() -> remat.Plan:  # on rank 0 only: it decides, for every rank, reuse or plan
+        saved = _saved_plan(path, model, settings) if path is not None else None
+        if saved is not None:
+            logger.info("remat: reusing the plan in %s (no profile)", path)
+            return dataclasses.replace(saved, metadata={**saved.metadata, "reused_from": str(path)})
+        made.append(
+            _solve_new(
+                model,
+                batch,
+                budget=budget,
+                precision=precision,
+                optimizer=optimizer,
+                accumulation_steps=accumulation_steps,
+                world_size=world_size,
+                fsdp=fsdp,
+                auto_options=dict(auto_options),
             )
-            made[0].plan.metadata["trainer"] = settings
-            return made[0].plan
+        )
+        made[0].plan.metadata["trainer"] = settings
+        if path is not None:
+            made[0].plan.save(path)
+        return made[0].plan
 
-        plan = broadcast_plan(make if rank == 0 else None)
-        handle = made[0] if made else remat.apply_(model, plan)
-        if path is not None and rank == 0:
-            plan.save(path)
-    summary = plan_summary(handle, reused=saved is not None, path=path)
+    plan = broadcast_plan(make if rank == 0 else None)
+    handle = made[0] if made else remat.apply_(model, plan)
+    summary = plan_summary(handle, reused="reused_from" in plan.metadata, path=path)
     logger.info(
         "remat: %s plan, %d of %d units checkpointed, predicted peak %s bytes (budget %s)%s",
         handle.plan.strategy,
