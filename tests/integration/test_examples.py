@@ -139,3 +139,17 @@ def test_hf_trainer(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.Monk
     assert len(without.group(1).split()) == 3
     planned = field_bytes(out, "steady-state peak with the plan")
     assert 0 < planned < field_bytes(out, "steady-state peak without the plan")
+
+
+def test_lightning_train(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    pytest.importorskip("lightning.pytorch")
+    args = ["--steps", "3", "--accelerator", "cpu", "--root", str(tmp_path)]
+    args += ["--budget", "min", "--n-layer", "3", "--d-model", "32"]
+    done = run_example(capsys, monkeypatch, "lightning_train.py", *args)
+    out = done.stdout
+    assert re.search(r"^plan: .*recompute model\.blocks\.[0-9]", out, re.MULTILINE), out
+    assert (tmp_path / "remat_plan.json").is_file()
+    peak = field_bytes(out, "measured peak")  # steady state, from a callback around the step
+    assert 0 < peak <= field_bytes(out, "predicted peak") < field_bytes(out, "unplanned peak")
