@@ -1,4 +1,9 @@
-"""``remat.auto_``: profile, solve, apply, and check by measurement that the plan fits.
+"""The pipeline: a :class:`~remat.profiling.step.Step` profiled, solved and measured, in one place.
+
+:func:`profile_step` profiles a step (measured where its model is, or estimated for its target),
+:func:`measure_plan` measures its peak under a plan, :func:`plan_step` goes profile -> solve ->
+measure and returns a :class:`Planned`; ``remat.auto_``, ``remat plan``, fit prediction, ``bench``
+and ``verify`` call these and only format what they return.
 
 The closed loop: after solving, the plan is applied and one training step is measured with the
 tracker. If the measured peak exceeds the budget, the budget handed to the solver is lowered by the
@@ -18,13 +23,22 @@ from torch import nn
 from remat.apply.apply import Handle, _refuse_double_checkpointing, apply_
 from remat.apply.units import UnitSpec
 from remat.cost.model import Profile
-from remat.profiling.profiler import profile
-from remat.profiling.step import accumulating, measure_step
-from remat.profiling.tracker import current_capacity, simulated_capacity
+from remat.plan import Plan
+from remat.profiling.profiler import check_estimate, estimate_via_meta, profile
+from remat.profiling.step import Step, as_step, measure_step
+from remat.profiling.tracker import current_capacity
 from remat.solve.budget import Budget
 from remat.solve.solver import ACTIONS, INFEASIBLE, SolveResult, solve
 
-__all__ = ["InfeasibleBudgetError", "auto_", "solve_measured"]
+__all__ = [
+    "InfeasibleBudgetError",
+    "Planned",
+    "auto_",
+    "measure_plan",
+    "plan_step",
+    "profile_step",
+    "solve_measured",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -84,18 +98,14 @@ def profile_options(actions: Sequence[str] | None, model: nn.Module | None = Non
 
 
 def solve_measured(
-    model: nn.Module,
-    example_inputs: Any,
+    step: Step,
     prof: Profile,
     budget: int | str | Budget,
     *,
-    loss_fn: Callable[[Any], torch.Tensor] | None = None,
-    optimizer: Any = "adamw",
     max_iterations: int = 3,
     actions: Sequence[str] = ACTIONS,
-    precision: str | None = None,
 ) -> SolveResult:
-    """Solve, then measure the plan's peak on the model and re-solve tighter while it does not fit.
+    """Solve, then measure the plan's peak on the step and re-solve tighter while it does not fit.
 
     Returns the last result with ``measured_peak_bytes`` and ``iterations`` set; its status is
     ``INFEASIBLE`` when no plan fits, or when the measured peak still exceeds the budget after
@@ -106,37 +116,25 @@ def solve_measured(
     from the least measured peak when that is above the predicted one, and at worst the least
     measured plan is the result (its notes say so).
 
-    The measured steps run in ``precision`` (default: the profile's, as the plans record it).
+    Every measured step is ``step`` (:func:`measure_plan`: its optimizer, precision,
+    accumulation and capacity).
     """
     parsed = Budget.parse(budget)
-    kwargs: dict[str, Any] = {
-        "loss_fn": loss_fn,
-        "optimizer": optimizer,
-        "actions": actions,
-        "precision": prof.precision if precision is None else precision,
-    }
     if parsed.kind == "min":
-        return _least_measured(model, example_inputs, prof, **kwargs)
+        return _least_measured(step, prof, actions)
     first = solve(prof, parsed, actions=actions)
-    result = _closed_loop(model, example_inputs, prof, first, max_iterations, **kwargs)
+    result = _closed_loop(step, prof, first, max_iterations, actions)
     if result.status != INFEASIBLE or parsed.kind != "percent":
         return result
-    return _percent_from_measured_least(
-        model, example_inputs, prof, parsed, result, max_iterations, **kwargs
-    )
+    return _percent_from_measured_least(step, prof, parsed, result, max_iterations, actions)
 
 
 def _closed_loop(
-    model: nn.Module,
-    example_inputs: Any,
+    step: Step,
     prof: Profile,
     result: SolveResult,
     max_iterations: int,
-    *,
-    loss_fn: Callable[[Any], torch.Tensor] | None,
-    optimizer: Any,
     actions: Sequence[str],
-    precision: str,
 ) -> SolveResult:
     """Measure ``result``'s plan; while its peak is above ``result.budget_bytes``, solve again
     with the byte target lowered by the miss, up to ``max_iterations`` solves in all."""
@@ -145,10 +143,7 @@ def _closed_loop(
     for iteration in range(1, max_iterations + 1):
         if result.status == INFEASIBLE:
             return dataclasses.replace(result, budget_bytes=budget_bytes, iterations=iteration)
-        with apply_(model, result.plan):
-            measured = measure_step(
-                model, example_inputs, loss_fn=loss_fn, optimizer=optimizer, precision=precision
-            ).peak_bytes  # measure_step restores weights and gradients
+        measured = measure_plan(step, result.plan)
         result = dataclasses.replace(
             result, budget_bytes=budget_bytes, measured_peak_bytes=measured, iterations=iteration
         )
@@ -175,13 +170,12 @@ def _closed_loop(
 
 
 def _percent_from_measured_least(
-    model: nn.Module,
-    example_inputs: Any,
+    step: Step,
     prof: Profile,
     parsed: Budget,
     missed: SolveResult,
     max_iterations: int,
-    **kwargs: Any,
+    actions: Sequence[str],
 ) -> SolveResult:
     """A percentage the closed loop could not meet when measured. Its bytes are at least the
     least peak the simulator predicts, but the least plans may measure above that prediction.
@@ -189,7 +183,7 @@ def _percent_from_measured_least(
     higher, the percentage is resolved again from it and the loop runs once more against those
     bytes. If that still misses, the least measured plan is the result: it fits the bytes by
     construction, so every percentage has a plan that fits when measured."""
-    least = _least_measured(model, example_inputs, prof, **kwargs)
+    least = _least_measured(step, prof, actions)
     if least.status == INFEASIBLE or least.measured_peak_bytes is None:
         return missed
     notes = []
@@ -202,24 +196,15 @@ def _percent_from_measured_least(
             f" predicted one, {missed.min_peak_bytes:,}, gave {missed.budget_bytes:,} bytes,"
             " which no plan met when measured"
         )
-        again = solve(prof, budget_bytes, actions=kwargs["actions"])
-        again = _closed_loop(model, example_inputs, prof, again, max_iterations, **kwargs)
+        again = solve(prof, budget_bytes, actions=actions)
+        again = _closed_loop(step, prof, again, max_iterations, actions)
         if again.status != INFEASIBLE:
             return dataclasses.replace(again, notes=[*again.notes, *notes])
     notes.append("the least measured plan: no cheaper plan fit when measured")
     return dataclasses.replace(least, budget_bytes=budget_bytes, notes=[*least.notes, *notes])
 
 
-def _least_measured(
-    model: nn.Module,
-    example_inputs: Any,
-    prof: Profile,
-    *,
-    loss_fn: Callable[[Any], torch.Tensor] | None,
-    optimizer: Any,
-    actions: Sequence[str],
-    precision: str,
-) -> SolveResult:
+def _least_measured(step: Step, prof: Profile, actions: Sequence[str]) -> SolveResult:
     """``min``: the least-peak plans with every allowed action, without the multi-unit blocks
     (``segment``, ``nested``: their peaks are the simulator's least certain, with skip tensors)
     and with whole units only, each measured; the lowest measured peak wins (then the lowest
@@ -239,11 +224,8 @@ def _least_measured(
         if result.status == INFEASIBLE or key in seen:
             continue
         seen.add(key)
-        with apply_(model, result.plan):
-            peak = measure_step(
-                model, example_inputs, loss_fn=loss_fn, optimizer=optimizer, precision=precision
-            )
-        measured.append((peak.peak_bytes, result.predicted_step_ms or 0.0, result))
+        peak_bytes = measure_plan(step, result.plan)
+        measured.append((peak_bytes, result.predicted_step_ms or 0.0, result))
     if not measured:
         return solve(prof, "min", actions=actions)
     peak_bytes, _, best = min(measured, key=lambda m: (m[0], m[1]))
@@ -289,9 +271,186 @@ def within_capacity(
     return Budget.parse(capacity)
 
 
+def profile_step(
+    step: Step,
+    *,
+    options: Sequence[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+    warmup: int = 1,
+    repeats: int = 3,
+    timing: bool = True,
+) -> Profile:
+    """The step's profile: measured where its model is (:func:`remat.profile`), or estimated
+    from shapes for ``step.target`` (:mod:`remat.profiling.estimate`); per rank when the step
+    has ``world_size`` / ``fsdp``. The one place a step's properties reach the profiler.
+
+    Args:
+        step: the :class:`~remat.profiling.step.Step`.
+        options: finer actions to measure (see :func:`remat.profile`; default there, none when
+            estimating).
+        progress: called with a line of text as each measured step starts.
+        warmup, repeats: untimed and timed steps for the medians (measured steps only).
+        timing: estimates only: run the roofline step for times (``False``: bytes alone).
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.Sequential(*[nn.Sequential(nn.Linear(16, 16), nn.GELU()) for _ in range(3)])
+        >>> step = Step(model, (torch.randn(4, 16),), optimizer="sgd", accumulation_steps=2)
+        >>> prof = profile_step(step, options=(), repeats=1)
+        >>> prof.unit_fqns, prof.accumulation_steps
+        (['0', '1', '2'], 2)
+        >>> estimate = profile_step(step.replace(target="h100-80gb"), timing=False)
+        >>> estimate.device, estimate.time_source
+        ('h100-80gb', 'flops')
+    """
+    with step.context():
+        if not step.estimated:
+            return profile(
+                step.model,
+                step.batch,
+                loss_fn=step.loss_fn,
+                optimizer=step.optimizer,
+                units=step.units,
+                warmup=warmup,
+                repeats=repeats,
+                progress=progress,
+                options=options,
+                world_size=step.world_size,
+                fsdp=step.fsdp,
+                precision=step.precision,
+            )
+        check_estimate(step.precision, step.target)
+        return estimate_via_meta(
+            step.model,
+            step.batch,
+            device=step.target,
+            dtype=step.dtype,
+            attention=step.attention,
+            loss_fn=step.loss_fn,
+            optimizer=step.optimizer,
+            units=step.units,
+            progress=progress,
+            options=() if options is None else options,
+            world_size=step.world_size,
+            fsdp=step.fsdp,
+            precision=step.precision,
+            timing=timing,
+        )
+
+
+def measure_plan(step: Step, plan: Plan | None = None) -> int:
+    """The measured peak bytes of the whole step (optimizer step and state included, in its
+    precision, its last micro-batch under accumulation, within its capacity) with ``plan``
+    applied (``None``: unplanned). The model is left as it was.
+
+    Example:
+        >>> from torch import nn
+        >>> from remat.solve.baselines import baseline_plan
+        >>> model = nn.Sequential(*[nn.Sequential(nn.Linear(16, 16), nn.GELU()) for _ in range(3)])
+        >>> step = Step(model, (torch.randn(64, 16),), optimizer="sgd")
+        >>> measure_plan(step, baseline_plan("full", ["0", "1", "2"])) < measure_plan(step)
+        True
+    """
+    if step.estimated:
+        raise ValueError(
+            f"step: got a step estimated for {step.target!r}; expected one measured where its"
+            " model is. Fix: step.replace(target=None) on a real device, or simulate the plan"
+            " (remat.simulate(profile, plan))"
+        )
+    with step.context():
+        if plan is None:
+            return measure_step(
+                step.model,
+                step.batch,
+                loss_fn=step.loss_fn,
+                optimizer=step.optimizer,
+                precision=step.precision,
+            ).peak_bytes
+        with apply_(step.model, plan):  # measure_step restores weights and gradients
+            return measure_step(
+                step.model,
+                step.batch,
+                loss_fn=step.loss_fn,
+                optimizer=step.optimizer,
+                precision=step.precision,
+            ).peak_bytes
+
+
+@dataclasses.dataclass
+class Planned:
+    """What :func:`plan_step` returns: the step, its profile and the solve's result (its
+    ``measured_peak_bytes`` set when the plan was measured).
+
+    Example:
+        >>> from remat.cost.model import example_profile
+        >>> from remat.solve.solver import solve
+        >>> from torch import nn
+        >>> planned = Planned(Step(nn.Linear(2, 2), ()), example_profile(),
+        ...                   solve(example_profile(), "min"))
+        >>> planned.status, planned.plan is planned.result.plan
+        ('OPTIMAL', True)
+    """
+
+    step: Step
+    profile: Profile
+    result: SolveResult
+
+    @property
+    def plan(self) -> Plan:
+        return self.result.plan
+
+    @property
+    def status(self) -> str:
+        return self.result.status
+
+
+def plan_step(
+    step: Step,
+    budget: int | str | Budget,
+    *,
+    actions: Sequence[str] | None = None,
+    measure: bool = True,
+    progress: Callable[[str], None] | None = None,
+    profile_: Profile | None = None,
+) -> Planned:
+    """The pipeline: profile ``step``, solve for ``budget`` (lowered to the step's capacity when
+    it resolves above it), and measure the plan in a closed loop
+    (:func:`solve_measured`). Estimated and distributed steps are solved, not measured (this
+    process is not the target, nor a rank of the sharded run); ``measure=False`` skips it too.
+
+    Args:
+        step: the :class:`~remat.profiling.step.Step`.
+        budget: bytes, ``"22GiB"``, ``"60%"``, ``"min"`` or ``"device"`` (see
+            :class:`~remat.solve.budget.Budget`).
+        actions: what the plan may use (default: all; offload on CUDA only).
+        measure: measure the plan and re-solve tighter while it does not fit.
+        progress: called with a line of text as each profiled step starts.
+        profile_: a profile of this step already taken (it is then not profiled again).
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.Sequential(*[nn.Sequential(nn.Linear(32, 32), nn.GELU()) for _ in range(4)])
+        >>> planned = plan_step(Step(model, (torch.randn(16, 32),), optimizer="sgd"), "min")
+        >>> planned.status, planned.result.measured_peak_bytes <= planned.result.budget_bytes
+        ('OPTIMAL', True)
+    """
+    allowed = list(actions) if actions is not None else list(ACTIONS)
+    with step.context():
+        # An estimate measures no finer option unless asked: each is one more step on meta.
+        options = profile_options(actions, step.model) if not step.estimated or actions else ()
+        prof = profile_ or profile_step(step, options=options, progress=progress)
+        budget = within_capacity(prof, budget, allowed)
+        distributed = step.world_size > 1 or step.fsdp
+        if measure and not step.estimated and not distributed:
+            result = solve_measured(step, prof, budget, actions=allowed)
+        else:
+            result = solve(prof, budget, actions=allowed)
+    return Planned(step=step, profile=prof, result=result)
+
+
 def auto_(
-    model: nn.Module,
-    example_inputs: Any,
+    model: nn.Module | Step,
+    example_inputs: Any = None,
     *,
     budget: int | str | Budget,
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
@@ -301,17 +460,20 @@ def auto_(
     precision: str = "32",
     capacity_bytes: int | None = None,
     accumulation_steps: int = 1,
+    progress: Callable[[str], None] | None = None,
 ) -> Handle:
     """Profile the model, solve for the cheapest plan within ``budget``, apply it in place.
 
     Args:
-        model: the model, on the device it trains on.
+        model: the model, on the device it trains on; or a :class:`~remat.profiling.step.Step`
+            that states the whole step (then give no ``example_inputs`` nor step arguments).
         example_inputs: one batch (tuple of positional arguments, dict of keyword arguments).
         budget: bytes, ``"22GiB"`` / ``"22GB"``, ``"60%"`` (60% of the way from the least peak
             any plan reaches to the unplanned peak; ``"0%"`` is ``"min"``), or ``"min"``.
         loss_fn: output -> scalar loss (default: the output if scalar, its ``loss`` field when it
             has one, as Hugging Face models return, else the mean of its floats).
-        optimizer: whose step counts in the peak: ``"adamw"``, ``"sgd"`` or ``"none"``.
+        optimizer: whose step counts in the peak: ``"adamw"``, ``"sgd"``, ``"none"``, an
+            optimizer instance (never changed) or a factory ``params -> Optimizer``.
         units: what the plan may act on (see :func:`remat.find_units`).
         actions: what the plan may use (``keep`` and any of ``recompute``, ``segment``,
             ``nested``, ``selective``, ``offload``); default: all, offload on CUDA only.
@@ -324,6 +486,8 @@ def auto_(
         accumulation_steps: micro-batches whose gradients add up before each optimizer step:
             above 1, the step planned and measured is the last micro-batch, its forward and
             backward with the gradients alive (the accumulated step's peak).
+        progress: called with a line of text as each profiled step starts (default: the
+            ``remat`` logger at INFO).
 
     Returns:
         The :class:`~remat.apply.apply.Handle`; ``handle.result`` is the
@@ -341,34 +505,27 @@ def auto_(
         >>> handle.result.measured_peak_bytes <= handle.result.budget_bytes
         True
         >>> handle.remove()
+        >>> handle = auto_(Step(model, x, optimizer="sgd", accumulation_steps=4), budget="min")
+        >>> handle.result.status
+        'OPTIMAL'
+        >>> handle.remove()
     """
+    step = as_step(
+        model,
+        example_inputs,
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        units=units,
+        precision=precision,
+        capacity_bytes=capacity_bytes,
+        accumulation_steps=accumulation_steps,
+    )
     # a model that checkpoints itself would be profiled wrongly, then refused by apply_: refuse now
-    _refuse_double_checkpointing(model, dict(model.named_modules()), [])
-    capacity = capacity_bytes if capacity_bytes is not None else current_capacity()
-    with simulated_capacity(capacity), accumulating(accumulation_steps):
-        prof = profile(
-            model,
-            example_inputs,
-            loss_fn=loss_fn,
-            optimizer=optimizer,
-            units=units,
-            options=profile_options(actions, model),
-            precision=precision,
-        )
-        allowed = actions if actions is not None else ACTIONS
-        result = solve_measured(
-            model,
-            example_inputs,
-            prof,
-            within_capacity(prof, budget, allowed),
-            loss_fn=loss_fn,
-            optimizer=optimizer,
-            actions=allowed,
-            precision=precision,
-        )
+    _refuse_double_checkpointing(step.model, dict(step.model.named_modules()), [])
+    result = plan_step(step, budget, actions=actions, progress=progress).result
     if result.status == INFEASIBLE:
         raise InfeasibleBudgetError(result)
-    handle = apply_(model, result.plan)
+    handle = apply_(step.model, result.plan)
     handle.result = result
     logger.info(
         "remat: %s plan, predicted peak %d (measured %s) within %d bytes, overhead %s",

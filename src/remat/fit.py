@@ -421,6 +421,8 @@ def max_size(
     attention: str = "auto",
     world_size: int = 1,
     fsdp: bool = False,
+    accumulation_steps: int = 1,
+    capacity_bytes: int | None = None,
     start: int = 1,
     limit: int = 1 << 20,
     progress: Callable[[str], None] | None = None,
@@ -439,6 +441,8 @@ def max_size(
             (as :func:`remat.profile`): ``batch`` is then one rank's batch, and every size is
             judged by one rank's peak (sharded parameters, gradients and optimizer state under
             FSDP2).
+        accumulation_steps, capacity_bytes: the step's gradient accumulation and simulated
+            capacity (see :class:`remat.Step`).
         overrides: more factory arguments (``n_layer``, ``d_model``, ...).
         start, limit: the first size tried and the largest considered. A size the model refuses
             (``load_model`` raises ``ValueError``, as for a sequence longer than a transformers
@@ -462,9 +466,10 @@ def max_size(
         >>> result.solved.predicted_peak_bytes <= result.budget_bytes
         True
     """
+    from remat.auto import profile_step
     from remat.models.spec import load_model
-    from remat.profiling.estimate import estimate_profile
     from remat.profiling.meta_target import roofline_times
+    from remat.profiling.step import Step
 
     if dim not in DIMENSIONS:
         raise ValueError(f"dim: got {dim!r}; expected one of {', '.join(DIMENSIONS)}")
@@ -494,18 +499,20 @@ def max_size(
 
     def probe(size: int) -> bool:
         built = build(size)
-        prof = estimate_profile(
+        step = Step(
             built.model,
             built.example_inputs,
-            device=spec,
             loss_fn=built.loss_fn,
             optimizer=optimizer,
             units=units,
-            attention=attention,
-            timing=False,
             world_size=world_size,
             fsdp=fsdp,
+            accumulation_steps=accumulation_steps,
+            capacity_bytes=capacity_bytes,
+            target=spec.name,
+            attention=attention,
         )
+        prof = profile_step(step, timing=False)
         profiles[size] = prof
         least = solve(prof, "min")
         point = SizePoint(

@@ -31,13 +31,15 @@ from remat import _compat
 from remat.apply.apply import apply_
 from remat.apply.checkpoint import _last_offloader
 from remat.apply.units import call_model, tensors_in
+from remat.auto import measure_plan
 from remat.cost.model import block_cost, blocks_of
 from remat.plan import Plan
 from remat.profiling.profiler import profile
 from remat.profiling.step import (
+    Step,
+    as_step,
     check_precision,
     default_loss,
-    measure_step,
     model_device,
     optimizer_name,
     preserved_state,
@@ -414,9 +416,9 @@ def _differing_grads(
 
 
 def verify(
-    model: nn.Module,
+    model: nn.Module | Step,
     plan: Plan,
-    example_inputs: Any,
+    example_inputs: Any = None,
     *,
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
     optimizer: Any = "adamw",
@@ -434,7 +436,10 @@ def verify(
     parameters, buffers and gradients restored).
 
     Args:
-        model: the model (without the plan installed).
+        model: the model (without the plan installed), or a :class:`~remat.profiling.step.Step`
+            stating the whole step (then no ``example_inputs``, ``loss_fn``, ``optimizer`` or
+            ``precision`` beside it): the peaks are then of that step, its accumulation and
+            capacity included, as :func:`remat.measure_plan` measures them.
         plan: the plan to check.
         example_inputs: one batch; floating inputs are made to require grad so that input
             gradients are compared too.
@@ -460,8 +465,20 @@ def verify(
         >>> [(u.fqn, u.unplanned_kept_bytes, u.planned_kept_bytes) for u in report.units][:2]
         [('0', 1024, 0), ('1', 1024, 0)]
     """
-    loss_fn = loss_fn or default_loss
-    precision = plan.precision if precision is None else precision
+    if isinstance(model, Step):
+        step = as_step(
+            model, example_inputs, loss_fn=loss_fn, optimizer=optimizer, precision=precision or "32"
+        )
+    else:
+        step = Step(
+            model,
+            example_inputs,
+            loss_fn=loss_fn,
+            optimizer=optimizer,
+            precision=plan.precision if precision is None else precision,
+        )
+    model, example_inputs, precision = step.model, step.batch, step.precision
+    loss_fn, optimizer = step.loss_fn or default_loss, step.optimizer
     check_precision(precision, model)
     with preserved_state(model):
         # Copied inside: the reference runs the step the planned model runs (a Hugging Face KV
@@ -486,12 +503,8 @@ def verify(
             # reach the comparison above.
             for param in model.parameters():
                 param.grad = None
-            planned_peak = measure_step(
-                model, example_inputs, loss_fn=loss_fn, optimizer=optimizer, precision=precision
-            )
-        unplanned_peak = measure_step(
-            model, example_inputs, loss_fn=loss_fn, optimizer=optimizer, precision=precision
-        )
+            planned_peak = measure_plan(step)  # the plan is installed
+        unplanned_peak = measure_plan(step)
     floor = _floor(reference, example_inputs, seed, units, precision) if checkpointed else {}
     checks = _unit_checks(actions, plain, planned, floor)
     predicted = (
@@ -518,8 +531,8 @@ def verify(
         not_applied=not_applied,
         predicted_saved_bytes=predicted,
         measured_saved_bytes=plain["saved"] - planned["saved"],
-        unplanned_peak_bytes=unplanned_peak.peak_bytes,
-        measured_peak_bytes=planned_peak.peak_bytes,
+        unplanned_peak_bytes=unplanned_peak,
+        measured_peak_bytes=planned_peak,
         optimizer=optimizer_name(optimizer, model),
         checkpointed=checkpointed,
     )

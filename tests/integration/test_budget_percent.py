@@ -79,7 +79,7 @@ def test_a_percent_is_met_when_the_least_plan_measures_above_its_prediction(
 
     def run(budget: str | int) -> remat.SolveResult:
         return solve_measured(
-            built.model, built.example_inputs, prof, budget, loss_fn=built.loss_fn
+            remat.Step(built.model, built.example_inputs, loss_fn=built.loss_fn), prof, budget
         )
 
     # A size stays a size: the predicted least peak in bytes has no plan that fits it measured.

@@ -144,7 +144,8 @@ def test_auto_applies_a_plan_that_fits_and_keeps_gradients() -> None:
 @pytest.mark.parametrize("name", ["unet", "gpt"])
 def test_min_is_the_lowest_measured_peak_of_the_least_peak_plans(name: str, profiles: dict) -> None:
     built, prof = profiles[name]
-    result = solve_measured(built.model, built.example_inputs, prof, "min", loss_fn=built.loss_fn)
+    step = remat.Step(built.model, built.example_inputs, loss_fn=built.loss_fn)
+    result = solve_measured(step, prof, "min")
     assert result.status != INFEASIBLE
     assert result.budget_bytes == result.measured_peak_bytes == _measure(built, result.plan)
     assert any("least-peak plans" in note for note in result.notes), result.notes

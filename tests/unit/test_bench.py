@@ -22,7 +22,7 @@ from remat.benchmarking.result import (
     summarize,
     time_ratio,
 )
-from remat.benchmarking.run import Step, run_interleaved
+from remat.benchmarking.run import Timed, run_interleaved
 
 
 class FakeClock:
@@ -58,8 +58,8 @@ def test_steps_are_interleaved_and_setup_is_untimed() -> None:
     clock = FakeClock()
     log: list[str] = []
 
-    def step(name: str) -> Step:
-        return Step(
+    def step(name: str) -> Timed:
+        return Timed(
             run=lambda: (log.append(name), clock.spend(1.0)),
             before=lambda: (log.append(f"before {name}"), clock.spend(1000.0)),
             after=lambda: clock.spend(1000.0),

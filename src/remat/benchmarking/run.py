@@ -43,7 +43,7 @@ from torch import nn
 from remat import _compat
 from remat.apply.apply import apply_
 from remat.apply.units import UnitSpec
-from remat.auto import solve_measured
+from remat.auto import measure_plan, profile_step, solve_measured
 from remat.benchmarking.result import (
     BenchResult,
     StrategyResult,
@@ -53,13 +53,12 @@ from remat.benchmarking.result import (
 )
 from remat.cost.model import TIMED_SOURCES, Profile, simulate
 from remat.plan import Plan
-from remat.profiling.profiler import profile
 from remat.profiling.step import (
     LossFn,
-    check_optimizer,
+    Step,
+    as_step,
     make_optimizer,
     make_scaler,
-    measure_step,
     preserved_state,
     training_step,
 )
@@ -71,7 +70,7 @@ __all__ = [
     "DEFAULT_BUDGETS",
     "DEFAULT_COMPILE_FRACTIONS",
     "DEFAULT_PEERS",
-    "Step",
+    "Timed",
     "Timing",
     "bench",
     "default_strategies",
@@ -124,12 +123,12 @@ class Timing:
 
 
 @dataclass
-class Step:
+class Timed:
     """One strategy's step: ``before`` and ``after`` run around each call of ``run``, untimed.
 
     Example:
         >>> calls = []
-        >>> step = Step(run=lambda: calls.append("run"), before=lambda: calls.append("before"))
+        >>> step = Timed(run=lambda: calls.append("run"), before=lambda: calls.append("before"))
         >>> _ = run_interleaved({"a": step}, rounds=1, warmup=0)
         >>> calls
         ['before', 'run']
@@ -141,7 +140,7 @@ class Step:
 
 
 def run_interleaved(
-    steps: Mapping[str, Step | Callable[[], None]],
+    steps: Mapping[str, Timed | Callable[[], None]],
     *,
     rounds: int,
     warmup: int = 1,
@@ -153,7 +152,7 @@ def run_interleaved(
 
     The first ``warmup`` rounds are recorded apart (``warmup_ms``), never in the samples.
     ``synchronize`` (e.g. ``torch.cuda.synchronize``) runs before the clock is read on both sides;
-    a :class:`Step`'s ``before`` and ``after`` run outside the timed region.
+    a :class:`Timed`'s ``before`` and ``after`` run outside the timed region.
 
     Example:
         >>> ticks = iter(range(0, 100, 5))
@@ -170,7 +169,7 @@ def run_interleaved(
             " round and no negative warm-up"
         )
     sync = synchronize or (lambda: None)
-    plan = {name: s if isinstance(s, Step) else Step(run=s) for name, s in steps.items()}
+    plan = {name: s if isinstance(s, Timed) else Timed(run=s) for name, s in steps.items()}
     timings = {name: Timing() for name in plan}
     total = warmup + rounds
     for round_ in range(total):
@@ -240,11 +239,12 @@ def _plan_key(plan: Plan, units: Sequence[str]) -> tuple[tuple[str, str], ...]:
     return tuple(key)
 
 
-def _default_peak(optimizer: Any, loss_fn: LossFn | None, precision: str = "32") -> PeakFn:
+def _default_peak(step: Step) -> PeakFn:
+    """The peers' peaks: the step as :func:`remat.measure_plan` measures it, on the model as
+    it is (a plan installed or not)."""
+
     def peak(model: nn.Module, example_inputs: Any) -> int:
-        return measure_step(
-            model, example_inputs, loss_fn=loss_fn, optimizer=optimizer, precision=precision
-        ).peak_bytes
+        return measure_plan(step.replace(model=model, batch=example_inputs))
 
     return peak
 
@@ -264,8 +264,8 @@ def _machine() -> str:
 
 
 def bench(
-    model: nn.Module,
-    example_inputs: Any,
+    model: nn.Module | Step,
+    example_inputs: Any = None,
     *,
     loss_fn: LossFn | None = None,
     strategies: Sequence[str] | None = None,
@@ -287,7 +287,9 @@ def bench(
     """Measure peak memory and step time of every strategy on the same training step.
 
     Args:
-        model: the model, on the device to measure on.
+        model: the model, on the device to measure on; or a :class:`~remat.profiling.step.Step`
+            stating the whole step (its accumulation and capacity then hold for every measured
+            peak; give no ``example_inputs`` nor step arguments beside it).
         example_inputs: one batch (tuple of positional arguments, dict of keyword arguments).
         loss_fn: output -> scalar loss (default: the output if scalar, else the mean of its floats).
         strategies: the peers (see :func:`default_strategies`); ``none`` is always added, since
@@ -329,7 +331,22 @@ def bench(
     """
     started = time.perf_counter()
     say = progress or (lambda text: logger.info("%s", text))
-    check_optimizer(optimizer)
+    step = as_step(
+        model,
+        example_inputs,
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        units=units,
+        precision=precision,
+    )
+    if step.estimated:
+        raise ValueError(
+            f"bench: got a step estimated for {step.target!r}; expected one that runs here"
+            " (bench measures every strategy). Fix: step.replace(target=None), or use"
+            " remat plan --device for an estimate"
+        )
+    model, example_inputs, loss_fn = step.model, step.batch, step.loss_fn
+    optimizer, precision = step.optimizer, step.precision
     if steps < 1 or warmup < 0:
         raise ValueError(f"steps: got {steps} (warm-up {warmup}); expected steps >= 1, warmup >= 0")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -347,7 +364,7 @@ def bench(
         peers.insert(0, "none")
     peers = list(dict.fromkeys(peers))
     parsed_budgets = [Budget.parse(b) for b in budgets]
-    measure = measure_peak or _default_peak(optimizer, loss_fn, precision)
+    measure = measure_peak or _default_peak(step)
     notes: list[str] = [] if precision == "32" else [f"every step runs in precision {precision}"]
     if any(b.kind == "percent" for b in parsed_budgets):
         notes.append(
@@ -362,14 +379,7 @@ def bench(
 
     torch.manual_seed(seed)
     say("bench: profiling the model (tracked and timed steps)")
-    prof = profile(
-        model,
-        example_inputs,
-        loss_fn=loss_fn,
-        optimizer=optimizer,
-        units=units,
-        precision=precision,
-    )
+    prof = profile_step(step)
     unit_fqns = prof.unit_fqns
 
     rows: list[StrategyResult] = []
@@ -468,15 +478,7 @@ def bench(
             result = dataclasses.replace(result, measured_peak_bytes=peak)
         else:
             say(f"bench: solving {name} and measuring its peak")
-            result = solve_measured(
-                model,
-                example_inputs,
-                prof,
-                budget,
-                loss_fn=loss_fn,
-                optimizer=optimizer,
-                precision=precision,
-            )
+            result = solve_measured(step, prof, budget)
         row = StrategyResult(
             strategy=name,
             kind="remat",
@@ -536,7 +538,7 @@ def bench(
     params = [*model.parameters(), *model.buffers()]
     losses: dict[str, float] = {}
 
-    def step_of(name: str) -> Step:
+    def step_of(name: str) -> Timed:
         plan, target = plans.get(name), compiled.get(name, model)
         handles: list[Any] = []
 
@@ -563,7 +565,7 @@ def bench(
             while handles:
                 handles.pop().remove()
 
-        return Step(run=run, before=before, after=after)
+        return Timed(run=run, before=before, after=after)
 
     runnable = _timing_order([r.strategy for r in rows if r.status == "ok" and r.same_as is None])
     load_avg = [_load_avg()]

@@ -61,8 +61,8 @@ def _progress(text: str) -> None:
     sys.stderr.flush()
 
 
-def run_estimate(args: argparse.Namespace) -> int:
-    """``remat plan`` in estimate mode."""
+def run_estimate(args: argparse.Namespace, capacity: int | None = None) -> int:
+    """``remat plan`` in estimate mode (``capacity``: ``--capacity`` in bytes)."""
     from remat import fit
     from remat.devices import get_device
     from remat.models.spec import parse_overrides
@@ -101,10 +101,12 @@ def run_estimate(args: argparse.Namespace) -> int:
                 attention=args.attention,
                 world_size=args.world_size,
                 fsdp=args.fsdp,
+                accumulation_steps=args.accumulate,
+                capacity_bytes=capacity,
                 progress=progress,
             )
         else:
-            result = _fixed_size(args, spec.name, budget, overrides, progress)
+            result = _fixed_size(args, spec.name, budget, overrides, progress, capacity)
     except NotEstimableError:
         raise  # the model, not the command line: exit code 1 with the message
     except ValueError as error:
@@ -140,12 +142,18 @@ def run_estimate(args: argparse.Namespace) -> int:
 
 
 def _fixed_size(
-    args: argparse.Namespace, device: str, budget: Any, overrides: dict, progress: Any
+    args: argparse.Namespace,
+    device: str,
+    budget: Any,
+    overrides: dict,
+    progress: Any,
+    capacity: int | None,
 ) -> Any:
     """Estimate and solve at the given --batch / --seq (no search)."""
     from remat import fit
+    from remat.auto import plan_step
     from remat.models.spec import load_model
-    from remat.profiling.estimate import estimate_profile
+    from remat.profiling.step import Step
     from remat.solve.solver import solve
 
     built = load_model(
@@ -156,19 +164,21 @@ def _fixed_size(
         seq=args.seq,
         overrides=overrides,
     )
-    prof = estimate_profile(
+    step = Step(
         built.model,
         built.example_inputs,
-        device=device,
         loss_fn=built.loss_fn,
         optimizer=args.optimizer,
         units=args.units,
-        attention=args.attention,
-        progress=progress,
         world_size=args.world_size,
         fsdp=args.fsdp,
+        accumulation_steps=args.accumulate,
+        capacity_bytes=capacity,
+        target=device,
+        attention=args.attention,
     )
-    solved = solve(prof, budget)
+    planned = plan_step(step, budget, progress=progress, measure=False)
+    prof, solved = planned.profile, planned.result
     least = solve(prof, "min")
     breakdown = fit.memory_breakdown(prof, solved.plan)
     point = fit.SizePoint(

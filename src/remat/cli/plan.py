@@ -105,8 +105,6 @@ def _progress(text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from remat.profiling.step import accumulating
-    from remat.profiling.tracker import simulated_capacity
     from remat.units import parse_bytes
 
     capacity = None
@@ -119,19 +117,16 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--capacity: got {args.capacity}; expected a size of at least 1 byte")
     if args.accumulate < 1:
         raise UsageError(f"--accumulate: got {args.accumulate}; expected an integer >= 1")
-    with simulated_capacity(capacity), accumulating(args.accumulate):
-        return _run(args, capacity)
+    return _run(args, capacity)
 
 
 def _run(args: argparse.Namespace, capacity: int | None) -> int:
     import remat
-    from remat.auto import profile_options, solve_measured, within_capacity
-    from remat.profiling.step import measure_step
-    from remat.solve.solver import ACTIONS
+    from remat.auto import measure_plan, plan_step, profile_options, profile_step
 
     check_precision_args(args)
     if wants_estimate(args):
-        return run_estimate(args)
+        return run_estimate(args, capacity)
     budget = None
     if args.budget is not None:
         try:
@@ -162,46 +157,28 @@ def _run(args: argparse.Namespace, capacity: int | None) -> int:
             raise UsageError(str(error)) from None
     built = load_model_from_args(args)
     try:
-        units = remat.apply.units.find_units_with_inputs(
-            built.model, args.units, built.example_inputs
+        step = remat.Step(
+            built.model,
+            built.example_inputs,
+            loss_fn=built.loss_fn,
+            optimizer=args.optimizer,
+            precision=args.precision,
+            accumulation_steps=args.accumulate,
+            world_size=args.world_size,
+            fsdp=args.fsdp,
+            capacity_bytes=capacity,
+            units=remat.apply.units.find_units_with_inputs(
+                built.model, args.units, built.example_inputs
+            ),
         )
     except ValueError as error:
         raise UsageError(str(error)) from None
-    options = profile_options(actions, built.model)
-    if args.strategy in ("megatron", "save_matmuls", "offload"):
-        needed = "offload" if args.strategy == "offload" else f"selective:{args.strategy}"
-        options = [*options, needed] if needed not in options else options
-    prof = remat.profile(
-        built.model,
-        built.example_inputs,
-        loss_fn=built.loss_fn,
-        optimizer=args.optimizer,
-        units=units,
-        progress=None if args.json else _progress,
-        options=options,
-        world_size=args.world_size,
-        fsdp=args.fsdp,
-        precision=args.precision,
-    )
-    solver_actions = actions if actions is not None else list(ACTIONS)
-    if capacity is not None and budget is not None:
-        budget = within_capacity(prof, budget, solver_actions)  # no plan over the device runs
+    progress = None if args.json else _progress
     # The closed loop measures this one process, not a rank of a sharded or replicated run.
     measure = not args.no_measure and not distributed
     if args.strategy == "auto":
-        if measure:
-            result = solve_measured(
-                built.model,
-                built.example_inputs,
-                prof,
-                budget,
-                loss_fn=built.loss_fn,
-                optimizer=args.optimizer,
-                actions=solver_actions,
-                precision=args.precision,
-            )
-        else:
-            result = remat.solve(prof, budget, actions=solver_actions)
+        planned = plan_step(step, budget, actions=actions, measure=measure, progress=progress)
+        prof, result = planned.profile, planned.result
         plan = result.plan
         status, budget_bytes = result.status, result.budget_bytes
         predicted, overhead = result.predicted_peak_bytes, result.predicted_overhead
@@ -212,6 +189,11 @@ def _run(args: argparse.Namespace, capacity: int | None) -> int:
         )
         min_peak, where, cost = result.min_peak_bytes, result.where, result.cost
     else:
+        options = profile_options(actions, built.model)
+        if args.strategy in ("megatron", "save_matmuls", "offload"):
+            needed = "offload" if args.strategy == "offload" else f"selective:{args.strategy}"
+            options = [*options, needed] if needed not in options else options
+        prof = profile_step(step, options=options, progress=progress)
         plan = remat.baseline_plan(args.strategy, prof.unit_fqns)
         plan.fingerprint, plan.precision = prof.fingerprint, prof.precision
         sim = remat.simulate(prof, plan)
@@ -231,16 +213,7 @@ def _run(args: argparse.Namespace, capacity: int | None) -> int:
             else None
         )
         status = "FITS" if budget_bytes is None or predicted <= budget_bytes else "OVER_BUDGET"
-        measured = None
-        if measure:
-            with remat.apply_(built.model, plan):
-                measured = measure_step(
-                    built.model,
-                    built.example_inputs,
-                    loss_fn=built.loss_fn,
-                    optimizer=args.optimizer,
-                    precision=args.precision,
-                ).peak_bytes
+        measured = measure_plan(step, plan) if measure else None
         plan.budget_bytes, plan.predicted_peak_bytes, plan.predicted_overhead = (
             budget_bytes,
             predicted,

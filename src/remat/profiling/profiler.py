@@ -204,6 +204,21 @@ def _in_windows(
     return combine_windows(pieces, n), [window for window, _ in pieces], measured
 
 
+def check_estimate(precision: str, device: str | None) -> None:
+    """Refuse what estimate mode cannot model: a mixed precision, or no target device."""
+    if precision in MIXED_DTYPES:
+        raise ValueError(
+            f"precision: got {precision!r} with an estimate; expected '32' or 'bf16-true'"
+            " (estimate mode does not model autocast yet: pass dtype='bfloat16' for a bf16"
+            " model, or measure the mixed step on the CPU)"
+        )
+    if device is None:
+        raise ValueError(
+            "device: got None with mode='estimate'; expected a device name such as"
+            " 'h100-80gb' (remat.devices.DEVICES lists them)"
+        )
+
+
 def estimate_via_meta(
     model: nn.Module,
     example_inputs: Any,
@@ -550,19 +565,8 @@ def profile(
         >>> est.device, est.time_source, est.units[0].keep_bytes < prof.units[0].keep_bytes
         ('a100-80gb', 'roofline', True)
     """
-    if mode == "estimate" and precision in MIXED_DTYPES:
-        raise ValueError(
-            f"precision: got {precision!r} with mode='estimate'; expected '32' or 'bf16-true'"
-            " (estimate mode does not model autocast yet: pass dtype='bfloat16' for a bf16"
-            " model, or measure the mixed step on the CPU)"
-        )
     if mode == "estimate":
-        if device is None:
-            raise ValueError(
-                "device: got None with mode='estimate'; expected a device name such as"
-                " 'h100-80gb' (remat.devices.DEVICES lists them)"
-            )
-
+        check_estimate(precision, device)
         return estimate_via_meta(
             model,
             example_inputs,

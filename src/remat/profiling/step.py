@@ -13,9 +13,11 @@ Precision, by Lightning's names (:data:`remat.plan.PRECISIONS`): ``"32"`` runs a
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,12 +27,19 @@ from remat.apply.apply import kv_cache_off, warn_eval_mode
 from remat.apply.units import call_model, tensors_in
 from remat.plan import PRECISIONS
 from remat.profiling.target import current_target
-from remat.profiling.tracker import MemoryReport, track_memory
+from remat.profiling.tracker import (
+    MemoryReport,
+    current_capacity,
+    simulated_capacity,
+    track_memory,
+)
 
 __all__ = [
     "OPTIMIZERS",
     "PRECISIONS",
+    "Step",
     "accumulating",
+    "as_step",
     "backward_and_step",
     "check_optimizer",
     "check_precision",
@@ -599,3 +608,132 @@ def measure_step(
                 model, example_inputs, loss_fn=loss_fn, optimizer=opt, precision=precision
             )
     return tracker.report()
+
+
+def _check_count(name: str, value: Any, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: got {value!r}; expected an integer >= 1 ({what})")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One training step as it runs: what every entry point profiles, plans and measures.
+
+    :func:`remat.auto_`, :func:`remat.profile_step`, :func:`remat.plan_step`,
+    :func:`remat.bench`, :func:`remat.verify`, fit prediction and ``remat plan`` all take one
+    (or build one from the same keyword arguments), so a property of the step is stated once.
+
+    Attributes:
+        model: the model, on the device it trains on (``meta`` for shapes alone).
+        batch: one batch: a tuple of positional arguments, a dict of keyword arguments, or one
+            object. With ``world_size`` > 1, one rank's batch.
+        loss_fn: output -> scalar loss (default: :func:`default_loss`).
+        optimizer: ``"adamw"``, ``"sgd"``, ``"none"``, a ``torch.optim.Optimizer`` instance or a
+            factory ``params -> Optimizer``; its own step makes its state (never the real one).
+        precision: ``"32"``, ``"bf16-mixed"``, ``"fp16-mixed"`` or ``"bf16-true"``.
+        accumulation_steps: micro-batches whose gradients add up before each optimizer step.
+        world_size, fsdp: one of ``world_size`` data-parallel ranks, under DDP or FSDP2.
+        target: where it is measured: ``None`` on the model's own device (``meta``: shapes
+            alone), or a device name from :mod:`remat.devices` (``"h100-80gb"``): estimated
+            from shapes for that device, its kernels and a roofline.
+        dtype, attention: the estimate's parameter dtype and attention kernel (with ``target``).
+        capacity_bytes: the device's memory, simulated (see
+            :func:`~remat.profiling.tracker.simulated_capacity`); default: none, or that of an
+            enclosing ``simulated_capacity``.
+        units: what plans may act on (see :func:`remat.find_units`).
+
+    Example:
+        >>> step = Step(torch.nn.Linear(8, 8, bias=False), (torch.ones(4, 8),), optimizer="sgd",
+        ...             accumulation_steps=4)
+        >>> with step.context():
+        ...     measure_step(step.model, step.batch, optimizer=step.optimizer).peak_bytes
+        1160
+        >>> Step(torch.nn.Linear(8, 8), (torch.ones(4, 8),), precision="bf16")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: precision: got 'bf16'; expected one of 32, bf16-mixed, ...
+    """
+
+    model: nn.Module
+    batch: Any
+    loss_fn: LossFn | None = None
+    optimizer: Any = "adamw"
+    precision: str = "32"
+    accumulation_steps: int = 1
+    world_size: int = 1
+    fsdp: bool = False
+    target: str | None = None
+    dtype: str | torch.dtype | None = None
+    attention: str = "auto"
+    capacity_bytes: int | None = None
+    units: Any = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, nn.Module):
+            raise ValueError(f"model: got {type(self.model).__name__}; expected a torch.nn.Module")
+        check_optimizer(self.optimizer)
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"precision: got {self.precision!r}; expected one of {', '.join(PRECISIONS)}"
+            )
+        _check_count("accumulation_steps", self.accumulation_steps, "1: no accumulation")
+        _check_count("world_size", self.world_size, "the number of data-parallel ranks")
+        if self.capacity_bytes is not None:
+            _check_count("capacity_bytes", self.capacity_bytes, "the simulated device memory")
+        if self.target is None and (self.dtype is not None or self.attention != "auto"):
+            raise ValueError(
+                "dtype, attention: given without a target; expected them only with"
+                " target='<device name>' (an estimate), as the model is measured where it is."
+                " Fix: pass target='h100-80gb' (remat.devices.DEVICES), or drop them"
+            )
+
+    @property
+    def estimated(self) -> bool:
+        """Whether the step is estimated for ``target`` rather than measured where it is."""
+        return self.target is not None
+
+    @contextmanager
+    def context(self) -> Iterator[None]:
+        """Within: the step's simulated capacity and gradient accumulation hold for every step
+        measured or profiled (what :func:`measure_step` and :func:`remat.profile` read)."""
+        capacity = self.capacity_bytes if self.capacity_bytes is not None else current_capacity()
+        with ExitStack() as stack:
+            stack.enter_context(simulated_capacity(capacity))
+            stack.enter_context(accumulating(self.accumulation_steps))
+            yield
+
+    def replace(self, **changes: Any) -> Step:
+        """A copy with ``changes`` (``step.replace(batch=larger)``), validated again."""
+        return dataclasses.replace(self, **changes)
+
+
+_STEP_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Step) if f.name != "model"}
+
+
+def as_step(model: nn.Module | Step, batch: Any = None, **fields: Any) -> Step:
+    """``model`` if it is a :class:`Step`, else ``Step(model, batch, **fields)``: how the entry
+    points take either a Step or the model, batch and keyword arguments they always took.
+
+    Raises:
+        ValueError: a Step given with a batch or with a field that differs from its default
+            (state it on the Step instead).
+
+    Example:
+        >>> step = as_step(torch.nn.Linear(2, 2), (torch.ones(1, 2),), optimizer="sgd")
+        >>> as_step(step) is step, step.optimizer
+        (True, 'sgd')
+    """
+    if not isinstance(model, Step):
+        return Step(model, batch, **fields)
+    given = [
+        name
+        for name, value in fields.items()
+        if value is not _STEP_DEFAULTS.get(name) and value != _STEP_DEFAULTS.get(name)
+    ]
+    if batch is not None or given:
+        names = ", ".join((["batch"] if batch is not None else []) + given)
+        raise ValueError(
+            f"{names}: got beside a Step; expected them on the Step, which describes the whole"
+            f" step. Fix: step.replace({names.split(', ')[0]}=...)"
+        )
+    return model
