@@ -140,6 +140,17 @@ def check_planned_run(plain: tuple[Trainer, Recorder], planned: tuple[Trainer, R
     assert rec.peak_bytes < plain_rec.peak_bytes
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fresh_accelerator_state() -> Any:
+    """The Trainer's accelerate state is one per process: start and leave it unset, so that
+    use_cpu=True here and another test's devices do not clash."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("hf_trainer")
