@@ -23,6 +23,7 @@ from torch import nn
 from remat.apply.apply import Handle, _refuse_double_checkpointing, apply_
 from remat.apply.units import UnitSpec
 from remat.cost.model import Profile
+from remat.feedback import as_progress
 from remat.plan import Plan
 from remat.profiling.profiler import check_estimate, estimate_via_meta, profile
 from remat.profiling.step import Step, as_step, measure_step
@@ -275,7 +276,7 @@ def profile_step(
     step: Step,
     *,
     options: Sequence[str] | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: bool | Callable[[str], None] | None = None,
     warmup: int = 1,
     repeats: int = 3,
     timing: bool = True,
@@ -288,7 +289,8 @@ def profile_step(
         step: the :class:`~remat.profiling.step.Step`.
         options: finer actions to measure (see :func:`remat.profile`; default there, none when
             estimating).
-        progress: called with a line of text as each measured step starts.
+        progress: a line of text as each measured step starts: logged (``None``), on stderr
+            (``True``) or to a callable (:func:`remat.feedback.as_progress`).
         warmup, repeats: untimed and timed steps for the medians (measured steps only).
         timing: estimates only: run the roofline step for times (``False``: bytes alone).
 
@@ -410,7 +412,7 @@ def plan_step(
     *,
     actions: Sequence[str] | None = None,
     measure: bool = True,
-    progress: Callable[[str], None] | None = None,
+    progress: bool | Callable[[str], None] | None = None,
     profile_: Profile | None = None,
 ) -> Planned:
     """The pipeline: profile ``step``, solve for ``budget`` (lowered to the step's capacity when
@@ -424,7 +426,8 @@ def plan_step(
             :class:`~remat.solve.budget.Budget`).
         actions: what the plan may use (default: all; offload on CUDA only).
         measure: measure the plan and re-solve tighter while it does not fit.
-        progress: called with a line of text as each profiled step starts.
+        progress: a line of text as each stage starts: logged (``None``, the ``remat`` logger
+            at INFO), on stderr (``True``, a bar on a terminal) or to a callable.
         profile_: a profile of this step already taken (it is then not profiled again).
 
     Example:
@@ -435,15 +438,18 @@ def plan_step(
         ('OPTIMAL', True)
     """
     allowed = list(actions) if actions is not None else list(ACTIONS)
+    say = as_progress(progress)
     with step.context():
         # An estimate measures no finer option unless asked: each is one more step on meta.
         options = profile_options(actions, step.model) if not step.estimated or actions else ()
-        prof = profile_ or profile_step(step, options=options, progress=progress)
+        prof = profile_ or profile_step(step, options=options, progress=say)
         budget = within_capacity(prof, budget, allowed)
         distributed = step.world_size > 1 or step.fsdp
         if measure and not step.estimated and not distributed:
+            say(f"plan: solving for {Budget.parse(budget).text}, measuring the plan's step")
             result = solve_measured(step, prof, budget, actions=allowed)
         else:
+            say(f"plan: solving for {Budget.parse(budget).text}")
             result = solve(prof, budget, actions=allowed)
     return Planned(step=step, profile=prof, result=result)
 
@@ -460,7 +466,7 @@ def auto_(
     precision: str = "32",
     capacity_bytes: int | None = None,
     accumulation_steps: int = 1,
-    progress: Callable[[str], None] | None = None,
+    progress: bool | Callable[[str], None] | None = None,
 ) -> Handle:
     """Profile the model, solve for the cheapest plan within ``budget``, apply it in place.
 
@@ -486,8 +492,10 @@ def auto_(
         accumulation_steps: micro-batches whose gradients add up before each optimizer step:
             above 1, the step planned and measured is the last micro-batch, its forward and
             backward with the gradients alive (the accumulated step's peak).
-        progress: called with a line of text as each profiled step starts (default: the
-            ``remat`` logger at INFO).
+        progress: what is being measured, as each stage starts: ``None`` (default) logs it to
+            the ``remat`` logger at INFO (``logging.basicConfig(level=logging.INFO)`` shows it),
+            ``True`` writes it to stderr with the seconds elapsed (a bar on a terminal), a
+            callable receives each line.
 
     Returns:
         The :class:`~remat.apply.apply.Handle`; ``handle.result`` is the

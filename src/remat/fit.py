@@ -29,6 +29,7 @@ from typing import Any
 from remat.cost.distributed import static_parts
 from remat.cost.model import Profile, Simulation, simulate
 from remat.devices import get_device
+from remat.feedback import as_progress
 from remat.plan import Plan
 from remat.solve.baselines import baseline_plan
 from remat.solve.budget import Budget
@@ -425,7 +426,7 @@ def max_size(
     capacity_bytes: int | None = None,
     start: int = 1,
     limit: int = 1 << 20,
-    progress: Callable[[str], None] | None = None,
+    progress: bool | Callable[[str], None] | None = None,
 ) -> FitResult:
     """The largest ``batch`` (or ``seq``) whose best plan fits ``budget`` on ``device``.
 
@@ -447,7 +448,8 @@ def max_size(
         start, limit: the first size tried and the largest considered. A size the model refuses
             (``load_model`` raises ``ValueError``, as for a sequence longer than a transformers
             model's ``max_position_embeddings``) lowers the limit to the largest it takes.
-        progress: called with a line of text per size tried (the CLI writes them to stderr).
+        progress: a line of text per size tried: logged (``None``), on stderr (``True``; the
+            CLI's choice) or to a callable (:func:`remat.feedback.as_progress`).
 
     Returns:
         A :class:`FitResult`; status ``NONE_FITS`` when size ``start`` does not fit.
@@ -481,7 +483,7 @@ def max_size(
             " (22GiB) or device, which stay the same as the size changes"
         )
     budget_bytes = parsed.resolve(peak_bytes=0, device=spec.name)
-    say = progress or (lambda text: logger.info("%s", text))
+    say = as_progress(progress)
     points: dict[int, SizePoint] = {}
     sizes = {"batch": batch, "seq": seq}
 

@@ -52,6 +52,7 @@ from remat.benchmarking.result import (
     summarize,
 )
 from remat.cost.model import TIMED_SOURCES, Profile, simulate
+from remat.feedback import as_progress
 from remat.plan import Plan
 from remat.profiling.step import (
     LossFn,
@@ -279,7 +280,7 @@ def bench(
     with_compile: bool = False,
     compile_fractions: Sequence[float] = DEFAULT_COMPILE_FRACTIONS,
     model_name: str = "",
-    progress: Progress | None = None,
+    progress: bool | Progress | None = None,
     clock: Clock = time.perf_counter,
     measure_peak: PeakFn | None = None,
     precision: str = "32",
@@ -307,7 +308,8 @@ def bench(
         model_name: a label for the report.
         precision: the step's precision (``"32"``, ``"bf16-mixed"``, ``"fp16-mixed"``,
             ``"bf16-true"``; see :func:`remat.profile`): every strategy's step runs in it.
-        progress: called with a line of text as each stage starts (default: ``logging`` INFO).
+        progress: a line of text as each stage starts: logged (``None``, the ``remat`` logger at
+            INFO), on stderr (``True``, a bar on a terminal) or to a callable.
         clock: seconds, for the timed steps (tests pass a fake one).
         measure_peak: ``(model, example_inputs) -> bytes`` for the peaks of the peers (default:
             one tracked training step); remat's plans take the closed loop's measurement.
@@ -330,7 +332,7 @@ def bench(
         (True, 1.0)
     """
     started = time.perf_counter()
-    say = progress or (lambda text: logger.info("%s", text))
+    say = as_progress(progress)
     step = as_step(
         model,
         example_inputs,

@@ -28,6 +28,7 @@ from remat.apply.units import call_model
 from remat.cost.model import Profile
 from remat.cost.roofline import op_time_ms
 from remat.devices import DeviceSpec, get_device
+from remat.feedback import as_progress
 from remat.profiling.guard import DataDependentGuard
 from remat.profiling.marks import UnitMarks
 from remat.profiling.meta_kernels import CpuLayoutsOnMeta, cpu_attention, sdpa_arguments
@@ -417,7 +418,7 @@ def estimate_on_meta(
     loss_fn = loss_fn or default_loss
     meta_model, meta_inputs = to_meta(model, example_inputs, dtype)
     _prepare_transformers(meta_model)
-    say = progress or (lambda text: logger.info("%s", text))
+    say = as_progress(progress)
     with ExitStack() as stack:
         # beneath every other dispatch mode, so that it may answer pointwise ops itself
         stack.enter_context(DataDependentGuard(meta_model, fast_meta=True))

@@ -37,6 +37,7 @@ from remat.apply.units import (
 )
 from remat.cost.distributed import per_rank
 from remat.cost.model import OptionProfile, Profile, UnitProfile
+from remat.feedback import as_progress
 from remat.plan import Action, Plan
 from remat.profiling.marks import UnitMarks
 from remat.profiling.meta_kernels import mirror_cpu_on_meta
@@ -490,7 +491,7 @@ def profile(
     units: UnitSpec = None,
     warmup: int = 1,
     repeats: int = 3,
-    progress: Callable[[str], None] | None = None,
+    progress: bool | Callable[[str], None] | None = None,
     options: Sequence[str] | None = None,
     mode: str = "measure",
     device: str | None = None,
@@ -515,7 +516,9 @@ def profile(
             ``params -> Optimizer``. Its state bytes come from running its own step.
         units: what plans may act on (see :func:`remat.find_units`).
         warmup, repeats: untimed and timed steps for the medians (real devices only).
-        progress: called with a line of text as each measured step starts.
+        progress: what to do with a line of text as each measured step starts: ``None`` logs it
+            (the ``remat`` logger, INFO), ``True`` writes it to stderr (a bar on a terminal), a
+            callable receives it (:func:`remat.feedback.as_progress`).
         options: actions finer than recompute to measure, each with one more tracked step:
             ``selective:<policy>``, ``selective:auto`` (save sets chosen from the ops' measured
             times and bytes) and ``offload``. Default: ``selective:save_matmuls``,
@@ -565,6 +568,7 @@ def profile(
         >>> est.device, est.time_source, est.units[0].keep_bytes < prof.units[0].keep_bytes
         ('a100-80gb', 'roofline', True)
     """
+    progress = as_progress(progress)  # once: the meta copy's steps share one clock
     if mode == "estimate":
         check_estimate(precision, device)
         return estimate_via_meta(
@@ -620,7 +624,7 @@ def profile(
     step = functools.partial(
         _tracked_step, model, example_inputs, loss_fn, optimizer, unit_modules, precision
     )
-    say = progress or (lambda text: logger.info("%s", text))
+    say = as_progress(progress)
     names = {"K": "every unit kept", "R": "every unit recomputed", "S": "one segment"}
     times: tuple[Any, list[Any], list[Any]] = (None, [None] * n, [None] * n)
     option_times: dict[str, tuple[float, list[float], list[float]]] = {}
