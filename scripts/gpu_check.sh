@@ -12,6 +12,7 @@
 #   4. bench       remat bench on a GPT-2-medium-shaped model in bf16, every peer (offload too)
 #   5. bench_compile  the same model under torch.compile's activation_memory_budget (compile:0.5),
 #                  a run of its own so that a slow compile cannot cost the bench above
+# Each step has a time limit, and all of them end within 420 s (GPU_CHECK_BUDGET_S).
 # Writes at most 8 files under $OUT (default out/gpu-check): summary.json, run.log,
 # gpu-tests.log, estimate.json, estimate.md, bench.json, bench.md, bench.png.
 #
@@ -25,7 +26,7 @@ REHEARSE=0
 for arg in "$@"; do
   case "$arg" in
     --rehearse) REHEARSE=1 ;;
-    -h | --help) sed -n '2,23p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument: $arg (expected --rehearse)" >&2; exit 2 ;;
   esac
 done
@@ -48,12 +49,24 @@ export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 LOG="$OUT/run.log"
 : >"$LOG"
 
-# step NAME LIMIT_S STDOUT COMMAND...: run COMMAND with a time limit, its stdout to the file
-# STDOUT (- for this script's), its stderr to run.log; record its exit code and seconds.
+# All steps together stop by DEADLINE (420 s from here unless GPU_CHECK_BUDGET_S says otherwise),
+# so that the whole call ends well inside 8 minutes even when every step runs to its limit.
+DEADLINE=$(($(date +%s) + ${GPU_CHECK_BUDGET_S:-420}))
+
+# step NAME LIMIT_S STDOUT COMMAND...: run COMMAND with a time limit (its own, or what is left
+# before DEADLINE), its stdout to the file STDOUT (- for this script's), its stderr to run.log;
+# record its exit code and seconds (124: out of time).
 step() {
-  local name=$1 limit=$2 stdout=$3 begun code
+  local name=$1 limit=$2 stdout=$3 begun code left
   shift 3
   begun=$(date +%s)
+  left=$((DEADLINE - begun))
+  if [ "$left" -lt "$limit" ]; then limit=$left; fi
+  if [ "$limit" -lt 5 ]; then
+    echo "== $name: not run, the time is up" | tee -a "$LOG"
+    printf '%s\t124\t0\t0\n' "$name" >>"$WORK/steps.tsv"
+    return
+  fi
   echo "== $name (limit ${limit}s): $*" | tee -a "$LOG"
   if [ "$stdout" = - ]; then
     timeout --kill-after=10 "$limit" "$@" 2>>"$LOG"
@@ -76,17 +89,17 @@ else
   nvidia-smi >>"$LOG" 2>&1
 fi
 
-step versions 60 - "$PY" scripts/gpu_summary.py versions --out "$WORK/versions.json"
-step tests 140 "$OUT/gpu-tests.log" "$PY" -m pytest -q -rA -p no:cacheprovider tests/gpu \
+step versions 30 - "$PY" scripts/gpu_summary.py versions --out "$WORK/versions.json"
+step tests 120 "$OUT/gpu-tests.log" "$PY" -m pytest -q -rA -p no:cacheprovider tests/gpu \
   --junitxml="$WORK/gpu-tests.xml"
 tail -3 "$OUT/gpu-tests.log"
-step estimate 90 - "$PY" scripts/gpu_estimate_check.py ${ESTIMATE_ARGS[@]+"${ESTIMATE_ARGS[@]}"} \
+step estimate 80 - "$PY" scripts/gpu_estimate_check.py ${ESTIMATE_ARGS[@]+"${ESTIMATE_ARGS[@]}"} \
   --out "$OUT/estimate.json" --markdown "$OUT/estimate.md"
 if [ "$REHEARSE" = 1 ]; then
   step bench 120 /dev/null "$PY" -m remat.cli.main bench "${BENCH_MODEL[@]}" --out "$WORK/bench"
   printf 'bench_compile\tskipped\t0\t0\n' >>"$WORK/steps.tsv"
 else
-  step bench 170 /dev/null "$PY" -m remat.cli.main bench "${BENCH_MODEL[@]}" \
+  step bench 140 /dev/null "$PY" -m remat.cli.main bench "${BENCH_MODEL[@]}" \
     --strategies none,full,every_n:2,every_n:3,sqrt_n,megatron,save_matmuls,offload \
     --budgets 80%,50%,25%,min --steps 3 --out "$WORK/bench"
   step bench_compile 120 /dev/null "$PY" -m remat.cli.main bench "${BENCH_MODEL[@]}" \

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import io
 import json
 import logging
@@ -211,6 +212,7 @@ def measure(built: Any, plan: Any, on_cuda: bool) -> dict[str, Any]:
         training_step(model, inputs, loss_fn=built.loss_fn, optimizer=optimizer)
         for param in model.parameters():
             param.grad = None
+        gc.collect()  # the previous plan's optimizer, if a cycle holds it
         if not on_cuda:
             training_step(model, inputs, loss_fn=built.loss_fn, optimizer=optimizer)
             return {"allocator_peak_bytes": None, "untracked_bytes": None, "peak_bytes": None}
@@ -233,7 +235,8 @@ def measure(built: Any, plan: Any, on_cuda: bool) -> dict[str, Any]:
 
 
 def attention_kernel(built: Any) -> str | None:
-    """The SDPA kernel the device picks for the model's attention shapes (causal, no mask)."""
+    """The SDPA kernel the device picks for the model's attention (causal, no mask, its dropout;
+    the batch and length do not change the choice)."""
     import torch
 
     from remat._compat import sdpa_backend
@@ -242,16 +245,18 @@ def attention_kernel(built: Any) -> str | None:
     if config is not None:
         heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
         head_dim = config.hidden_size // heads
+        dropout = float(getattr(config, "attention_dropout", 0.0))
     else:
         block = built.model.blocks[0].attn
         heads = kv_heads = block.n_head
         head_dim = block.d_model // heads
+        dropout = float(block.dropout)
     param = next(built.model.parameters())
     batch, seq = 1, 128
     q = torch.empty(batch, heads, seq, head_dim, device=param.device, dtype=param.dtype)
     kv = torch.empty(batch, kv_heads, seq, head_dim, device=param.device, dtype=param.dtype)
     try:
-        return sdpa_backend(q, kv, kv, None, 0.0, True, None, enable_gqa=heads != kv_heads)
+        return sdpa_backend(q, kv, kv, None, dropout, True, None, enable_gqa=heads != kv_heads)
     except (RuntimeError, TypeError) as error:  # a kernel check this torch does not have
         return f"unknown ({type(error).__name__}: {error})"
 
@@ -396,11 +401,12 @@ def main(argv: list[str] | None = None) -> int:
             "" if on_cuda else " (no CUDA: null)",
         )
         report["cases"].append(run_case(name, table[name], device, on_cuda))
-    errors = [case["error"] for case in report["cases"] if case.get("error")]
-    report["errors"] = errors
-    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
-    if args.markdown:
-        Path(args.markdown).write_text(markdown(report))
+        report["errors"] = [case["error"] for case in report["cases"] if case.get("error")]
+        # written after every case: a run cut short by its time limit keeps what it measured
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+        if args.markdown:
+            Path(args.markdown).write_text(markdown(report))
+    errors = report["errors"]
     sys.stdout.write(markdown(report))
     return 1 if errors else 0
 
