@@ -22,6 +22,16 @@ SIZES = {"n_layer": 4, "d_model": 32, "n_head": 4, "seq": 32, "batch": 4, "vocab
 STEPS = 3
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models gain nothing from intra-op threads, and on a shared, loaded CPU two of them
+    spin against each other (this file took 100 s instead of 15 under a load of 6)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_model() -> torch.nn.Module:
     torch.manual_seed(0)
     return build_builtin("gpt", dropout=0.0, **SIZES).model
@@ -140,3 +150,16 @@ def test_settings_from_the_accelerator() -> None:
     assert accelerator_settings(accelerator)["precision"] == "bf16-mixed"
     with pytest.raises(ValueError, match="mixed_precision: got 'fp8'"):
         accelerator_settings(type("A", (), {"mixed_precision": "fp8"})())
+
+
+def test_docs_accelerate_block_runs() -> None:
+    """docs/lightning.md's accelerate example, as written: trains, with units checkpointed."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "lightning.md").read_text()
+    body = text.split("\n## accelerate\n", 1)[1]
+    (block,) = re.findall(r"```python\n(.*?)```", body, re.DOTALL)
+    namespace: dict[str, object] = {"__name__": "docs_accelerate"}
+    exec(compile(block, "docs/lightning.md", "exec"), namespace)
+    assert namespace["handle"].checkpointed  # type: ignore[attr-defined]

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import importlib
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 GPT_SIZES = [
@@ -106,16 +109,29 @@ def test_hf_finetune(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.Mon
     assert "hf:gpt2" in done.stdout
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for tiny models: two spin against each other on a loaded CPU (the
+    trainer examples ran 5x slower under a load of 6)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_accelerate_train(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     state = pytest.importorskip("accelerate.state")
     state.AcceleratorState._reset_state(reset_partial_state=True)  # one process-wide state
     try:
-        done = run_example(
-            capsys, monkeypatch, "accelerate_train.py", "--steps", "3", "--cpu",
-            *("--budget", "min", "--n-layer", "3", "--d-model", "32"),
-        )  # fmt: skip
+        with one_thread():
+            done = run_example(
+                capsys, monkeypatch, "accelerate_train.py", "--steps", "3", "--cpu",
+                *("--budget", "min", "--n-layer", "3", "--d-model", "32"),
+            )  # fmt: skip
     finally:
         state.AcceleratorState._reset_state(reset_partial_state=True)
     out = done.stdout
@@ -147,7 +163,8 @@ def test_lightning_train(
     pytest.importorskip("lightning.pytorch")
     args = ["--steps", "3", "--accelerator", "cpu", "--root", str(tmp_path)]
     args += ["--budget", "min", "--n-layer", "3", "--d-model", "32"]
-    done = run_example(capsys, monkeypatch, "lightning_train.py", *args)
+    with one_thread():
+        done = run_example(capsys, monkeypatch, "lightning_train.py", *args)
     out = done.stdout
     assert re.search(r"^plan: .*recompute model\.blocks\.[0-9]", out, re.MULTILINE), out
     assert (tmp_path / "remat_plan.json").is_file()

@@ -7,6 +7,7 @@ refused by name."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,6 +26,16 @@ from remat.integrations.lightning import RematCallback, _check_trainer  # noqa: 
 SIZES = {"n_layer": 4, "d_model": 32, "n_head": 4, "seq": 32, "batch": 4, "vocab": 64}
 STEPS = 3
 MEASURED = 2  # the third step: the optimizer's state made by the first is alive through it
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models gain nothing from intra-op threads, and on a shared, loaded CPU two of them
+    spin against each other (this file took 100 s instead of 15 under a load of 6)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class TinyGPT(pl.LightningModule):
@@ -198,3 +209,23 @@ def test_missing_lightning_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setitem(sys.modules, "lightning.pytorch", None)
     with pytest.raises(ImportError, match=r"pip install 'remat\[lightning\]'"):
         _lightning()
+
+
+def doc_blocks(section: str) -> list[str]:
+    import re
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "lightning.md").read_text()
+    body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", body, re.DOTALL)
+
+
+def test_docs_lightning_block_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/lightning.md's Lightning example, as written: the plan saved in the working
+    directory (the Trainer's default root), units checkpointed."""
+    (block,) = doc_blocks("Lightning")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, Any] = {"__name__": "docs_lightning"}
+    exec(compile(block, "docs/lightning.md", "exec"), namespace)
+    summary = namespace["callback"].summary
+    assert summary["remat/checkpointed_units"] > 0
+    assert Path(summary["remat/plan_file"]).resolve() == (tmp_path / "remat_plan.json").resolve()

@@ -29,9 +29,9 @@ Lightning calls ``training_step`` before ``zero_grad``: the previous step's grad
 through the forward, as in a micro-batch of gradient accumulation. So the step planned is the last
 micro-batch of an accumulation (at least 2), whose gradients are alive from the start: its peak is
 Lightning's to within the gradients the backward adds into (Lightning frees them first), so the
-prediction is a little above the measured peak, never below (for the tiny GPT of the tests, 6% at
-``"min"``, 2% unplanned). Planned as a plain step, the forward's peak with those gradients alive
-was 9% above the prediction.
+prediction is a little above the measured peak (in every case measured: for the tiny GPT of the
+tests, 7% at ``"min"``, 2% unplanned). Planned as a plain step, the forward's peak with those
+gradients alive was 9% above the prediction.
 
 **Saved, logged, reused.** The plan is saved as ``remat_plan.json`` in ``trainer.default_root_dir``
 (or ``output_dir=``) and reused, without profiling, by a later ``fit`` (a resume) of the same
