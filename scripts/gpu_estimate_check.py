@@ -183,8 +183,9 @@ def _storage_bytes(tensors: list[Any], round_bytes: int) -> int:
     return sum(seen.values())
 
 
-def _step_tensors(model: Any, inputs: Any, optimizer: Any) -> list[Any]:
-    """What exists before a step: parameters, buffers, optimizer state, the batch."""
+def _step_tensors(model: Any, inputs: Any, optimizer: Any, loss_fn: Any = None) -> list[Any]:
+    """What exists before a step: parameters, buffers, optimizer state, the batch, the tensors
+    the loss function holds."""
     import torch
 
     from remat._compat import tree_flatten
@@ -193,6 +194,9 @@ def _step_tensors(model: Any, inputs: Any, optimizer: Any) -> list[Any]:
     for state in optimizer.state.values():
         tensors += [v for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
     tensors += [t for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)]
+    # a loss function's own tensors (the built-in GPT's targets), which the estimate counts too
+    cells = getattr(loss_fn, "__closure__", None) or ()
+    tensors += [c.cell_contents for c in cells if isinstance(c.cell_contents, torch.Tensor)]
     device = next(model.parameters()).device
     return [t for t in tensors if t.device == device]
 
@@ -219,7 +223,9 @@ def measure(built: Any, plan: Any, on_cuda: bool) -> dict[str, Any]:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        untracked = before - _storage_bytes(_step_tensors(model, inputs, optimizer), 512)
+        untracked = before - _storage_bytes(
+            _step_tensors(model, inputs, optimizer, built.loss_fn), 512
+        )
         training_step(model, inputs, loss_fn=built.loss_fn, optimizer=optimizer)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
