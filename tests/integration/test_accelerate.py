@@ -5,8 +5,9 @@ refused by name; the Accelerator's precision and accumulation reach the plan."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -56,6 +57,8 @@ class Run:
     grads: list[dict[str, torch.Tensor]]
     steady_peak_bytes: int
     checkpointed: list[str]
+    precision: str | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 def train(accelerator: object, *, plan: bool) -> Run:
@@ -64,6 +67,7 @@ def train(accelerator: object, *, plan: bool) -> Run:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     loader = make_loader()
     checkpointed: list[str] = []
+    precision = None
     if plan:
         x, y = next(iter(loader))
         handle = plan_before_prepare(
@@ -75,20 +79,23 @@ def train(accelerator: object, *, plan: bool) -> Run:
             loss_fn=lambda logits: loss_of(logits, y),
             actions=["keep", "recompute"],  # whole units: a faster profile
         )
-        checkpointed = handle.checkpointed
+        checkpointed, precision = handle.checkpointed, handle.plan.precision
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     losses, grads, peak = [], [], 0
-    for step, (x, y) in enumerate(loader):
-        with remat.track_memory(model, optimizer, x, y) as tracker:
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_of(model(x), y)
-            accelerator.backward(loss)
-            grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
-            optimizer.step()
-        losses.append(loss.detach())
-        if step == STEPS - 1:  # the optimizer's state alive since the first step
-            peak = tracker.peak_bytes
-    return Run(losses, grads, peak, checkpointed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step, (x, y) in enumerate(loader):
+            with remat.track_memory(model, optimizer, x, y) as tracker:
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_of(model(x), y)
+                accelerator.backward(loss)
+                grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+                optimizer.step()
+            losses.append(loss.detach())
+            if step == STEPS - 1:  # the optimizer's state alive since the first step
+                peak = tracker.peak_bytes
+    said = [str(w.message) for w in caught if "remat" in str(w.message)]
+    return Run(losses, grads, peak, checkpointed, precision, said)
 
 
 def fresh_state() -> None:
@@ -105,16 +112,20 @@ def _fresh_accelerate_state() -> Iterator[None]:
     fresh_state()
 
 
-@pytest.fixture(scope="module")
-def runs() -> tuple[Run, Run]:
+@pytest.fixture(scope="module", params=["no", "bf16"])
+def runs(request: pytest.FixtureRequest) -> tuple[Run, Run]:
+    """With and without remat, in full precision and under accelerate's bf16 autocast (which
+    accelerate enters inside model.forward, around the plan's units)."""
     fresh_state()
-    accelerator = accelerate.Accelerator(cpu=True)
+    accelerator = accelerate.Accelerator(cpu=True, mixed_precision=request.param)
     return train(accelerator, plan=True), train(accelerator, plan=False)
 
 
 def test_plan_then_prepare_trains_bitwise_as_without_remat(runs: tuple[Run, Run]) -> None:
     planned, plain = runs
     assert planned.checkpointed, "the plan checkpoints nothing: the test would prove nothing"
+    assert planned.precision in ("32", "bf16-mixed")
+    assert planned.warnings == []  # the plan's precision is the one the step runs
     assert len(planned.losses) == len(plain.losses) == STEPS
     for a, b in zip(planned.losses, plain.losses, strict=True):
         assert torch.equal(a, b)
