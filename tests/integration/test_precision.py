@@ -199,3 +199,18 @@ def test_cli_precision_mistakes_are_usage_errors(
         main(["plan", "gpt", *SMALL_GPT, "--budget", "50%", *argv])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_autocast_entered_inside_the_models_forward_is_the_step_s_precision() -> None:
+    # accelerate's mixed precision wraps model.forward in autocast: the model's own pre-hooks run
+    # before it is entered, its units inside it. The check belongs to the units.
+    model, ids = _model(), _ids()
+    model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)
+    units = remat.find_units(model)
+    for precision, warned in (("bf16-mixed", False), ("32", True)):
+        plan = Plan(actions={"_default": "recompute"}, units=units, precision=precision)
+        with remat.apply_(model, plan), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model(ids)
+        said = [str(w.message) for w in caught if "precision" in str(w.message)]
+        assert bool(said) == warned, (precision, said)

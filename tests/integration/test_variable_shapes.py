@@ -92,3 +92,25 @@ def test_remove_stops_watching_and_plans_without_a_batch_say_nothing() -> None:
     assert _forwards(model, 8) == []
     with remat.apply_(model, Plan(actions={"_default": "recompute"})):  # knows no batch
         assert _forwards(model, 8) == []
+
+
+class _WithItemCount(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gpt = _model()
+
+    def forward(self, ids: torch.Tensor, num_items_in_batch: torch.Tensor) -> torch.Tensor:
+        return self.gpt(ids)
+
+
+def test_a_zero_dim_tensor_beside_the_batch_is_not_a_larger_batch() -> None:
+    # Hugging Face's Trainer passes num_items_in_batch, a 0-dim tensor, beside the batch.
+    model = _WithItemCount()
+    plan = Plan(actions={"_default": "recompute"}, input_shapes=[[2, SEQ]])
+    with remat.apply_(model, plan), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(_ids(2), num_items_in_batch=torch.tensor(2 * SEQ))
+        silent = [str(w.message) for w in caught if "remat: this batch" in str(w.message)]
+        model(_ids(3), num_items_in_batch=torch.tensor(3 * SEQ))  # a larger batch still is
+    said = [str(w.message) for w in caught if "remat: this batch" in str(w.message)]
+    assert silent == [] and len(said) == 1

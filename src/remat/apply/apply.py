@@ -322,10 +322,14 @@ def running_precision(device_type: str) -> str:
     return names.get(dtype, f"autocast({str(dtype).replace('torch.', '')})")
 
 
-def _watch_precision(model: nn.Module, plan: Plan) -> Callable[[], None] | None:
-    """At the model's first forward under ``plan``, warn once (per model) if the autocast state
-    is not the one of the precision the plan was made for (``32`` and ``bf16-true`` run without
-    autocast). Returns what removes the check, or ``None`` on a device autocast does not run on."""
+def _watch_precision(
+    model: nn.Module, plan: Plan, first_unit: nn.Module
+) -> Callable[[], None] | None:
+    """At the first unit's first forward under ``plan``, warn once (per model) if the autocast
+    state is not the one of the precision the plan was made for (``32`` and ``bf16-true`` run
+    without autocast). Checked at the unit, not the model: wrappers such as accelerate's enter
+    autocast inside the model's ``forward``, after the model's own pre-hooks ran. Returns what
+    removes the check, or ``None`` on a device autocast does not run on."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     if device.type not in ("cpu", "cuda"):
         return None
@@ -346,7 +350,7 @@ def _watch_precision(model: nn.Module, plan: Plan) -> Callable[[], None] | None:
             stacklevel=3,
         )
 
-    handle = model.register_forward_pre_hook(check)
+    handle = first_unit.register_forward_pre_hook(check)
     return handle.remove
 
 
@@ -500,7 +504,9 @@ def apply_(
     try:
         # the KV cache off while the plan is on, as Hugging Face's gradient checkpointing does
         handle._undo.append(_turn_cache_off(model))
-        unwatch_precision = _watch_precision(model, plan)  # another autocast: warned about once
+        # another autocast: warned about once, at the first unit the step runs
+        first_unit = modules[unit_fqns[0]] if unit_fqns else model
+        unwatch_precision = _watch_precision(model, plan, first_unit)
         if unwatch_precision is not None:
             handle._undo.append(unwatch_precision)
         unwatch = watch_batches(model, plan)  # a larger batch than planned: warned about once

@@ -49,6 +49,12 @@ def scaled_peak_bytes(peak_bytes: int, base_bytes: int, scale: float) -> int:
     return base_bytes + math.ceil(max(peak_bytes - base_bytes, 0) * scale)
 
 
+def _elements(shapes: list[list[int]]) -> int:
+    """Elements of a batch's tensors; 0-dim ones (a loss scale, the token count Hugging Face's
+    Trainer passes as ``num_items_in_batch``) are not batch-sized and are left out."""
+    return sum(math.prod(shape) for shape in shapes if shape)
+
+
 class BatchWatch:
     """A forward pre-hook for the root model: warns once when a grad-enabled forward gets a
     batch with more elements than ``input_shapes`` (the plan's), with its predicted peak.
@@ -73,7 +79,7 @@ class BatchWatch:
         budget_bytes: int | None = None,
     ) -> None:
         self.input_shapes = input_shapes
-        self.planned_elements = sum(math.prod(shape) for shape in input_shapes)
+        self.planned_elements = _elements(input_shapes)
         self.predicted_peak_bytes = predicted_peak_bytes
         self.base_bytes = base_bytes
         self.budget_bytes = budget_bytes
@@ -83,7 +89,7 @@ class BatchWatch:
         if self.warned or not torch.is_grad_enabled() or self.planned_elements == 0:
             return
         shapes = batch_shapes((args, kwargs))
-        elements = sum(math.prod(shape) for shape in shapes)
+        elements = _elements(shapes)
         if elements <= self.planned_elements:
             return
         self.warned = True

@@ -177,39 +177,22 @@ def _solve_new(
     fsdp: bool,
     auto_options: dict[str, Any],
 ) -> Handle:
-    """Profile and solve on this process; applied. Under DDP/FSDP the figures are one rank's,
-    predicted (``remat.auto_`` measures this process only, so its closed loop is skipped)."""
+    """``remat.auto_`` on the Trainer's step. Under DDP/FSDP the figures are one rank's,
+    predicted (the pipeline measures this process only, so its closed loop is skipped)."""
+    fields = {k: v for k, v in auto_options.items() if k in ("loss_fn", "units", "capacity_bytes")}
+    rest = {k: v for k, v in auto_options.items() if k not in fields}
+    step = remat.Step(
+        model,
+        batch,
+        optimizer=optimizer,
+        precision=precision,
+        accumulation_steps=accumulation_steps,
+        world_size=world_size,
+        fsdp=fsdp,
+        **fields,
+    )
     with _rng_kept(model):
-        if world_size == 1 and not fsdp:
-            return remat.auto_(
-                model,
-                batch,
-                budget=budget,
-                optimizer=optimizer,
-                precision=precision,
-                accumulation_steps=accumulation_steps,
-                **auto_options,
-            )
-        actions = auto_options.pop("actions", None)
-        prof = remat.profile(
-            model,
-            batch,
-            optimizer=optimizer,
-            precision=precision,
-            accumulation_steps=accumulation_steps,
-            world_size=world_size,
-            fsdp=fsdp,
-            **{
-                k: v for k, v in auto_options.items() if k in ("loss_fn", "units", "capacity_bytes")
-            },
-        )
-        kwargs = {"actions": actions} if actions is not None else {}
-        result = remat.solve(prof, budget, **kwargs)
-    if result.status == "INFEASIBLE":
-        raise remat.InfeasibleBudgetError(result)
-    handle = remat.apply_(model, result.plan)
-    handle.result = result
-    return handle
+        return remat.auto_(step, budget=budget, **rest)
 
 
 def plan_for_trainer(
