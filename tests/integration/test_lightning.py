@@ -207,6 +207,7 @@ def test_missing_lightning_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> N
     from remat.integrations.lightning import _lightning
 
     monkeypatch.setitem(sys.modules, "lightning.pytorch", None)
+    monkeypatch.setitem(sys.modules, "pytorch_lightning", None)
     with pytest.raises(ImportError, match=r"pip install 'remat\[lightning\]'"):
         _lightning()
 

@@ -52,7 +52,9 @@ the measured peak may sit a little below the predicted one. Gradient clipping an
 schedulers are not part of the measured step (neither holds activations).
 
 Needs the ``lightning`` extra (``pip install 'remat[lightning]'``); lightning is imported when
-:class:`RematCallback` is first used.
+:class:`RematCallback` is first used. The callback subclasses ``lightning.pytorch.Callback``
+(``pytorch_lightning.Callback`` where only that package is installed); the Trainer of either
+package calls its hooks (a fit and a resume with ``pytorch_lightning`` 2.6 were checked by hand).
 
 Example:
     >>> from remat.integrations.lightning import RematCallback, trainer_precision
@@ -106,14 +108,17 @@ def trainer_precision(precision: Any) -> str:
 
 
 def _lightning() -> Any:
-    """``lightning.pytorch``, or an ImportError naming the extra."""
+    """``lightning.pytorch``, else ``pytorch_lightning``, else an ImportError naming the extra."""
     try:
         import lightning.pytorch as pl
     except ImportError:
-        raise ImportError(
-            "remat.integrations.lightning needs Lightning: pip install 'remat[lightning]'"
-            " (or pip install lightning)"
-        ) from None
+        try:
+            import pytorch_lightning as pl
+        except ImportError:
+            raise ImportError(
+                "remat.integrations.lightning needs Lightning: pip install 'remat[lightning]'"
+                " (or pip install lightning)"
+            ) from None
     return pl
 
 
