@@ -25,7 +25,7 @@ import threading
 import time
 import weakref
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -271,6 +271,10 @@ class MemoryTracker(TorchDispatchMode):
         self._param_ids: set[int] = set()
         self.marks: list[Mark] = []
         self._data_dependent: dict[str, set[str]] = defaultdict(set)
+        self.observer: Callable[[Any, str, str, int], None] | None = None
+        """Called after each op is accounted, with the op, its phase, the module FQN running it
+        and the event counter (see ``lifetimes``); ``None`` (the default): nothing is called.
+        ``remat.timeline`` sets it to record the live total op by op."""
 
     # ----------------------------------------------------------------------------- entry / exit
     def __enter__(self) -> MemoryTracker:
@@ -578,6 +582,8 @@ class MemoryTracker(TorchDispatchMode):
                 )
             ):
                 self._data_dependent[fqn].add(name)
+        if self.observer is not None:
+            self.observer(func, phase, fqn, self._event)
 
     def _new_storage(
         self, storage: torch.UntypedStorage, phase: str, fqn: str, category: str | None = None
