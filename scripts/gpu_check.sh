@@ -99,9 +99,14 @@ if [ "$REHEARSE" = 1 ]; then
   step bench 120 /dev/null "$PY" -m remat.cli.main bench "${BENCH_MODEL[@]}" --out "$WORK/bench"
   printf 'bench_compile\tskipped\t0\t0\n' >>"$WORK/steps.tsv"
 else
+  PLOT=()  # bench.png needs matplotlib, which the GPU machine may lack: then JSON and table only
+  if ! "$PY" -c "import matplotlib" 2>/dev/null; then
+    PLOT=(--no-plot)
+    echo "== no matplotlib: bench.png is not made" | tee -a "$LOG"
+  fi
   step bench 140 /dev/null "$PY" -m remat.cli.main bench "${BENCH_MODEL[@]}" \
     --strategies none,full,every_n:2,every_n:3,sqrt_n,megatron,save_matmuls,offload \
-    --budgets 80%,50%,25%,min --steps 3 --out "$WORK/bench"
+    --budgets 80%,50%,25%,min --steps 3 ${PLOT[@]+"${PLOT[@]}"} --out "$WORK/bench"
   step bench_compile 120 /dev/null "$PY" -m remat.cli.main bench "${BENCH_MODEL[@]}" \
     --strategies none --budgets '' --no-dominate --with-compile --compile-fractions 0.5 \
     --steps 3 --no-plot --out "$WORK/bench-compile"

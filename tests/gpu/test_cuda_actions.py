@@ -118,8 +118,9 @@ def test_selective_keeps_or_replays_the_cuda_attention_kernel(
     action: str, runs_per_layer: int, dtype: torch.dtype
 ) -> None:
     """A save set naming ``attention`` keeps the output of whichever fused kernel CUDA runs
-    (flash or cuDNN in bf16, memory-efficient in fp32), so the replay does not run it again;
-    Megatron's policy recomputes the attention core, so it runs twice. Gradients stay equal."""
+    (flash in bf16, memory-efficient in fp32; cuDNN's has no deterministic mode), so the replay
+    does not run it again; Megatron's policy recomputes the attention core, so it runs twice.
+    Gradients stay equal."""
     built = _gpt(dtype)
     reference = copy.deepcopy(built.model)
     expected = _grads_after_step(reference, built.example_inputs)
