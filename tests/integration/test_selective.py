@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -655,3 +656,45 @@ def test_simulate_refuses_an_option_the_profile_lacks(
         remat.simulate(bare, baseline_plan("offload", bare.unit_fqns))
     kinds = {a.kind for a in remat.solve(bare, "min").plan.actions.values()}
     assert not kinds & {"selective", "offload"}
+
+
+class _ConvBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm = nn.Conv1d(16, 16, 3, padding=1), nn.BatchNorm1d(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.relu(self.norm(self.conv(x)))
+
+
+class _AttentionBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.qkv = nn.LayerNorm(16), nn.Linear(16, 48)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(self.norm(x.transpose(1, 2))).chunk(3, dim=-1)
+        return x + nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+
+
+def test_profiling_mixed_blocks_says_nothing_about_save_sets_another_block_runs() -> None:
+    # Each save set is measured on every unit, and a conv block runs none of an attention
+    # block's ops: each unit's options name only its own ops, and nothing is warned about.
+    torch.manual_seed(0)
+    model = nn.Sequential(*[_ConvBlock() if i % 2 == 0 else _AttentionBlock() for i in range(4)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prof = remat.profile(model, (torch.randn(4, 16, 32),), optimizer="sgd", repeats=0)
+
+    def ops(fqn: str) -> set[str]:
+        unit = next(u for u in prof.units if u.fqn == fqn)
+        labels = [o.action.removeprefix("selective:ops.") for o in unit.options]
+        return {
+            op
+            for label in labels
+            if "." in label or label.isidentifier()
+            for op in label.split(".")
+        }
+
+    assert "convolution" in ops("0") and "convolution" not in ops("1")
+    assert "softmax" in ops("1") and "softmax" not in ops("0")
