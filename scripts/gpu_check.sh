@@ -46,6 +46,8 @@ fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 export PIP_NO_INDEX=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+# what an earlier run left here would be taken for this run's
+rm -f "$OUT"/{summary.json,run.log,gpu-tests.log,estimate.json,estimate.md,bench.json,bench.md,bench.png}
 LOG="$OUT/run.log"
 : >"$LOG"
 

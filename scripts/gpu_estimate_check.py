@@ -267,25 +267,34 @@ def attention_kernel(built: Any) -> str | None:
         return f"unknown ({type(error).__name__}: {error})"
 
 
-def run_case(name: str, case: dict[str, Any], device: str, on_cuda: bool) -> dict[str, Any]:
-    """Estimate, then measure, one case; errors are recorded, not raised."""
+def run_case(
+    name: str,
+    case: dict[str, Any],
+    device: str,
+    on_cuda: bool,
+    result: dict[str, Any],
+    save: Any = lambda: None,
+) -> None:
+    """Estimate, then measure, one case into ``result``, calling ``save`` after the estimate
+    (a run cut short keeps the predictions); errors are recorded, not raised."""
     import torch
 
     import remat
     from remat.models.spec import load_model
 
-    result: dict[str, Any] = {"case": name, "model": case["model"], "batch": case["batch"]}
-    result.update(seq=case["seq"], set=case["set"], dtype=DTYPE, budget=BUDGET, device=device)
+    result.update(case=name, model=case["model"], batch=case["batch"], seq=case["seq"])
+    result.update(set=case["set"], dtype=DTYPE, budget=BUDGET, device=device)
     try:
         result["estimate"] = estimate(case, device)
     except Exception as error:
         result["error"] = f"estimate: {type(error).__name__}: {error}"
-        return result
+        return
     rows = {
         plan: {"predicted_peak_bytes": result["estimate"]["predicted_peak_bytes"][plan]}
         for plan in PLANS
     }
     result["plans"] = rows
+    save()
     try:
         torch.manual_seed(SEED)
         built = load_model(
@@ -323,7 +332,6 @@ def run_case(name: str, case: dict[str, Any], device: str, on_cuda: bool) -> dic
     finally:
         if on_cuda:
             torch.cuda.empty_cache()
-    return result
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -354,6 +362,14 @@ def markdown(report: dict[str, Any]) -> str:
         if case.get("error"):
             lines.append(f"| {case['case']} | error | {case['error']} | | | | |")
     return "\n".join(lines) + "\n"
+
+
+def _write(report: dict[str, Any], args: argparse.Namespace) -> None:
+    """Write the report as it stands: a run cut short by its time limit keeps what it has."""
+    report["errors"] = [case["error"] for case in report["cases"] if case.get("error")]
+    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(report))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -406,12 +422,10 @@ def main(argv: list[str] | None = None) -> int:
             device,
             "" if on_cuda else " (no CUDA: null)",
         )
-        report["cases"].append(run_case(name, table[name], device, on_cuda))
-        report["errors"] = [case["error"] for case in report["cases"] if case.get("error")]
-        # written after every case: a run cut short by its time limit keeps what it measured
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
-        if args.markdown:
-            Path(args.markdown).write_text(markdown(report))
+        result: dict[str, Any] = {}
+        report["cases"].append(result)
+        run_case(name, table[name], device, on_cuda, result, save=lambda: _write(report, args))
+        _write(report, args)
     errors = report["errors"]
     sys.stdout.write(markdown(report))
     return 1 if errors else 0

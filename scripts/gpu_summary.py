@@ -174,7 +174,7 @@ def summary(out: Path, work: Path, rehearse: bool) -> dict[str, Any]:
         "bench": _bench(out / "bench.json"),
         "bench_compile": _bench(work / "bench-compile" / "bench.json"),
     }
-    result["files"] = sorted([*(p.name for p in out.iterdir() if p.is_file()), "summary.json"])
+    result["files"] = sorted({*(p.name for p in out.iterdir() if p.is_file()), "summary.json"})
     return result
 
 
