@@ -68,7 +68,10 @@ def check_trained_within_budget(done: Done, steps: int) -> int:
 def test_train_gpt_with_a_budget_and_without(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    run = lambda *args: run_example(capsys, monkeypatch, "train_gpt.py", *args)  # noqa: E731
+    def run(*args: str) -> Done:
+        with one_thread():
+            return run_example(capsys, monkeypatch, "train_gpt.py", *args)
+
     planned = run("--budget", "50%", "--steps", "20", *GPT_SIZES)
     peak = check_trained_within_budget(planned, steps=20)
     first, last = losses(planned.stdout)
