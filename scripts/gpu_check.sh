@@ -6,7 +6,8 @@
 #   1. versions    the interpreter, torch / CUDA / cuDNN, the GPU and the libraries found
 #   2. tests       tests/gpu: the tracker against torch.cuda.max_memory_allocated (1%) on the
 #                  built-ins and a transformers Llama; offload (pinned memory, side stream);
-#                  selective with CUDA's fused attention kernels; bf16 autocast
+#                  selective with CUDA's fused attention kernels; bf16 autocast. And
+#                  tests/unit/test_compat_versions.py: remat._compat on this machine's torch
 #   3. estimate    scripts/gpu_estimate_check.py: `remat plan --device <this GPU>` predictions
 #                  (unplanned, full, solver plan) beside the allocator's measured peaks
 #   4. bench       remat bench on a GPT-2-medium-shaped model in bf16, every peer (offload too)
@@ -26,7 +27,7 @@ REHEARSE=0
 for arg in "$@"; do
   case "$arg" in
     --rehearse) REHEARSE=1 ;;
-    -h | --help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument: $arg (expected --rehearse)" >&2; exit 2 ;;
   esac
 done
@@ -93,7 +94,7 @@ fi
 
 step versions 30 - "$PY" scripts/gpu_summary.py versions --out "$WORK/versions.json"
 step tests 120 "$OUT/gpu-tests.log" "$PY" -m pytest -q -rA -p no:cacheprovider tests/gpu \
-  --junitxml="$WORK/gpu-tests.xml"
+  tests/unit/test_compat_versions.py --junitxml="$WORK/gpu-tests.xml"
 tail -3 "$OUT/gpu-tests.log"
 step estimate 80 - "$PY" scripts/gpu_estimate_check.py ${ESTIMATE_ARGS[@]+"${ESTIMATE_ARGS[@]}"} \
   --out "$OUT/estimate.json" --markdown "$OUT/estimate.md"
