@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,16 @@ def _script(name: str) -> ModuleType:
     return module
 
 
+def _without_network() -> list[str]:
+    """``unshare -rn`` where this machine allows it: the rehearsal then runs in a network
+    namespace of its own, with no interface up, so any use of the network fails it."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return []
+    probe = subprocess.run([unshare, "-rn", "true"], capture_output=True)
+    return [unshare, "-rn"] if probe.returncode == 0 else []
+
+
 @pytest.fixture(scope="module")
 def rehearsal(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
     pytest.importorskip("transformers")
@@ -52,7 +63,7 @@ def rehearsal(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Comp
         "CUDA_VISIBLE_DEVICES": "",
     }
     done = subprocess.run(
-        ["bash", "scripts/gpu_check.sh", "--rehearse"],
+        [*_without_network(), "bash", "scripts/gpu_check.sh", "--rehearse"],
         cwd=ROOT,
         env=env,
         capture_output=True,
