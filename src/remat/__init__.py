@@ -22,6 +22,7 @@ from remat.profiling import MemoryReport, ModuleStats, track_memory
 from remat.profiling.profiler import profile
 from remat.profiling.step import Step
 from remat.solve import Budget, SolveResult, baseline_plan, solve
+from remat.timeline import timeline
 from remat.verify import UnitCheck, VerifyReport, verify
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "profile_step",
     "simulate",
     "solve",
+    "timeline",
     "track_memory",
     "verify",
 ]

@@ -15,10 +15,11 @@ from remat.cli import bench as bench_cmd
 from remat.cli import env as env_cmd
 from remat.cli import plan as plan_cmd
 from remat.cli import profile as profile_cmd
+from remat.cli import timeline as timeline_cmd
 from remat.cli import verify as verify_cmd
 from remat.cli._common import EXIT_ERROR, EXIT_USAGE, UsageError
 
-_SUBCOMMANDS = (env_cmd, profile_cmd, plan_cmd, verify_cmd, bench_cmd)
+_SUBCOMMANDS = (env_cmd, profile_cmd, plan_cmd, verify_cmd, bench_cmd, timeline_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
