@@ -468,7 +468,7 @@ def max_size(
         >>> result.solved.predicted_peak_bytes <= result.budget_bytes
         True
     """
-    from remat.auto import profile_step
+    from remat.auto import plan_step, profile_step
     from remat.models.spec import load_model
     from remat.profiling.meta_target import roofline_times
     from remat.profiling.step import Step
@@ -498,6 +498,7 @@ def max_size(
             raise _TooLarge(str(error)) from error
 
     profiles: dict[int, Profile] = {}
+    steps: dict[int, Step] = {}
 
     def probe(size: int) -> bool:
         built = build(size)
@@ -515,6 +516,7 @@ def max_size(
             attention=attention,
         )
         prof = profile_step(step, timing=False)
+        steps[size] = step
         profiles[size] = prof
         least = solve(prof, "min")
         point = SizePoint(
@@ -568,7 +570,7 @@ def max_size(
         loss_fn=built.loss_fn,
         optimizer=optimizer,
     )
-    solved = solve(prof, budget_bytes)
+    solved = plan_step(steps[low], budget_bytes, measure=False, profile_=prof).result
     assert solved.status != INFEASIBLE, "the probe found a plan that fits at this size"
     breakdown = memory_breakdown(prof, solved.plan)
     return FitResult(

@@ -144,8 +144,8 @@ def _calls(name: str) -> dict[str, list[int]]:
 
 def test_the_step_reaches_the_profiler_and_the_closed_loop_in_one_place() -> None:
     # The pipeline (auto.py) is the only caller of the profiler's entry points and of the
-    # closed loop, besides the profiler's own recursion and bench's rows (which run it on
-    # a Step); verify's saving check profiles with no optimizer on purpose (information only).
+    # closed loop, besides the profiler's own recursion; verify's saving check profiles with no
+    # optimizer on purpose (information only). The entry points call the pipeline.
     assert set(_calls("profile")) <= {"auto.py", "profiling/profiler.py", "verify.py"}
     assert set(_calls("estimate_profile")) == set()
     assert set(_calls("estimate_via_meta")) == {
@@ -153,5 +153,15 @@ def test_the_step_reaches_the_profiler_and_the_closed_loop_in_one_place() -> Non
         "profiling/profiler.py",
         "profiling/estimate.py",
     }
-    assert set(_calls("solve_measured")) == {"auto.py", "benchmarking/run.py"}
+    assert set(_calls("solve_measured")) == {"auto.py"}
+    assert set(_calls("measure_step")) <= {"auto.py", "profiling/step.py", "cli/profile.py"}
     assert set(_calls("per_rank")) <= {"profiling/profiler.py", "solve/solver.py"}
+    callers = set(_calls("plan_step"))
+    assert {
+        "auto.py",
+        "cli/plan.py",
+        "cli/_estimate.py",
+        "fit.py",
+        "benchmarking/run.py",
+    } <= callers
+    assert "verify.py" in set(_calls("measure_plan"))

@@ -43,7 +43,7 @@ from torch import nn
 from remat import _compat
 from remat.apply.apply import apply_
 from remat.apply.units import UnitSpec
-from remat.auto import measure_plan, profile_step, solve_measured
+from remat.auto import measure_plan, plan_step, profile_step
 from remat.benchmarking.result import (
     BenchResult,
     StrategyResult,
@@ -480,7 +480,7 @@ def bench(
             result = dataclasses.replace(result, measured_peak_bytes=peak)
         else:
             say(f"bench: solving {name} and measuring its peak")
-            result = solve_measured(step, prof, budget)
+            result = plan_step(step, budget, profile_=prof, progress=say).result
         row = StrategyResult(
             strategy=name,
             kind="remat",
