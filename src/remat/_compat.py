@@ -28,6 +28,7 @@ __all__ = [
     "VERSION_PATHS",
     "TorchDispatchMode",
     "VersionPath",
+    "attention_op",
     "compile_with_activation_budget",
     "compiled_original",
     "flop_formula",
@@ -44,6 +45,7 @@ __all__ = [
     "op_writes_inputs",
     "op_writes_self",
     "sdpa_backend",
+    "tensor_base",
     "tensor_version",
     "tree_flatten",
     "tree_unflatten",
@@ -57,6 +59,27 @@ def in_backward() -> bool:
     ``torch._C._current_graph_task_id``, which is -1 outside a graph task.
     """
     return torch._C._current_graph_task_id() != -1
+
+
+def tensor_base(tensor: torch.Tensor) -> torch.Tensor | None:
+    """The tensor ``tensor`` is a view of (``Tensor._base``), or ``None``: a parameter's ``.t()``
+    that a Linear saves is a view of the parameter, so it costs no activation memory."""
+    return tensor._base
+
+
+_ATTENTION_OPS = {
+    "math": "_scaled_dot_product_attention_math",
+    "flash": "_scaled_dot_product_flash_attention",
+    "efficient": "_scaled_dot_product_efficient_attention",
+    "flash_cpu": "_scaled_dot_product_flash_attention_for_cpu",
+}
+
+
+def attention_op(kernel: str) -> Any:
+    """The aten op of one scaled-dot-product-attention kernel (``math``, ``flash``,
+    ``efficient``, ``flash_cpu``): torch's private ``aten._scaled_dot_product_*`` ops, which
+    estimate mode calls on ``meta`` to model what a target device's kernel stores."""
+    return getattr(torch.ops.aten, _ATTENTION_OPS[kernel])
 
 
 def tensor_version(tensor: torch.Tensor) -> int:
@@ -322,6 +345,13 @@ VERSION_PATHS: tuple[VersionPath, ...] = (
     VersionPath("tree_unflatten", "torch.utils._pytree:tree_unflatten", (2, 0)),
     VersionPath("in_backward", "torch._C._current_graph_task_id", (2, 1)),
     VersionPath("tensor_version", "torch.Tensor._version", (1, 0)),
+    VersionPath("tensor_base", "torch.Tensor._base", (1, 0)),
+    VersionPath("attention_op", "torch.ops.aten._scaled_dot_product_attention_math", (2, 0)),
+    VersionPath("attention_op", "torch.ops.aten._scaled_dot_product_flash_attention", (2, 0)),
+    VersionPath("attention_op", "torch.ops.aten._scaled_dot_product_efficient_attention", (2, 0)),
+    VersionPath(
+        "attention_op", "torch.ops.aten._scaled_dot_product_flash_attention_for_cpu", (2, 2)
+    ),
     VersionPath("is_fake_tensor", "torch._subclasses.fake_tensor:FakeTensor", (2, 0)),
     VersionPath("forward_hook_count", "torch.nn.Module.__init__", (1, 0)),  # _forward_hooks dicts
     VersionPath(

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from remat._compat import MIN_TORCH
+
 __all__ = ["DeviceInfo", "EnvReport", "collect_env"]
 
 logger = logging.getLogger(__name__)
@@ -24,7 +26,7 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 """Version of :meth:`EnvReport.to_dict`'s layout; bumped when a key changes meaning or goes away."""
 
-_MIN_TORCH = (2, 4)  # pyproject.toml: torch>=2.4
+_MIN_TORCH = MIN_TORCH  # pyproject.toml: torch>=2.11
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -193,7 +193,7 @@ def _engine_bytes(module: nn.Module) -> int:
             if entry[0] is None
             and isinstance(t := entry[1], torch.Tensor)
             and not isinstance(t, nn.Parameter)
-            and not isinstance(t._base, nn.Parameter)
+            and not isinstance(_compat.tensor_base(t), nn.Parameter)
         }
         return sum(left.values())
     position = next(i for i, (_, unit) in enumerate(region.units) if unit is module)

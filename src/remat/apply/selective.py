@@ -52,6 +52,7 @@ from remat._compat import (
     op_is_view,
     op_writes_inputs,
     op_writes_self,
+    tensor_base,
     tensor_version,
     tree_flatten,
     tree_unflatten,
@@ -948,7 +949,9 @@ class Offloader:
     def pack(self, tensor: torch.Tensor) -> int:
         if (
             isinstance(tensor, torch.nn.Parameter)
-            or isinstance(tensor._base, torch.nn.Parameter)  # weight.t(), saved by every Linear
+            or isinstance(
+                tensor_base(tensor), torch.nn.Parameter
+            )  # weight.t(), saved by every Linear
             or tensor.device.type not in ("cpu", "cuda")
             or tensor.untyped_storage().nbytes() < OFFLOAD_MIN_BYTES
             or tensor.is_sparse

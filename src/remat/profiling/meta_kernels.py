@@ -111,7 +111,7 @@ def cpu_attention(arguments: dict[str, Any]) -> tuple[str, torch.Tensor]:
     CPU's math path."""
     kernel = cpu_attention_kernel(arguments)
     if kernel == "flash_attention":
-        return kernel, torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        return kernel, _compat.attention_op("flash_cpu")(
             arguments["query"],
             arguments["key"],
             arguments["value"],

@@ -23,7 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from remat._compat import TorchDispatchMode, flop_formula, tree_flatten
+from remat._compat import (
+    TorchDispatchMode,
+    attention_op,
+    flop_formula,
+    tree_flatten,
+    tree_unflatten,
+)
 from remat.apply.units import call_model
 from remat.cost.model import Profile
 from remat.cost.roofline import op_time_ms
@@ -165,7 +171,7 @@ class _TargetKernels(TorchFunctionMode):
             k, v = k.repeat_interleave(repeat, -3), v.repeat_interleave(repeat, -3)
         if self.spec.kind != "cuda":  # math, as asked
             self._record("scaled_dot_product_attention", "math", q.dtype)
-            return torch.ops.aten._scaled_dot_product_attention_math(
+            return attention_op("math")(
                 q, k, v, a["attn_mask"], a["dropout_p"], a["is_causal"], scale=a["scale"]
             )[0]
         kernel = attention_kernel(
@@ -174,12 +180,10 @@ class _TargetKernels(TorchFunctionMode):
         self._record("scaled_dot_product_attention", kernel, q.dtype)
         dropout_p, is_causal, scale = a["dropout_p"], a["is_causal"], a["scale"]
         if kernel == "flash":
-            return torch.ops.aten._scaled_dot_product_flash_attention(
-                q, k, v, dropout_p, is_causal, False, scale=scale
-            )[0]
+            return attention_op("flash")(q, k, v, dropout_p, is_causal, False, scale=scale)[0]
         if kernel == "efficient":
             needs_grad = any(t.requires_grad for t in (q, k, v)) and torch.is_grad_enabled()
-            return torch.ops.aten._scaled_dot_product_efficient_attention(
+            return attention_op("efficient")(
                 q, k, v, a["attn_mask"], needs_grad, dropout_p, is_causal, scale=scale
             )[0]
         return _math_attention(q, k, v, a["attn_mask"], dropout_p, is_causal, scale)
@@ -292,13 +296,13 @@ def to_meta(
                 converted = nn.Parameter(converted, requires_grad=tensor.requires_grad)
             memo[id(tensor)] = converted
         meta_model = copy.deepcopy(model, memo)
-    leaves, spec = torch.utils._pytree.tree_flatten(example_inputs)
+    leaves, spec = tree_flatten(example_inputs)
     converted: dict[int, torch.Tensor] = {}  # one input passed twice (labels = input_ids) stays one
     moved = [
         converted.setdefault(id(leaf), convert(leaf)) if isinstance(leaf, torch.Tensor) else leaf
         for leaf in leaves
     ]
-    return meta_model, torch.utils._pytree.tree_unflatten(moved, spec)
+    return meta_model, tree_unflatten(moved, spec)
 
 
 class _Roofline(TorchDispatchMode):

@@ -585,9 +585,11 @@ def measure_step(
     ``accumulation_steps``: more than 1 measures the last micro-batch of a gradient accumulation
     (:func:`accumulating`), whose peak is the accumulated step's.
 
-    The optimizer (if any) is created before the tracker is entered; its states are created inside
-    the step, as in the first step of training, so the step's peak includes them. The model's
-    parameters, buffers and gradients are put back afterwards: measuring does not train it.
+    The optimizer (if any) is made by :func:`make_optimizer` before the tracker is entered, its
+    state made with it (zero, as training's first step makes it): the step measured is any step of
+    training, whose forward and backward run with the state alive, and the tracker counts the state
+    among the step's static bytes. The model's parameters, buffers and gradients are put back
+    afterwards: measuring does not train it.
 
     Example:
         >>> model = torch.nn.Linear(8, 8, bias=False)
