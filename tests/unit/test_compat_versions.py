@@ -8,6 +8,7 @@ dispatcher, hand counts), and each fallback by hiding or replacing what it falls
 
 from __future__ import annotations
 
+import ast
 import re
 import sys
 from pathlib import Path
@@ -210,3 +211,24 @@ def test_tensor_version_counts_in_place_writes() -> None:
     x.add_(1)
     x.mul_(2)
     assert _compat.tensor_version(x) == before + 2
+
+
+_PRIVATE = re.compile(r"\btorch\.(?:\w+\.)*_[a-z]\w*|\._(?:base|version|forward_hooks)\b")
+
+
+def test_private_torch_apis_are_used_only_through_compat() -> None:
+    # Code only: docstrings and comments may name the APIs _compat wraps.
+    found = []
+    for path in sorted((ROOT / "src" / "remat").rglob("*.py")):
+        if path.name == "_compat.py":
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute):
+                text = ast.unparse(node)
+                if _PRIVATE.search(text) and not text.startswith("self."):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {text}")
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("torch"):
+                if any(part.startswith("_") for part in node.module.split(".")):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}: from {node.module}")
+    assert not found, "\n".join(sorted(set(found)))
