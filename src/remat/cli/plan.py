@@ -17,6 +17,7 @@ from remat.cli._common import (
     plan_lines,
 )
 from remat.cli._estimate import add_estimate_arguments, run_estimate, wants_estimate
+from remat.cli.timeline import write_beside
 from remat.solve.baselines import parse_strategy
 from remat.units import format_bytes, format_ms
 
@@ -94,6 +95,11 @@ def register(subparsers: Any) -> None:
         help="gradient accumulation over N micro-batches: the step planned and measured is the"
         " last one, its forward and backward with the gradients alive (default: 1, none)",
     )
+    parser.add_argument(
+        "--timeline",
+        metavar="PATH",
+        help="also write the plan's memory timeline here (HTML, as remat timeline draws it)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     add_estimate_arguments(parser)
     parser.set_defaults(func=run)
@@ -125,8 +131,16 @@ def _run(args: argparse.Namespace, capacity: int | None) -> int:
     from remat.auto import measure_plan, plan_step, profile_options, profile_step
 
     check_precision_args(args)
+    if args.timeline and (args.world_size > 1 or args.fsdp or args.max_batch or args.max_seq):
+        raise UsageError(
+            "--timeline draws one step of this process at one size: not with --world-size,"
+            " --fsdp, --max-batch or --max-seq (use remat timeline at the size found)"
+        )
     if wants_estimate(args):
-        return run_estimate(args, capacity)
+        code = run_estimate(args, capacity)
+        if args.timeline and code == EXIT_OK:
+            write_beside(args, args.timeline, estimate=True, capacity=capacity)
+        return code
     budget = None
     if args.budget is not None:
         try:
@@ -221,6 +235,8 @@ def _run(args: argparse.Namespace, capacity: int | None) -> int:
         )
     if args.out:
         plan.save(args.out)
+    if args.timeline:
+        write_beside(args, args.timeline, plan=plan, step=step)
     payload = {
         "format_version": FORMAT_VERSION,
         "model": args.model,

@@ -73,6 +73,13 @@ def register(subparsers: Any) -> None:
         help="estimate mode: the attention kernel to assume (default auto: the device's choice)",
     )
     parser.add_argument(
+        "--x-axis",
+        default="auto",
+        choices=["auto", "time", "op"],
+        help="the x axis: time (milliseconds under the tracker; measured steps), op (the op"
+        " index; steadier on a busy machine) or auto (time when measured, op on meta; default)",
+    )
+    parser.add_argument(
         "--max-points",
         type=int,
         default=2000,
@@ -94,16 +101,18 @@ def _estimating(device: str) -> bool:
     return is_device_name(device) and device.strip().lower() != "cpu"
 
 
-def build_step(args: argparse.Namespace) -> Any:
+def build_step(
+    args: argparse.Namespace, estimate: bool | None = None, capacity: int | None = None
+) -> Any:
     """The :class:`remat.Step` the arguments describe: measured where ``--device`` is, or, for a
-    device of the table other than cpu, built on meta and estimated for it."""
+    device of the table other than cpu (or ``estimate``), built on meta and estimated for it."""
     import remat
     from remat.models.spec import load_model, parse_overrides
 
     if args.accumulate < 1:
         raise UsageError(f"--accumulate: got {args.accumulate}; expected an integer >= 1")
     check_precision_args(args)
-    if _estimating(args.device):
+    if _estimating(args.device) if estimate is None else estimate:
         try:
             built = load_model(
                 args.model,
@@ -135,6 +144,7 @@ def build_step(args: argparse.Namespace) -> Any:
             precision=args.precision,
             accumulation_steps=args.accumulate,
             units=units,
+            capacity_bytes=capacity,
             **fields,
         )
     except ValueError as error:
@@ -147,6 +157,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_points < 4:
         raise UsageError(f"--max-points: got {args.max_points}; expected at least 4")
+    if args.x_axis == "time" and (_estimating(args.device) or args.device == "meta"):
+        raise UsageError(
+            f"--x-axis time: got --device {args.device}, where nothing is timed; expected"
+            " --x-axis op or auto there"
+        )
     if args.budget is not None:
         try:
             remat.Budget.parse(args.budget)
@@ -176,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
             actions=actions,
             title=f"remat timeline: {args.model}",
             max_points=args.max_points,
+            x_axis=args.x_axis,
             progress=_progress,
         )
     except InfeasibleBudgetError as error:
@@ -187,3 +203,24 @@ def run(args: argparse.Namespace) -> int:
     if args.snapshot:
         print(f"snapshot written to {args.snapshot} (open it at pytorch.org/memory_viz)")
     return EXIT_OK
+
+
+def write_beside(
+    args: argparse.Namespace,
+    path: str,
+    *,
+    plan: Any = None,
+    step: Any = None,
+    estimate: bool = False,
+    capacity: int | None = None,
+) -> None:
+    """``remat plan --timeline PATH``: the page of ``plan`` for ``step`` (or the step the
+    arguments describe; estimated, the plan is solved again for ``--budget``, as estimate mode
+    solved it); says where it went on stderr, so ``--json`` output stays one document."""
+    import remat
+
+    if step is None:
+        step = build_step(args, estimate=estimate, capacity=capacity)
+    budget = None if plan is not None else (args.budget or "device")
+    remat.timeline(step, plan=plan, budget=budget, out=path, title=f"remat timeline: {args.model}")
+    sys.stderr.write(f"timeline written to {path}\n")

@@ -250,8 +250,8 @@ line. Hover for the op, module and bytes by category; the x axis is __XLABEL__.<
   function tooltipText(s, i) {
     const lines = [];
     const phase = s.ph[i] === 3 ? "backward, recompute" : ["forward", "backward", "optimizer"][s.ph[i]];
-    lines.push(s.label + " step, " + (DATA.x_unit === "ms" ? "t = " + fmtX(s.x[i]) + ", " : "") +
-      "op " + s.i[i] + " of " + s.n);
+    const t = s.t ? "t = " + s.t[i].toFixed(1) + " ms, " : "";
+    lines.push(s.label + " step, " + t + "op " + s.i[i] + " of " + s.n);
     lines.push(names[s.op[i]] + " in " + (names[s.mod[i]] || "(model)") + " (" + phase + ")");
     lines.push("total " + fmtBytes(s.total[i]));
     s.layers.forEach(function (layer, j) {

@@ -25,7 +25,7 @@ from remat.timeline.record import StepTimeline, record_step, units_of
 from remat.timeline.render import DEFAULT_MAX_POINTS, payload, render_html, summary_lines
 from remat.timeline.snapshot import save_snapshot, to_snapshot
 
-__all__ = ["Timeline", "timeline"]
+__all__ = ["Timeline", "timeline", "write_timelines"]
 
 
 @dataclass
@@ -62,7 +62,7 @@ class Timeline:
         """Each step's peak and where it is, what the plan changed, the budget, the device."""
         return summary_lines(self.steps, self.budget_bytes, self.device)
 
-    def to_dict(self, max_points: int = DEFAULT_MAX_POINTS) -> dict[str, Any]:
+    def to_dict(self, max_points: int = DEFAULT_MAX_POINTS, x_axis: str = "auto") -> dict[str, Any]:
         """What the page draws (see :func:`remat.timeline.render.payload`)."""
         return payload(
             self.steps,
@@ -70,17 +70,24 @@ class Timeline:
             title=self.title,
             device=self.device,
             max_points=max_points,
+            x_axis=x_axis,
         )
 
-    def to_html(self, max_points: int = DEFAULT_MAX_POINTS) -> str:
-        """The self-contained page (inline script and style; nothing fetched)."""
-        return render_html(self.to_dict(max_points))
+    def to_html(self, max_points: int = DEFAULT_MAX_POINTS, x_axis: str = "auto") -> str:
+        """The self-contained page (inline script and style; nothing fetched); ``x_axis``:
+        ``"time"``, ``"op"`` or ``"auto"`` (time when measured)."""
+        return render_html(self.to_dict(max_points, x_axis))
 
-    def save(self, path: str | os.PathLike[str], max_points: int = DEFAULT_MAX_POINTS) -> Path:
+    def save(
+        self,
+        path: str | os.PathLike[str],
+        max_points: int = DEFAULT_MAX_POINTS,
+        x_axis: str = "auto",
+    ) -> Path:
         """Write the page to ``path`` (its folder made if missing)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_html(max_points), encoding="utf-8")
+        path.write_text(self.to_html(max_points, x_axis), encoding="utf-8")
         return path
 
     def to_snapshot(self) -> dict[str, Any]:
@@ -148,6 +155,7 @@ def timeline(
     actions: Sequence[str] | None = None,
     title: str | None = None,
     max_points: int = DEFAULT_MAX_POINTS,
+    x_axis: str = "auto",
     progress: bool | Callable[[str], None] | None = None,
 ) -> Timeline:
     """Record one training step (forward, loss, backward, optimizer step) without a plan and
@@ -175,6 +183,8 @@ def timeline(
         title: the page's title (default: the model's class and device).
         max_points: points kept per step in the page (longer steps are downsampled, every peak
             kept).
+        x_axis: the page's x axis: ``"time"`` (milliseconds, measured steps), ``"op"`` (the op
+            index, always the case on ``meta``) or ``"auto"`` (time when measured).
         progress: a line per stage: ``None`` logs to the ``remat`` logger, ``True`` prints to
             stderr, or a callable.
 
@@ -240,7 +250,47 @@ def timeline(
         plan=the_plan,
     )
     if out is not None:
-        result_line.save(out, max_points)
+        result_line.save(out, max_points, x_axis)
     if snapshot is not None:
         result_line.save_snapshot(snapshot)
     return result_line
+
+
+def write_timelines(
+    step: Step,
+    plans: dict[str, tuple[Plan, int | None]],
+    paths: dict[str, str | os.PathLike[str]],
+    *,
+    title: str = "remat timeline",
+    max_points: int = DEFAULT_MAX_POINTS,
+) -> dict[str, Path]:
+    """One page per plan (``plans``: name -> (plan, budget bytes)), written to ``paths[name]``,
+    each beside the same unplanned step (recorded once): what ``remat bench --timelines`` writes.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(2)])
+        >>> step = Step(model, (torch.ones(4, 8),), optimizer="sgd")
+        >>> folder = tempfile.mkdtemp()
+        >>> written = write_timelines(step, {"full": (Plan(actions={"_default": "recompute"}), None)},
+        ...                           {"full": folder + "/full.html"})
+        >>> written["full"].name
+        'full.html'
+    """
+    recorded = _recording_step(step)
+    first = next(iter(plans.values()))[0] if plans else None
+    unit_fqns = list(first.units) if first is not None and first.units else units_of(recorded)
+    unplanned = record_step(recorded, units=unit_fqns)
+    device = _device_text(step)
+    written = {}
+    for name, (plan, budget_bytes) in plans.items():
+        line = Timeline(
+            steps=[unplanned, record_step(recorded, plan, units=unit_fqns, label=name)],
+            budget_bytes=budget_bytes,
+            title=f"{title}: {name}",
+            device=device,
+            plan=plan,
+        )
+        written[name] = line.save(paths[name], max_points)
+    return written

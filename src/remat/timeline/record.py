@@ -110,6 +110,9 @@ class StepTimeline:
     """Per key, the live bytes after each op."""
     storages: list[Storage] = field(repr=False)
     units: list[str] = field(default_factory=list)
+    time_ms: list[float] | None = None
+    """Milliseconds since the step began, after each op (``None`` on ``meta``): wall time
+    under the tracker, synchronised per op on CUDA."""
     tracker_peak_bytes: int = 0
     """The tracker's own peak (equal to ``peak_bytes`` unless storages were resized between
     ops, as FSDP2 does)."""
@@ -305,6 +308,7 @@ def record_step(
             recorder = _Recorder(tracker, timed, device.type == "cuda")
             tracker.observer = recorder
             with tracker:
+                recorder.start = time.perf_counter()  # x = 0 where the step's first op starts
                 training_step(
                     model, step.batch, loss_fn=step.loss_fn, optimizer=opt, precision=step.precision
                 )
@@ -324,5 +328,6 @@ def record_step(
         series=_series(storages, keys, n),
         storages=storages,
         units=units,
+        time_ms=recorder.times_ms if timed else None,
         tracker_peak_bytes=tracker.peak_bytes,
     )

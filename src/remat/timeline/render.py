@@ -109,27 +109,26 @@ class _Names:
         return found
 
 
-def _phase_runs(line: StepTimeline) -> list[list[Any]]:
+def _phase_runs(line: StepTimeline, xs: Sequence[float]) -> list[list[Any]]:
     """Consecutive ops of one phase (recompute apart from backward): [phase, x start, x end]."""
     runs: list[list[Any]] = []
     for i, phase in enumerate(line.phases):
         name = "recompute" if line.recompute[i] else phase
         if runs and runs[-1][0] == name:
-            runs[-1][2] = line.x[i]
+            runs[-1][2] = xs[i]
         else:
-            start = line.x[i - 1] if i else line.x[i]
-            runs.append([name, start, line.x[i]])
+            runs.append([name, xs[i - 1] if i else xs[i], xs[i]])
     return [[name, round(a, 3), round(b, 3)] for name, a, b in runs]
 
 
-def _units(line: StepTimeline, names: _Names) -> dict[str, dict[str, Any]]:
+def _units(line: StepTimeline, xs: Sequence[float], names: _Names) -> dict[str, dict[str, Any]]:
     """Per unit: its saved tensors and recomputed ones ([x born, x dead, bytes, op]) and the
     x spans of its forward, recompute and backward ops."""
     n = len(line.ops)
-    end = line.x[-1] if line.x else 0.0
+    end = xs[-1] if xs else 0.0
 
     def x_at(index: int) -> float:
-        return round(line.x[index] if index < n else end, 3)
+        return round(xs[index] if index < n else end, 3)
 
     out: dict[str, dict[str, Any]] = {
         unit: {"saved": [], "recompute": [], "spans": {}} for unit in line.units
@@ -150,8 +149,8 @@ def _units(line: StepTimeline, names: _Names) -> dict[str, dict[str, Any]]:
             continue
         kind = "recompute" if line.recompute[i] else line.phases[i]
         spans = out[unit]["spans"]
-        x = round(line.x[i], 3)
-        start = round(line.x[i - 1], 3) if i else x
+        x = round(xs[i], 3)
+        start = round(xs[i - 1], 3) if i else x
         spans[kind] = [min(spans[kind][0], start), x] if kind in spans else [start, x]
     return out
 
@@ -178,11 +177,16 @@ def summary_lines(
     if len(lines) == 2 and lines[0].ops and lines[1].ops:
         before, after = lines
         saved = before.peak_bytes - after.peak_bytes
-        unit = "time under the tracker" if before.x_unit == "ms" else "ops"
         text.append(
             f"the plan lowers the peak by {format_bytes(saved)}"
-            f" ({saved / max(before.peak_bytes, 1):.0%}); the step takes"
-            f" {after.x[-1] / max(before.x[-1], 1e-9):.2f}x the {unit}"
+            f" ({saved / max(before.peak_bytes, 1):.0%}) and runs {len(after.ops):,} ops"
+            f" ({len(after.ops) / len(before.ops):.2f}x)"
+            + (
+                f" in {after.time_ms[-1] / max(before.time_ms[-1], 1e-9):.2f}x the time under the"
+                " tracker (wall time: noisy on a busy machine)"
+                if after.time_ms and before.time_ms
+                else ""
+            )
         )
     if budget_bytes is not None:
         fits = bool(lines) and lines[-1].peak_bytes <= budget_bytes
@@ -194,6 +198,10 @@ def summary_lines(
     return text
 
 
+def _indices(line: StepTimeline) -> list[float]:
+    return [float(i) for i in range(len(line.ops))]
+
+
 def payload(
     lines: Sequence[StepTimeline],
     *,
@@ -201,9 +209,11 @@ def payload(
     title: str = "remat timeline",
     device: str = "",
     max_points: int = DEFAULT_MAX_POINTS,
+    x_axis: str = "auto",
 ) -> dict[str, Any]:
     """The JSON the page draws: per step the kept points (x, op, module, phase, bytes per key),
-    its peak, its phases and its units' tensor lifetimes.
+    its peak, its phases and its units' tensor lifetimes. ``x_axis``: ``"time"`` (milliseconds,
+    measured steps only), ``"op"`` (the op index) or ``"auto"`` (time when measured).
 
     Example:
         >>> import torch
@@ -216,10 +226,18 @@ def payload(
     """
     if max_points < 4:
         raise ValueError(f"max_points: got {max_points}; expected at least 4 points per step")
+    timed = bool(lines) and all(line.time_ms is not None for line in lines)
+    if x_axis not in ("auto", "time", "op") or (x_axis == "time" and not timed):
+        raise ValueError(
+            f"x_axis: got {x_axis!r}; expected 'auto', 'op' or 'time' (time only for steps"
+            " measured on a real device, not on meta)"
+        )
+    by_time = timed and x_axis != "op"
     keys = list(lines[0].series) if lines else []
     names = _Names()
     steps = []
     for line in lines:
+        xs = line.time_ms if by_time and line.time_ms is not None else _indices(line)
         totals = line.total_bytes
         peak = line.peak_index
         phase_starts = [i for i in range(1, len(line.ops)) if line.phases[i] != line.phases[i - 1]]
@@ -232,14 +250,15 @@ def payload(
                 "label": line.label,
                 "n": len(line.ops),
                 "i": kept,
-                "x": [round(line.x[i], 3) for i in kept],
+                "x": [round(xs[i], 3) for i in kept],
+                "t": None if line.time_ms is None else [round(line.time_ms[i], 2) for i in kept],
                 "op": [names(line.ops[i]) for i in kept],
                 "mod": [names(line.modules[i]) for i in kept],
                 "ph": codes,
                 "stack": [[line.series[key][i] for i in kept] for key in keys],
                 "peak": {
                     "i": peak,
-                    "x": round(line.x[peak], 3) if line.ops else 0,
+                    "x": round(xs[peak], 3) if line.ops else 0,
                     "bytes": line.peak_bytes,
                     "op": line.ops[peak] if line.ops else "",
                     "module": line.modules[peak] if line.ops else "",
@@ -251,11 +270,11 @@ def payload(
                         else ""
                     ),
                 },
-                "phases": _phase_runs(line),
-                "units": _units(line, names),
+                "phases": _phase_runs(line, xs),
+                "units": _units(line, xs, names),
             }
         )
-    x_unit = lines[0].x_unit if lines else "op"
+    x_unit = "ms" if by_time else "op"
     return {
         "title": title,
         "device": device,
@@ -263,7 +282,7 @@ def payload(
         "x_label": (
             "milliseconds since the step began (wall time under the tracker)"
             if x_unit == "ms"
-            else "op index (estimated from shapes: no time)"
+            else "op index" + ("" if timed else " (estimated from shapes: no time)")
         ),
         "budget_bytes": budget_bytes,
         "keys": keys,

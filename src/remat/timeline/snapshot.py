@@ -76,14 +76,14 @@ def _device_trace(line: StepTimeline, device: int) -> tuple[list[dict], dict[str
     labels = {key: info["label"] for key, info in key_info(list(line.series)).items()}
     n = len(line.ops)
     base = _BASE + device * _STRIDE
-    timed = line.x_unit == "ms"
+    times = line.time_ms
 
     def time_us(index: int) -> int:
         if index >= n:
             index = n - 1
         if index < 0 or n == 0:
             return 0
-        return int(line.x[index] * 1000) if timed else index
+        return int(times[index] * 1000) if times is not None else index
 
     order = sorted(
         (i for i, s in enumerate(line.storages) if s.nbytes > 0 and s.created < s.died),
