@@ -229,3 +229,29 @@ def test_plan_cli_writes_a_timeline_beside_the_plan(tmp_path: Path) -> None:
     assert code == 0 and out.exists()
     html = page.read_text()
     assert '"label":"planned"' in html and "http" not in html
+
+
+def _page_data(path: Path) -> dict:
+    page = path.read_text()
+    found = re.search(r'id="timeline-data">(.*?)</script>', page, re.S)
+    assert found, path
+    return json.loads(found.group(1).replace("<\\/", "</"))
+
+
+def test_bench_links_each_plans_timeline(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    args = ["bench", "gpt", "--set", "n_layer=2", "d_model=32", "n_head=2", "vocab=64"]
+    args += ["--batch", "2", "--seq", "32", "--strategies", "full", "--budgets", "min"]
+    args += ["--steps", "1", "--warmup", "0", "--no-dominate", "--no-plot", "--timelines"]
+    assert main([*args, "--out", str(out)]) == 0
+    rows = {r["strategy"]: r for r in json.loads((out / "bench.json").read_text())["results"]}
+    for name, file in (("full", "timeline-full.html"), ("remat:min", "timeline-remat_min.html")):
+        data = _page_data(out / file)
+        unplanned, planned = data["steps"]
+        # The bench measured each strategy's peak in its own tracked step: the same bytes.
+        assert planned["peak"]["bytes"] == rows[name]["peak_bytes"], name
+        assert unplanned["peak"]["bytes"] == rows["none"]["peak_bytes"]
+        assert f'<a href="{file}">{name}</a>' in (out / "bench.html").read_text()
+    assert not (out / "timeline-none.html").exists()  # the unplanned step is in every page
+    assert main(["report", str(out / "bench.json"), "--no-plot"]) == 0  # re-rendered: still linked
+    assert '<a href="timeline-full.html">full</a>' in (out / "bench.html").read_text()

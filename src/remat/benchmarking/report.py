@@ -10,12 +10,13 @@ from __future__ import annotations
 import base64
 import html
 import io
+import re
 from pathlib import Path
 
 from remat.benchmarking.result import BenchResult, StrategyResult
 from remat.units import format_bytes
 
-__all__ = ["render_html", "render_markdown", "render_plot", "write_report"]
+__all__ = ["render_html", "render_markdown", "render_plot", "timeline_filename", "write_report"]
 
 _COLUMNS = (
     "strategy",
@@ -208,8 +209,22 @@ def render_plot(result: BenchResult) -> bytes:
     return buffer.getvalue()
 
 
-def render_html(result: BenchResult, png: bytes | None = None) -> str:
-    """A self-contained page: the setting, the table, the plot (inlined), dominance and claims.
+def timeline_filename(strategy: str) -> str:
+    """The file a strategy's memory timeline is written to beside the report
+    (``remat bench --timelines``), linked from the HTML page when it exists.
+
+    Example:
+        >>> timeline_filename("remat:50%")
+        'timeline-remat_50_.html'
+    """
+    return "timeline-" + re.sub(r"[^A-Za-z0-9.-]+", "_", strategy) + ".html"
+
+
+def render_html(
+    result: BenchResult, png: bytes | None = None, timelines: dict[str, str] | None = None
+) -> str:
+    """A self-contained page: the setting, the table, the plot (inlined), dominance and claims;
+    ``timelines`` (strategy -> relative link) adds links to each plan's memory timeline.
 
     Example:
         >>> from remat.benchmarking.result import StrategyResult
@@ -243,6 +258,14 @@ def render_html(result: BenchResult, png: bytes | None = None) -> str:
         parts.append(f'<img alt="Pareto plot" src="data:image/png;base64,{data}">')
     else:
         parts.append("<p>No plot: matplotlib is not installed (pip install 'remat[plot]').</p>")
+    if timelines:
+        parts.append(
+            "<h2>Memory timelines</h2><p>Each plan's training step beside the unplanned"
+            " one, op by op (remat timeline):</p><ul>"
+        )
+        for strategy, href in timelines.items():
+            parts.append(f'<li><a href="{esc(href)}">{esc(strategy)}</a></li>')
+        parts.append("</ul>")
     if result.dominance:
         parts.append("<h2>Dominance</h2><ul>")
         for verdict in result.dominance:
@@ -297,5 +320,10 @@ def write_report(
         paths["png"] = out / f"{stem}.png"
         paths["png"].write_bytes(png)
     paths["html"] = out / f"{stem}.html"
-    paths["html"].write_text(render_html(result, png))
+    timelines = {  # written by remat bench --timelines; a plan measured once is linked by both
+        row.strategy: name
+        for row in result.results
+        if (out / (name := timeline_filename(row.same_as or row.strategy))).exists()
+    }
+    paths["html"].write_text(render_html(result, png, timelines))
     return paths

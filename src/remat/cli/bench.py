@@ -87,6 +87,12 @@ def register(subparsers: Any) -> None:
         "--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)"
     )
     parser.add_argument(
+        "--timelines",
+        action="store_true",
+        help="also write each plan's memory timeline beside the report (timeline-<strategy>.html,"
+        " as remat timeline draws it), linked from bench.html",
+    )
+    parser.add_argument(
         "--json", action="store_true", help="print the bench result as JSON instead of the table"
     )
     parser.set_defaults(func=run)
@@ -163,6 +169,10 @@ def run(args: argparse.Namespace) -> int:
         progress=_progress,
         precision=args.precision,
     )
+    if args.timelines:
+        from remat.cli.timeline import write_bench_timelines
+
+        write_bench_timelines(args, result, built, units)
     paths = write_report(result, args.out, plot=not args.no_plot)
     if args.json:
         emit_json(result.to_dict())

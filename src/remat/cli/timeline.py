@@ -224,3 +224,35 @@ def write_beside(
     budget = None if plan is not None else (args.budget or "device")
     remat.timeline(step, plan=plan, budget=budget, out=path, title=f"remat timeline: {args.model}")
     sys.stderr.write(f"timeline written to {path}\n")
+
+
+def write_bench_timelines(args: argparse.Namespace, result: Any, built: Any, units: Any) -> None:
+    """``remat bench --timelines``: each plan's page in ``--out`` (named by
+    :func:`remat.benchmarking.report.timeline_filename`), the unplanned step recorded once."""
+    from pathlib import Path
+
+    import remat
+    from remat.benchmarking.report import timeline_filename
+    from remat.timeline.build import write_timelines
+
+    plans, paths = {}, {}
+    for row in result.results:
+        if row.plan is None or row.same_as is not None or row.status != "ok":
+            continue
+        if set(row.plan.values()) == {"keep"}:
+            continue  # the unplanned step itself
+        plan = remat.Plan(actions=dict(row.plan), units=list(row.plan), precision=args.precision)
+        plans[row.strategy] = (plan, row.budget_bytes)
+        paths[row.strategy] = Path(args.out) / timeline_filename(row.strategy)
+    if not plans:
+        return
+    _progress(f"bench: recording {len(plans)} memory timelines")
+    step = remat.Step(
+        built.model,
+        built.example_inputs,
+        loss_fn=built.loss_fn,
+        optimizer=args.optimizer,
+        precision=args.precision,
+        units=units,
+    )
+    write_timelines(step, plans, paths, title=f"remat bench: {args.model}")
