@@ -20,6 +20,9 @@ Definitions, against remat's tracker (``remat.measure_plan``):
 - Same: the batch and everything alive at entry are counted, as the tracker's static base is.
 - Same: AdamW's ``step`` counters (0-dim, 4 bytes each, on the CPU) are counted: they are live CPU
   storage reachable from the optimizer.
+- Different: on ``meta`` the oracle counts what torch's meta kernels return, which is not
+  always what the CPU's return (attention); the tracker mirrors the CPU's kernels there. The
+  oracle measures real devices only.
 - Different: remat's tracker counts an offloaded activation's host copy apart (``host_bytes``),
   the oracle does not know which copies are "host": on the CPU they are the same memory and it
   counts them. Tests of offload plans on the CPU compare with that in mind.
@@ -27,6 +30,7 @@ Definitions, against remat's tracker (``remat.measure_plan``):
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import weakref
 from collections.abc import Callable, Iterable
@@ -214,7 +218,8 @@ def oracle_step_peak(
     try:
         with StorageOracle(roots) as oracle:
             # as a training loop writes it: the output held in a variable through backward
-            with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+            autocast = torch.autocast(device, dtype=dtype) if dtype else contextlib.nullcontext()
+            with autocast:
                 output = model(*args, **kwargs)
                 loss = (loss_fn or _default_loss)(output)
             loss.backward()

@@ -12,6 +12,7 @@ import torch
 
 import remat
 import remat.auto
+from memory_oracle import oracle_step_peak, step_peak
 from remat.auto import solve_measured
 from remat.models import build_builtin
 from remat.profiling.step import measure_step
@@ -47,7 +48,7 @@ def test_fifty_percent_fits_a_small_bert_where_the_old_meaning_had_no_plan() -> 
     old = prof.static_bytes + (prof.peak_bytes - prof.static_bytes) // 2
     assert remat.solve(prof, old).status == INFEASIBLE
     with remat.apply_(model, result.plan):
-        measured = measure_step(model, batch, loss_fn=loss_fn).peak_bytes
+        measured = oracle_step_peak(model, batch, loss_fn=loss_fn)  # outside remat
     assert measured <= result.budget_bytes
 
 
@@ -77,10 +78,10 @@ def test_a_percent_is_met_when_the_least_plan_measures_above_its_prediction(
 
     monkeypatch.setattr(remat.auto, "measure_step", measured_high)
 
+    step = remat.Step(built.model, built.example_inputs, loss_fn=built.loss_fn)
+
     def run(budget: str | int) -> remat.SolveResult:
-        return solve_measured(
-            remat.Step(built.model, built.example_inputs, loss_fn=built.loss_fn), prof, budget
-        )
+        return solve_measured(step, prof, budget)
 
     # A size stays a size: the predicted least peak in bytes has no plan that fits it measured.
     assert run(predicted_least).status == INFEASIBLE
@@ -93,10 +94,13 @@ def test_a_percent_is_met_when_the_least_plan_measures_above_its_prediction(
         assert result.budget_bytes == least + (prof.peak_bytes - least) * percent // 100
         assert result.measured_peak_bytes is not None
         assert result.measured_peak_bytes <= result.budget_bytes
+        # the offset is made up: the oracle's bytes plus it must fit too
+        assert step_peak(step, result.plan) + offset <= result.budget_bytes
         assert any("least measured peak" in note for note in result.notes), result.notes
     # Where a plan fits the percent resolved from the predicted least peak, that is the budget.
     half = run("50%")
     assert half.budget_bytes == predicted_least + span // 2
     assert half.measured_peak_bytes is not None
     assert half.measured_peak_bytes <= half.budget_bytes
+    assert step_peak(step, half.plan) + offset <= half.budget_bytes
     assert not any("least measured peak" in note for note in half.notes), half.notes

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import remat
+from memory_oracle import oracle_step_peak
 from remat.cli.main import main
 from remat.models import build_builtin
 from remat.profiling.tracker import simulated_capacity
@@ -83,6 +84,12 @@ def test_cli_plan_under_a_capacity_fits_when_measured(capsys: pytest.CaptureFixt
     assert report["capacity_bytes"] == capacity
     assert report["unplanned_peak_bytes"] == whole.peak_bytes  # predicted from the windows
     assert report["measured_peak_bytes"] <= report["budget_bytes"] <= capacity
+    # the plan on the same model (the CLI's seed, 0), measured outside remat's closed loop
+    torch.manual_seed(0)
+    built = build_builtin("gpt", **GPT)
+    with remat.apply_(built.model, remat.Plan(actions=report["plan"]["actions"])):
+        peak = oracle_step_peak(built.model, built.example_inputs, loss_fn=built.loss_fn)
+    assert peak <= report["budget_bytes"]
     assert report["profiling_peak_bytes"] <= capacity
     with pytest.raises(SystemExit) as usage:
         main([*argv, "--capacity", "lots", "--budget", "60%"])

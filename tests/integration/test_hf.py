@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import remat
+from memory_oracle import oracle_step_peak
 from remat.integrations import hf  # needs the hf extra, which `make test` installs
 from remat.models.spec import load_model
 from remat.profiling.estimate import estimate_profile
@@ -72,7 +73,9 @@ def test_full_and_solved_plans_give_bitwise_equal_gradients(name: str) -> None:
     handle = remat.auto_(model, inputs, budget="50%", optimizer="sgd")
     result = handle.result
     assert handle.checkpointed  # a 50% budget needs recompute
-    assert result.measured_peak_bytes <= result.budget_bytes
+    assert result.iterations == 1  # the first plan fit when measured
+    # the plan as applied, measured outside remat's closed loop
+    assert oracle_step_peak(model, inputs, optimizer="sgd") <= result.budget_bytes
     handle.remove()
     report = remat.verify(model, result.plan, inputs)
     assert report.ok, report

@@ -31,6 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import remat
 import remat.apply.selective as selective
 from helpers import StorageIds
+from memory_oracle import oracle_step_peak
 from remat import Plan, apply_, baseline_plan, find_units
 from remat.models import BuiltModel, build_builtin
 from remat.opnames import OP_FAMILIES, canonical_op
@@ -368,6 +369,12 @@ def _measure(built: BuiltModel, plan: Plan) -> int:
         return measure_step(built.model, built.example_inputs, loss_fn=built.loss_fn).peak_bytes
 
 
+def _oracle(built: BuiltModel, plan: Plan) -> int:
+    """The step's peak by tests/memory_oracle.py, outside remat."""
+    with apply_(built.model, plan):
+        return oracle_step_peak(built.model, built.example_inputs, loss_fn=built.loss_fn)
+
+
 @pytest.fixture(scope="module")
 def gpt_profile() -> tuple[BuiltModel, remat.Profile]:
     torch.manual_seed(BUILD_SEED)
@@ -439,9 +446,11 @@ def test_predicted_peak_matches_measured(
         plan = baseline_plan(strategy, prof.unit_fqns)
     predicted = remat.simulate(prof, plan).peak_bytes
     measured = _measure(built, plan)
-    assert predicted == pytest.approx(measured, rel=0.02), (
-        f"{strategy}: predicted {predicted:,} measured {measured:,}"
-    )
+    # to the byte: none, megatron, save_matmuls and offload on every unit are plans the profile
+    # measured; mixed is composed from four of them, which the simulator claims exactly too
+    assert predicted == measured, f"{strategy}: predicted {predicted:,} measured {measured:,}"
+    if strategy not in ("offload", "mixed"):  # the oracle counts host copies: the CPU's memory
+        assert _oracle(built, plan) == measured
 
 
 @pytest.mark.parametrize("budget", ["80%", "60%", "40%"])
@@ -452,11 +461,11 @@ def test_solver_plans_with_options_fit_and_match_measurement(
     result = remat.solve(prof, budget)
     assert result.status != "INFEASIBLE"
     measured = _measure(built, result.plan)
-    assert result.predicted_peak_bytes == pytest.approx(measured, rel=0.02), (
-        budget,
-        result.plan.actions,
-    )
-    assert measured <= result.budget_bytes * 1.02
+    assert result.predicted_peak_bytes == measured, (budget, result.plan.actions)
+    # no slack: the solver's plan (no closed loop here) fits its budget when measured, by the
+    # oracle where no host copy (offload) is in it, which the oracle would count on the CPU
+    offloads = any(a.kind == "offload" for a in result.plan.actions.values())
+    assert (measured if offloads else _oracle(built, result.plan)) <= result.budget_bytes
 
 
 def test_solver_uses_selective_or_offload_somewhere(
