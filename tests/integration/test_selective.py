@@ -493,7 +493,13 @@ def test_solver_weighs_measured_option_costs(
     for unit in prof.units:
         for option in unit.options:
             if option.action.startswith("selective:"):
-                assert option.cost_ms is not None and option.cost_ms >= 0.0
+                # each replays some of the unit's ops: it costs time (a cost of 0 would make
+                # it free to the solver), and never more FLOPs than the unit's whole forward
+                # (save_matmuls replays only ops without counted FLOPs: 0)
+                assert option.cost_ms is not None and option.cost_ms > 0.0, (unit.fqn, option)
+                assert 0.0 <= option.cost_flops <= unit.forward_flops, (unit.fqn, option)
+                if option.action == "selective:megatron":
+                    assert option.cost_flops > 0.0, (unit.fqn, option)  # it replays matmuls
     result = remat.solve(prof, "60%")
     recomputed = sum(
         next(o.cost_ms for o in unit.options if o.action == str(result.plan.action_for(fqn)))

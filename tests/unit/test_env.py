@@ -61,11 +61,29 @@ def test_collect_env_on_cpu_machine() -> None:
     assert any("no CUDA device" in note for note in report.notes)
 
 
-@needs_no_cuda
-def test_collect_env_does_not_initialise_cuda() -> None:
-    assert not torch.cuda.is_initialized()
-    collect_env()
-    assert not torch.cuda.is_initialized()
+def test_collect_env_does_not_initialise_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    # On a CPU build CUDA cannot be initialised at all, so "is_initialized() stays False" could
+    # not fail there. Instead: with is_available() False, every call that would touch (and so
+    # initialise) CUDA is recorded, on any machine; documented: none is made. A collect_env
+    # that queried devices, cuDNN or NCCL before checking is_available() fails here.
+    touched: list[str] = []
+
+    def recorder(name: str) -> object:
+        def touch(*args: object, **kwargs: object) -> object:
+            touched.append(name)
+            raise RuntimeError(f"{name} called")
+
+        return touch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name in ("device_count", "get_device_properties", "get_device_name", "init", "_lazy_init"):
+        monkeypatch.setattr(torch.cuda, name, recorder(f"torch.cuda.{name}"))
+    monkeypatch.setattr(torch.cuda.nccl, "version", recorder("torch.cuda.nccl.version"))
+    monkeypatch.setattr(torch.backends.cudnn, "version", recorder("torch.backends.cudnn.version"))
+    report = collect_env()
+    assert touched == []
+    assert report.devices == [] or all(d.kind != "cuda" for d in report.devices)
+    assert report.cudnn_version is None
 
 
 def test_to_dict_is_json_and_round_trips() -> None:
