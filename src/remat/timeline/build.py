@@ -178,7 +178,9 @@ def timeline(
         loss_fn, optimizer, precision, units, target, dtype, attention, accumulation_steps,
             capacity_bytes: the step, as :class:`~remat.Step` states it; ``target``
             (``"h100-80gb"``) estimates on ``meta`` for that device: the x axis is then the op
-            index instead of time.
+            index instead of time. ``capacity_bytes`` holds for the solve (a budget above it is
+            lowered to it); the steps drawn are not held to it (a step over it is drawn, not
+            raised).
         actions: what a solved plan may use (see :func:`remat.plan_step`).
         title: the page's title (default: the model's class and device).
         max_points: points kept per step in the page (longer steps are downsampled, every peak
@@ -193,15 +195,20 @@ def timeline(
 
     Raises:
         ValueError: both ``plan`` and ``budget``; no plan fits ``budget``
-            (:class:`~remat.InfeasibleBudgetError`); what :class:`~remat.Step` refuses.
+            (:class:`~remat.InfeasibleBudgetError`); a distributed step (``world_size``,
+            ``fsdp``); what :class:`~remat.Step` refuses.
 
     Example:
-        >>> import torch
+        >>> import tempfile, torch
         >>> from torch import nn
         >>> model = nn.Sequential(*[nn.Sequential(nn.Linear(32, 32), nn.GELU()) for _ in range(4)])
-        >>> line = timeline(model, (torch.randn(16, 32),), budget="min", optimizer="sgd")
+        >>> out = tempfile.mkdtemp() + "/timeline.html"
+        >>> line = timeline(model, (torch.randn(64, 32),), optimizer="sgd", out=out,
+        ...                 plan=Plan(actions={"_default": "recompute"}, budget_bytes=90_000))
         >>> line.planned.peak_bytes <= line.budget_bytes < line.unplanned.peak_bytes
         True
+        >>> "http" in open(out).read()
+        False
     """
     from remat.auto import InfeasibleBudgetError, plan_step
     from remat.solve.solver import INFEASIBLE
@@ -219,6 +226,12 @@ def timeline(
         accumulation_steps=accumulation_steps,
         capacity_bytes=capacity_bytes,
     )
+    if step.world_size > 1 or step.fsdp:
+        raise ValueError(
+            f"step: got world_size={step.world_size}, fsdp={step.fsdp}; expected one process's"
+            " step (a timeline records the step this process runs, not a rank of a sharded or"
+            " replicated one). Fix: step.replace(world_size=1, fsdp=False)"
+        )
     if plan is not None and budget is not None:
         raise ValueError(
             "plan, budget: got both; expected one (a plan to draw, or a budget to solve one for)."

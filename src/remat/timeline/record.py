@@ -27,12 +27,13 @@ from remat.apply.apply import apply_
 from remat.plan import Plan
 from remat.profiling.step import (
     Step,
+    accumulating,
     make_optimizer,
     model_device,
     preserved_state,
     training_step,
 )
-from remat.profiling.tracker import MemoryTracker, track_memory
+from remat.profiling.tracker import MemoryTracker, simulated_capacity, track_memory
 
 __all__ = [
     "KEYS",
@@ -290,7 +291,9 @@ def record_step(
     device = model_device(model)
     timed = device.type != "meta"
     with ExitStack() as stack:
-        stack.enter_context(step.context())
+        # The step's accumulation, not its capacity: an unplanned step over it is drawn, not raised.
+        stack.enter_context(accumulating(step.accumulation_steps))
+        stack.enter_context(simulated_capacity(None))
         stack.enter_context(target_context(step, model))
         if plan is not None:
             stack.enter_context(apply_(model, plan))

@@ -301,7 +301,8 @@ def render_html(data: dict[str, Any]) -> str:
         >>> page.startswith("<!DOCTYPE html>"), "t&lt;1&gt;" in page, "http" in page
         (True, True, False)
     """
-    text = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+    # "<" only occurs inside JSON strings: escaped, no "</script>" or "<!--" can end the block.
+    text = json.dumps(data, separators=(",", ":")).replace("<", "\\u003c")
     x_label = "op index" if data.get("x_unit") == "op" else "elapsed time"
     return (
         PAGE.replace("__TITLE__", html.escape(str(data.get("title", "remat timeline"))))
