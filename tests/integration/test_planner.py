@@ -75,7 +75,10 @@ def test_prediction_matches_measurement_for_baselines_and_solver_plans(
     for label, plan in plans.items():
         predicted = remat.simulate(prof, plan).peak_bytes
         measured = _measure(built, plan)
-        assert predicted == pytest.approx(measured, rel=0.02), (
+        # none and full are plans the profile measured: to the byte; the rest are composed
+        # from them: within 0.2% (it was 2%, which hid a 10% U-Net and a 3.5% segment error)
+        tolerance = 0 if label in ("none", "full") else 0.002
+        assert predicted == pytest.approx(measured, rel=tolerance, abs=0), (
             f"{name} {label}: predicted {predicted:,} measured {measured:,}"
         )
 
