@@ -49,6 +49,7 @@ from remat.profiling.options import (
     time_unit_ops,
 )
 from remat.profiling.pieces import Run, combine_windows, halve
+from remat.profiling.shared import share_op_times, share_unit_times
 from remat.profiling.step import (
     MIXED_DTYPES,
     accumulating,
@@ -656,6 +657,7 @@ def profile(
         if any(a.startswith("selective:") for a in option_actions):
             with autocast():
                 op_times = time_unit_ops(model, example_inputs, unit_modules)
+            op_times = share_op_times(op_times, [_structure(m) for m in unit_modules])
         if "selective:auto" in option_actions:
             every_op = sorted({op_name(key[0]) for unit in op_times for key in unit})
             graphs: list[Any] = []
@@ -861,6 +863,7 @@ def profile(
                 option.cost_flops = float(replay_flops)
             unit.options.append(option)
     time_source = "measured" if times[0] is not None else "flops"
+    share_unit_times(units_out, [_structure(m) for m in unit_modules])  # identical: one time
     for unit in units_out:
         unit.options = _pareto_options(unit, time_source, auto_actions)
     static_bytes, state_bytes = _static_bytes(model, example_inputs, optimizer)
@@ -895,6 +898,19 @@ def profile(
         capacity_bytes=capacity_bytes if capacity_bytes is not None else current_capacity(),
     )
     return per_rank(result, world_size=world_size, fsdp=fsdp)
+
+
+def _structure(module: nn.Module) -> tuple[Any, ...]:
+    """What makes two units the same unit, short of what they measured: their module classes,
+    parameters and buffers (names, shapes, dtypes, whether they train)."""
+    return (
+        tuple(type(m).__name__ for m in module.modules()),
+        tuple(
+            (name, tuple(p.shape), str(p.dtype), p.requires_grad)
+            for name, p in module.named_parameters()
+        ),
+        tuple((name, tuple(b.shape), str(b.dtype)) for name, b in module.named_buffers()),
+    )
 
 
 def _end_needs(
