@@ -157,7 +157,7 @@ def test_page_renders_in_chromium(driver, page, tmp_path: Path) -> None:  # type
     replayed = css(By.CSS_SELECTOR, '#lifetimes rect.life.recompute[data-step="planned"]')
     expected = [s for s in result.planned.storages if s.recompute and s.module.startswith("0")]
     assert saved and len(replayed) == len(expected) > 0
-    assert "unit 0:" in driver.find_element(By.ID, "unit-info").text
+    assert "unit 0 (plan: recompute):" in driver.find_element(By.ID, "unit-info").text
     driver.find_element(By.CSS_SELECTOR, '#legend .unit[data-unit="0"]').click()  # unselect
 
     errors = [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]

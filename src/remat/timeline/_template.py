@@ -400,7 +400,9 @@ line. Hover for the op, module and bytes by category; the x axis is __XLABEL__.<
       }
       parts.push(text);
     });
-    info.textContent = "unit " + selected + ": " + parts.join("; ");
+    const action = DATA.actions[selected];
+    info.textContent = "unit " + selected + (action ? " (plan: " + action + ")" : "") + ": " +
+      parts.join("; ");
   }
 
   function select(unit) {
@@ -426,7 +428,8 @@ line. Hover for the op, module and bytes by category; the x axis is __XLABEL__.<
       sw.className = "swatch";
       sw.style.background = info.color;
       item.appendChild(sw);
-      item.appendChild(document.createTextNode(info.label));
+      const action = info.unit !== undefined ? DATA.actions[info.unit] : undefined;
+      item.appendChild(document.createTextNode(info.label + (action ? " (" + action + ")" : "")));
       if (info.unit !== undefined) {
         item.setAttribute("data-unit", info.unit);
         item.addEventListener("click", function () {

@@ -71,6 +71,11 @@ class Timeline:
             device=self.device,
             max_points=max_points,
             x_axis=x_axis,
+            actions=(
+                {u: str(self.plan.action_for(u)) for u in self.steps[0].units}
+                if self.plan is not None
+                else None
+            ),
         )
 
     def to_html(self, max_points: int = DEFAULT_MAX_POINTS, x_axis: str = "auto") -> str:

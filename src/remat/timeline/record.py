@@ -274,7 +274,10 @@ def record_step(
         units: the units whose activations get a series each (default: ``plan.units``, else
             :func:`remat.find_units` with ``step.units``).
         warmup: on a real device, run the step once untracked first, so the times recorded are
-            not the first call's.
+            not the first call's; on the CPU, glibc's malloc is then asked to keep freed memory
+            for the rest of the process, as :func:`remat.bench` does
+            (:func:`remat.benchmarking.run.keep_freed_host_memory`), or a step would be timed
+            paging its memory in again.
 
     Example:
         >>> from torch import nn
@@ -298,6 +301,10 @@ def record_step(
         if plan is not None:
             stack.enter_context(apply_(model, plan))
         if warmup and timed:
+            if device.type == "cpu":  # as remat.bench: time the ops, not page faults (see there)
+                from remat.benchmarking.run import keep_freed_host_memory
+
+                keep_freed_host_memory()
             with preserved_state(model, step.optimizer):
                 opt = make_optimizer(step.optimizer, model)
                 training_step(

@@ -210,10 +210,12 @@ def payload(
     device: str = "",
     max_points: int = DEFAULT_MAX_POINTS,
     x_axis: str = "auto",
+    actions: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The JSON the page draws: per step the kept points (x, op, module, phase, bytes per key),
     its peak, its phases and its units' tensor lifetimes. ``x_axis``: ``"time"`` (milliseconds,
     measured steps only), ``"op"`` (the op index) or ``"auto"`` (time when measured).
+    ``actions``: the plan's action per unit, shown beside the unit.
 
     Example:
         >>> import torch
@@ -289,6 +291,7 @@ def payload(
         "key_info": key_info(keys),
         "names": names.names,
         "summary": summary_lines(lines, budget_bytes, device),
+        "actions": dict(actions or {}),
         "steps": steps,
     }
 
