@@ -237,19 +237,51 @@ def _page_data(path: Path) -> dict:
 
 
 def test_bench_links_each_plans_timeline(tmp_path: Path) -> None:
+    """What `remat bench --timelines` runs after its measurements, on rows as bench fills them
+    (each plan's actions per unit, its budget, its peak measured apart by measure_plan)."""
+    import argparse
+
+    from remat.benchmarking.report import write_report
+    from remat.benchmarking.result import BenchResult, StrategyResult
+    from remat.cli.main import build_parser
+    from remat.cli.timeline import write_bench_timelines
+    from remat.models.spec import load_model
+
+    assert build_parser().parse_args(["bench", "gpt", "--timelines"]).timelines
+    built = load_model("gpt", batch=2, seq=32, overrides={"n_layer": 2, "d_model": 32,
+                                                          "n_head": 2, "vocab": 64})  # fmt: skip
+    step = Step(built.model, built.example_inputs, loss_fn=built.loss_fn)
+    units = ["blocks.0", "blocks.1"]
+    actions = {
+        "none": {"blocks.0": "keep", "blocks.1": "keep"},
+        "full": {"blocks.0": "recompute", "blocks.1": "recompute"},
+        "remat:50%": {"blocks.0": "recompute", "blocks.1": "keep"},
+        "remat:@full": {"blocks.0": "recompute", "blocks.1": "recompute"},
+    }
+    peaks = {n: measure_plan(step, Plan(actions=a)) for n, a in actions.items() if n[-4:] != "full"}
+    peaks["full"] = peaks["remat:@full"] = measure_plan(step, Plan(actions=actions["full"]))
+    rows = [
+        StrategyResult(
+            strategy=name,
+            kind="remat" if name.startswith("remat") else "peer",
+            plan=plan,
+            peak_bytes=peaks[name],
+            budget_bytes=123_456 if name == "remat:50%" else None,
+            same_as="full" if name == "remat:@full" else None,
+        )
+        for name, plan in actions.items()
+    ]
+    result = BenchResult(model="gpt", results=rows)
     out = tmp_path / "bench"
-    args = ["bench", "gpt", "--set", "n_layer=2", "d_model=32", "n_head=2", "vocab=64"]
-    args += ["--batch", "2", "--seq", "32", "--strategies", "full", "--budgets", "min"]
-    args += ["--steps", "1", "--warmup", "0", "--no-dominate", "--no-plot", "--timelines"]
-    assert main([*args, "--out", str(out)]) == 0
-    rows = {r["strategy"]: r for r in json.loads((out / "bench.json").read_text())["results"]}
-    for name, file in (("full", "timeline-full.html"), ("remat:min", "timeline-remat_min.html")):
+    args = argparse.Namespace(out=str(out), optimizer="adamw", precision="32", model="gpt")
+    write_bench_timelines(args, result, built, units)
+    page = write_report(result, out, plot=False)["html"].read_text()
+    for name, file in (("full", "timeline-full.html"), ("remat:50%", "timeline-remat_50_.html")):
         data = _page_data(out / file)
         unplanned, planned = data["steps"]
-        # The bench measured each strategy's peak in its own tracked step: the same bytes.
-        assert planned["peak"]["bytes"] == rows[name]["peak_bytes"], name
-        assert unplanned["peak"]["bytes"] == rows["none"]["peak_bytes"]
-        assert f'<a href="{file}">{name}</a>' in (out / "bench.html").read_text()
+        assert planned["peak"]["bytes"] == rows[list(actions).index(name)].peak_bytes, name
+        assert unplanned["peak"]["bytes"] == rows[0].peak_bytes
+        assert f'<a href="{file}">{name}</a>' in page
+    assert _page_data(out / "timeline-remat_50_.html")["budget_bytes"] == 123_456
+    assert '<a href="timeline-full.html">remat:@full</a>' in page  # one plan, measured once
     assert not (out / "timeline-none.html").exists()  # the unplanned step is in every page
-    assert main(["report", str(out / "bench.json"), "--no-plot"]) == 0  # re-rendered: still linked
-    assert '<a href="timeline-full.html">full</a>' in (out / "bench.html").read_text()
