@@ -1,0 +1,293 @@
+"""Property tests that search (issue 17 item 3): random models under random plans of every action,
+each case checked bitwise against the unplanned step and by the independent memory oracle against
+the simulator's prediction.
+
+Models: chains of up to 16 blocks with skips between non-adjacent blocks (a DAG), each block one of
+Linear + norm (none, LayerNorm, BatchNorm1d) + activation (an in-place ReLU among them) + dropout,
+a Linear whose output is changed in place, or a parameter-only block (scale and shift, no matmul).
+Width 8 to 16, batch 2 to 4, float32 or bf16 autocast.
+
+Plans: per unit keep, recompute, selective (megatron, save_matmuls), offload, or a run of
+consecutive units in one segment or nested segment; plans that checkpoint nothing are not drawn.
+
+Each model is profiled once (with the selective and offload options) and then takes
+``PLANS_PER_MODEL`` plans; each plan is one case:
+
+- the planned step's loss, gradients and buffers (BatchNorm statistics) are ``torch.equal`` to the
+  unplanned step's from the same state and seed;
+- its peak by tests/memory_oracle.py is remat's tracker's (``remat.measure_plan``) to the byte,
+  except with offload: on the CPU an offloaded activation's host copy is in the same memory,
+  which the oracle counts and the tracker counts apart (remat plans device memory);
+- the simulator's prediction is that measured peak (the tracker's device bytes) within
+  ``TOLERANCE`` (0.2%) for every plan of single-unit actions (keep, recompute, selective,
+  offload). Plans with segments or nested segments are NOT predicted that well yet: this search
+  finds 10-20% of them off by more than 0.2%, up to about 4% (under and over), most with skips
+  or bf16 autocast. They are held to ``COMPOSED_BOUND`` here, and
+  ``test_composed_misprediction_reproducer`` pins one such miss as a strict xfail until the
+  simulator (src/remat/cost/model.py) is fixed. Unseeded searches also find rare single-unit
+  misses, e.g. ``recompute, offload, recompute`` over (params+BatchNorm, params, in-place Linear)
+  blocks at width 16, batch 2: predicted 3,336 bytes, measured 3,272 (over by 2%).
+
+CI runs ``MODELS`` x ``PLANS_PER_MODEL`` derandomized cases (26 x 20 = 520; about 30 s on one
+thread). To search more: ``REMAT_PROPERTY_SEED=random`` (hypothesis's own unseeded draws) or an
+integer seed, with ``REMAT_PROPERTY_MODELS=200``, e.g.
+``REMAT_PROPERTY_SEED=random REMAT_PROPERTY_MODELS=200 pytest tests/integration/test_properties_search.py``.
+Shrinking is off (a model case takes minutes to shrink); a failure prints the whole case.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import HealthCheck, Phase, given, seed, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import remat
+from memory_oracle import oracle_step_peak
+
+MODELS = int(os.environ.get("REMAT_PROPERTY_MODELS", "26"))
+PLANS_PER_MODEL = 20
+TOLERANCE = 0.002
+COMPOSED_BOUND = 0.05
+SEED = os.environ.get("REMAT_PROPERTY_SEED")
+OPTIONS = ["selective:save_matmuls", "selective:megatron", "offload"]
+KINDS = ("linear", "inplace", "params")
+NORMS = ("none", "layernorm", "batchnorm")
+ACTIVATIONS = ("relu", "relu_inplace", "gelu", "tanh")
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    kind: str
+    norm: str
+    activation: str
+    dropout: float
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, spec: BlockSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        if spec.kind == "params":  # parameters only: no op that autograd-saved selective keeps
+            self.scale = nn.Parameter(torch.randn(width) * 0.5 + 1.0)
+            self.shift = nn.Parameter(torch.randn(width) * 0.1)
+            return
+        self.linear = nn.Linear(width, width)
+        self.norm = {
+            "none": nn.Identity,
+            "layernorm": lambda: nn.LayerNorm(width),
+            "batchnorm": lambda: nn.BatchNorm1d(width),
+        }[spec.norm]()
+        self.act = {
+            "relu": nn.ReLU,
+            "relu_inplace": lambda: nn.ReLU(inplace=True),
+            "gelu": nn.GELU,
+            "tanh": nn.Tanh,
+        }[spec.activation]()
+        self.drop = nn.Dropout(spec.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec.kind == "params":
+            return torch.tanh(x * self.scale + self.shift)
+        h = self.linear(x)
+        if self.spec.kind == "inplace":
+            h.mul_(0.5)  # the matmul's own output, changed in place before anything saves it
+        return self.drop(self.act(self.norm(h)))
+
+
+class Chain(nn.Module):
+    """Blocks in a row; ``skips`` (i, j) add block i's output to block j's input (j > i + 1)."""
+
+    def __init__(self, width: int, specs: list[BlockSpec], skips: list[tuple[int, int]]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(width, spec) for spec in specs)
+        self.skips = skips
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outputs: list[torch.Tensor] = []
+        h = x
+        for j, block in enumerate(self.blocks):
+            for i, target in self.skips:
+                if target == j:
+                    h = h + outputs[i]
+            h = block(h)
+            outputs.append(h)
+        return h
+
+
+@dataclass(frozen=True)
+class ModelCase:
+    width: int
+    batch: int
+    specs: list[BlockSpec]
+    skips: list[tuple[int, int]]
+    precision: str
+    plans: list[list[str]]
+    """Per plan, per unit, an action."""
+
+
+block_specs = st.builds(
+    BlockSpec,
+    kind=st.sampled_from(KINDS),
+    norm=st.sampled_from(NORMS),
+    activation=st.sampled_from(ACTIVATIONS),
+    dropout=st.sampled_from((0.0, 0.25)),
+)
+SINGLE = ("keep", "recompute", "selective:megatron", "selective:save_matmuls", "offload")
+
+
+@st.composite
+def plan_actions(draw: st.DrawFn, count: int) -> list[str]:
+    """Per unit an action; runs of consecutive units may share a segment or a nested segment.
+    At least one unit is not kept."""
+    actions: list[str] = []
+    while len(actions) < count:
+        kind = draw(st.sampled_from((*SINGLE, "keep", "recompute", "segment", "nested")))
+        if kind in ("segment", "nested"):
+            length = draw(st.integers(1, min(4, count - len(actions))))
+            actions += [f"{kind}:g{len(actions)}"] * length
+        else:
+            actions.append(kind)
+    if all(action == "keep" for action in actions):
+        actions[draw(st.integers(0, count - 1))] = draw(st.sampled_from(SINGLE[1:]))
+    return actions
+
+
+@st.composite
+def model_cases(draw: st.DrawFn) -> ModelCase:
+    n = draw(st.integers(2, 16))
+    candidates = [(i, j) for i in range(n) for j in range(i + 2, n)]
+    skips = (
+        draw(st.lists(st.sampled_from(candidates), unique=True, max_size=3)) if candidates else []
+    )
+    return ModelCase(
+        width=draw(st.sampled_from((8, 12, 16))),
+        batch=draw(st.integers(2, 4)),
+        specs=draw(st.lists(block_specs, min_size=n, max_size=n)),
+        skips=sorted(skips),
+        precision=draw(st.sampled_from(("32", "32", "bf16-mixed"))),
+        plans=draw(st.lists(plan_actions(n), min_size=PLANS_PER_MODEL, max_size=PLANS_PER_MODEL)),
+    )
+
+
+def loss_fn(output: torch.Tensor) -> torch.Tensor:
+    return output.float().square().mean()
+
+
+def one_step(model: nn.Module, x: torch.Tensor, precision: str) -> dict[str, Any]:
+    """Forward, loss and backward from seed 7; the loss, gradients and buffers after it."""
+    for param in model.parameters():
+        param.grad = None
+    torch.manual_seed(7)
+    dtype = torch.bfloat16 if precision == "bf16-mixed" else None
+    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        loss = loss_fn(model(x))
+    loss.backward()
+    state = {
+        "loss": loss.detach(),
+        "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
+        "buffers": {n: b.clone() for n, b in model.named_buffers()},
+    }
+    for param in model.parameters():
+        param.grad = None  # none alive when a peak is measured next
+    return state
+
+
+def assert_bitwise(got: dict[str, Any], want: dict[str, Any], where: str) -> None:
+    assert torch.equal(got["loss"], want["loss"]), f"{where}: loss"
+    for group in ("grads", "buffers"):
+        assert got[group].keys() == want[group].keys(), f"{where}: {group}"
+        for name, value in want[group].items():
+            assert torch.equal(got[group][name], value), f"{where}: {group} {name}"
+
+
+def check_model(case: ModelCase, composed_bound: float = COMPOSED_BOUND) -> None:
+    torch.manual_seed(1234)
+    model = Chain(case.width, case.specs, case.skips).train()
+    x = torch.randn(case.batch, case.width)
+    units = [f"blocks.{i}" for i in range(len(case.specs))]
+    state = copy.deepcopy(model.state_dict())
+    step = remat.Step(model, (x,), loss_fn=loss_fn, optimizer="sgd", precision=case.precision)
+    prof = remat.profile(
+        model,
+        (x,),
+        loss_fn=loss_fn,
+        optimizer="sgd",
+        units=units,
+        options=OPTIONS,
+        precision=case.precision,
+        warmup=0,
+        repeats=0,
+    )
+    model.load_state_dict(state)
+    want = one_step(model, x, case.precision)
+    for index, actions in enumerate(case.plans):
+        plan = remat.Plan(actions=dict(zip(units, actions, strict=True)), units=units)
+        where = f"plan {index} {actions} of {case}"
+        model.load_state_dict(state)
+        with remat.apply_(model, plan):
+            got = one_step(model, x, case.precision)
+            model.load_state_dict(state)
+            oracle = oracle_step_peak(
+                model, (x,), loss_fn=loss_fn, optimizer="sgd", precision=case.precision
+            )
+            measured = remat.measure_plan(step)  # the model as it is: planned
+        assert_bitwise(got, want, where)
+        if "offload" in actions:
+            assert oracle >= measured, f"{where}: oracle {oracle:,} tracker {measured:,}"
+        else:
+            assert oracle == measured, f"{where}: oracle {oracle:,} tracker {measured:,}"
+        predicted = remat.simulate(prof, plan).peak_bytes
+        composed = any(action.startswith(("segment:", "nested:")) for action in actions)
+        bound = composed_bound if composed else TOLERANCE
+        assert abs(predicted - measured) <= bound * measured, (
+            f"{where}: predicted {predicted:,} measured {measured:,}"
+        )
+
+
+SETTINGS = settings(
+    derandomize=SEED is None,
+    phases=(Phase.explicit, Phase.reuse, Phase.generate),  # shrinking a model case takes minutes
+    max_examples=MODELS,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@SETTINGS
+@given(case=model_cases())
+def test_random_models_under_random_plans(case: ModelCase) -> None:
+    check_model(case)
+
+
+if SEED not in (None, "random"):  # "random": hypothesis's own unseeded draws
+    test_random_models_under_random_plans = seed(int(SEED))(test_random_models_under_random_plans)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the simulator predicts a nested segment over a parameter-only block and a"
+    " Linear+BatchNorm block 8 bytes (0.56%) under the measured peak; one of the composed misses"
+    " this search finds (see the module docstring)",
+)
+def test_composed_misprediction_reproducer() -> None:
+    case = ModelCase(
+        width=8,
+        batch=3,
+        specs=[
+            BlockSpec(kind="params", norm="layernorm", activation="tanh", dropout=0.25),
+            BlockSpec(kind="linear", norm="batchnorm", activation="tanh", dropout=0.0),
+        ],
+        skips=[],
+        precision="32",
+        plans=[["nested:g0", "nested:g0"]],
+    )
+    check_model(case, composed_bound=TOLERANCE)
