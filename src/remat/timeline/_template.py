@@ -111,8 +111,11 @@ line. Hover for the op, module and bytes by category; the x axis is __XLABEL__.<
 
   let xmax = 1;
   steps.forEach(function (s) { if (s.x.length) { xmax = Math.max(xmax, s.x[s.x.length - 1]); } });
-  let ymax = DATA.budget_bytes || 0;
+  let ymax = 0;
   steps.forEach(function (s) { ymax = Math.max(ymax, s.peak.bytes); });
+  // A budget far above the steps (a whole device) is named, not drawn: it would flatten them.
+  const budgetShown = DATA.budget_bytes && DATA.budget_bytes <= 2 * ymax;
+  if (budgetShown) { ymax = Math.max(ymax, DATA.budget_bytes); }
   ymax = Math.max(ymax * 1.08, 1);
   const sx = function (v) { return X0 + (v / xmax) * (X1 - X0); };
   const sy = function (v) { return Y1 - (v / ymax) * (Y1 - Y0); };
@@ -230,6 +233,11 @@ line. Hover for the op, module and bytes by category; the x axis is __XLABEL__.<
 
   function drawBudget(g) {
     if (!DATA.budget_bytes) { return; }
+    if (!budgetShown) {
+      el(g, "text", {id: "budget-note", x: X1 - 4, y: 12, "text-anchor": "end", fill: "#c00"},
+        "budget " + fmtBytes(DATA.budget_bytes) + ": far above the chart");
+      return;
+    }
     const y = sy(DATA.budget_bytes);
     el(g, "line", {id: "budget", "class": "budget", x1: X0, x2: X1, y1: y, y2: y,
       "data-bytes": DATA.budget_bytes});
