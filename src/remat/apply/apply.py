@@ -323,20 +323,21 @@ def running_precision(device_type: str) -> str:
 
 
 def _watch_precision(
-    model: nn.Module, plan: Plan, first_unit: nn.Module
+    model: nn.Module, plan: Plan, regions: list[Region]
 ) -> Callable[[], None] | None:
-    """At the first unit's first forward under ``plan``, warn once (per model) if the autocast
-    state is not the one of the precision the plan was made for (``32`` and ``bf16-true`` run
-    without autocast). Checked at the unit, not the model: wrappers such as accelerate's enter
-    autocast inside the model's ``forward``, after the model's own pre-hooks ran. Returns what
-    removes the check, or ``None`` on a device autocast does not run on."""
+    """At the model's first forward under ``plan``, warn once (per model) if the autocast state
+    is not the one of the precision the plan was made for (``32`` and ``bf16-true`` run without
+    autocast). Autocast entered outside the model is seen by the model's pre-hook. Wrappers such
+    as accelerate's enter it inside the model's ``forward``, after that hook ran: where the hook
+    sees none, the state is read again at the first eager call of a planned unit (a module hook
+    there would change how ``torch.compile`` traces the unit). Returns what removes the checks,
+    or ``None`` on a device autocast does not run on."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     if device.type not in ("cpu", "cuda"):
         return None
     expected = "32" if plan.precision in ("32", "bf16-true") else plan.precision
 
-    def check(_module: nn.Module, _args: Any) -> None:
-        handle.remove()
+    def compare() -> None:
         running = running_precision(device.type)
         if _PRECISION_CHECKS_OFF[0] or running == expected:
             return
@@ -347,11 +348,32 @@ def _watch_precision(
             f" runs as {running!r} (autocast on {device.type}); its predicted peak is that of the"
             f" other step. Re-plan with precision={running!r} (remat plan --precision), or train"
             " under the plan's precision.",
-            stacklevel=3,
+            stacklevel=4,
         )
 
-    handle = first_unit.register_forward_pre_hook(check)
-    return handle.remove
+    def disarm() -> None:
+        for region in regions:
+            region.on_call = None
+
+    def in_unit() -> None:
+        disarm()
+        compare()
+
+    def check_model(_module: nn.Module, _args: Any) -> None:
+        handle.remove()
+        if running_precision(device.type) != "32" or not regions:
+            compare()
+            return
+        for region in regions:  # none outside: a wrapper may enter it inside the forward
+            region.on_call = in_unit
+
+    handle = model.register_forward_pre_hook(check_model)
+
+    def remove() -> None:
+        handle.remove()
+        disarm()
+
+    return remove
 
 
 def _refuse_double_checkpointing(
@@ -504,14 +526,10 @@ def apply_(
     try:
         # the KV cache off while the plan is on, as Hugging Face's gradient checkpointing does
         handle._undo.append(_turn_cache_off(model))
-        # another autocast: warned about once, at the first unit the step runs
-        first_unit = modules[unit_fqns[0]] if unit_fqns else model
-        unwatch_precision = _watch_precision(model, plan, first_unit)
-        if unwatch_precision is not None:
-            handle._undo.append(unwatch_precision)
         unwatch = watch_batches(model, plan)  # a larger batch than planned: warned about once
         if unwatch is not None:
             handle._undo.append(unwatch)
+        made: list[Region] = []
         for name, members in regions.items():
             members.sort(key=lambda f: order.get(f, -1))
             first = resolved[members[0]]
@@ -522,11 +540,15 @@ def apply_(
                 policy=first.label if first.kind == "selective" else None,
                 offload=first.kind == "offload",
             )
+            made.append(region)
             for position, (_, module) in enumerate(region.units):
                 previous = module.__dict__.get("forward", _MISSING)
                 original = module.forward
                 module.__dict__["forward"] = region.make_forward(position, original)
                 handle._installed.append((module, previous))
+        unwatch_precision = _watch_precision(model, plan, made)  # another autocast: said once
+        if unwatch_precision is not None:
+            handle._undo.append(unwatch_precision)
     except BaseException:
         handle.remove()
         raise

@@ -389,6 +389,8 @@ class Region:
         """``selective``: the policy (``save_matmuls``, ``megatron``, ``ops.<op>...``)."""
         self._rule = policy_for(policy) if policy is not None else None
         self.offload = offload
+        self.on_call: Callable[[], None] | None = None
+        """Called at the next eager call of any of its units (apply_'s precision check)."""
         self.last_kept_bytes: dict[Any, int] = {}
         """``selective``: per op key kept by the last call, the bytes of its output."""
         self.last_replayed: set[Any] = set()
@@ -431,6 +433,8 @@ class Region:
             if torch.compiler.is_compiling() and not region.offload:
                 # Whole-model torch.compile traces this wrapper: dynamo's own checkpoint instead.
                 return checkpoint_traced(traced, original, args, kwargs)
+            if region.on_call is not None:
+                region.on_call()
             if region.offload:
                 offloader = Offloader(previous=_last_offloader())
                 _LAST.offloader = weakref.ref(offloader)
