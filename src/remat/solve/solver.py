@@ -51,7 +51,7 @@ class SolveResult:
     Example:
         >>> from remat.cost.model import example_profile
         >>> result = solve(example_profile(), 1300)
-        >>> result.status, result.predicted_peak_bytes <= 1300, result.lower_bound <= result.cost
+        >>> result.status, result.predicted_peak_bytes <= 1300, result.lower_bound == result.cost
         ('OPTIMAL', True, True)
     """
 
