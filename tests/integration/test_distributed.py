@@ -55,7 +55,7 @@ def torchrun(script: Path, *args: str, nproc: int = 2, timeout_s: int = 240) -> 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("dist") / "results.pt"
-    torchrun(SCRIPT, "--out", str(out))
+    torchrun(SCRIPT, "--out", str(out), "--dropout")
     return torch.load(out, weights_only=False)
 
 
@@ -91,6 +91,23 @@ def test_fsdp2_gradients_equal_one_process(runs: dict) -> None:
     assert any(a == "recompute" for a in actions.values()), actions
     assert not any(a.startswith(("segment", "nested")) for a in actions.values()), actions
     assert_matches_one_process(runs["fsdp"], runs["reference"])
+
+
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
+def test_planned_equals_unplanned_bitwise_with_dropout(runs: dict, wrapper: str) -> None:
+    # The same wrapper, the same rank seeds: a recomputed unit replays the dropout masks its
+    # forward drew, so the planned run's losses, gradients and weights are the unplanned run's.
+    planned, plain = runs[f"{wrapper}_dropout"], runs[f"{wrapper}_dropout_plain"]
+    assert any(a == "recompute" for a in planned["actions"].values()), planned["actions"]
+    assert all(a == "keep" for a in plain["actions"].values()), plain["actions"]
+    for name, grad in plain["grads"].items():
+        assert torch.equal(planned["grads"][name], grad), name
+    for name, param in plain["params"].items():
+        assert torch.equal(planned["params"][name], param), name
+    assert torch.equal(torch.stack(planned["losses"]), torch.stack(plain["losses"]))
+    # Dropout was on: the model's loss in training mode is not its loss in evaluation mode.
+    check = runs["dropout_check"]
+    assert not torch.equal(check["train"], check["eval"])
 
 
 def test_documented_order_remat_compile_fully_shard(runs: dict) -> None:

@@ -56,12 +56,54 @@ def train(model: torch.nn.Module, idx: torch.Tensor, targets: torch.Tensor) -> d
     return {"losses": losses, "grads": grads, "params": params}
 
 
+def dropout_pairs(
+    plans: dict[bool, remat.Plan],
+    units: list[str],
+    rank: int,
+    idx: torch.Tensor,
+    targets: torch.Tensor,
+) -> dict[str, dict]:
+    """The same model with dropout on, trained under DDP and under FSDP2 with the plan and
+    without it, each rank seeded alike for both: a recomputed unit must replay the dropout masks
+    its forward drew, so planned and unplanned runs are bitwise equal, rank by rank."""
+    torch.manual_seed(0)
+    dropped = build(dropout=0.25, **SIZES).model
+    with torch.no_grad():  # dropout is on: training mode's loss is not evaluation mode's
+        torch.manual_seed(100 + rank)
+        train_loss = loss_of(dropped, idx, targets)
+        eval_loss = loss_of(dropped.eval(), idx, targets)
+        dropped.train()
+    out: dict[str, dict] = {"dropout_check": {"train": train_loss, "eval": eval_loss}}
+    for fsdp in (False, True):
+        for planned in (True, False):
+            model = copy.deepcopy(dropped)
+            plan = plans[fsdp] if planned else remat.baseline_plan("none", units)
+            handle = remat.apply_(model, plan)
+            if fsdp:
+                fully_shard_units(model, plan)
+                trained: torch.nn.Module = model
+            else:
+                trained = DistributedDataParallel(model)
+            torch.manual_seed(100 + rank)  # the same masks for both runs of this rank
+            result = train(trained, idx, targets)
+            result["actions"] = handle.actions
+            if not fsdp:
+                result["grads"] = {k.removeprefix("module."): v for k, v in result["grads"].items()}
+                result["params"] = {
+                    k.removeprefix("module."): v for k, v in result["params"].items()
+                }
+            name = f"{'fsdp' if fsdp else 'ddp'}_dropout{'' if planned else '_plain'}"
+            out[name] = result
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument(
         "--configs", nargs="+", default=["ddp", "ddp_sqrt_n", "fsdp", "fsdp_compile"]
     )
+    parser.add_argument("--dropout", action="store_true", help="also the dropout pairs")
     args = parser.parse_args()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -131,6 +173,8 @@ def main() -> None:
             out["grads"] = {k.removeprefix("module."): v for k, v in out["grads"].items()}
             out["params"] = {k.removeprefix("module."): v for k, v in out["params"].items()}
         results[config] = out
+    if args.dropout:
+        results.update(dropout_pairs(plans, units, rank, local_idx, local_targets))
     if rank == 0:
         torch.save(results, args.out)
     dist.barrier()
