@@ -22,9 +22,11 @@ from typing import Any
 import torch
 from torch import nn
 
-import remat
 from remat import _compat
-from remat.apply.apply import Handle
+from remat.apply.apply import Handle, apply_, fingerprint
+from remat.auto import auto_
+from remat.plan import Plan
+from remat.profiling.step import Step
 
 __all__ = ["PLAN_FILE", "plan_for_trainer", "plan_summary", "trainer_settings"]
 
@@ -89,7 +91,7 @@ def plan_summary(handle: Handle, *, reused: bool, path: Path | None) -> dict[str
     Example:
         >>> from torch import nn
         >>> model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
-        >>> handle = remat.apply_(model, remat.Plan(actions={"1": "recompute"}))
+        >>> handle = apply_(model, Plan(actions={"1": "recompute"}))
         >>> plan_summary(handle, reused=False, path=None)["remat/checkpointed_units"]
         1
         >>> handle.remove()
@@ -113,9 +115,11 @@ def plan_summary(handle: Handle, *, reused: bool, path: Path | None) -> dict[str
 
 
 def _refuse_own_checkpointing(model: nn.Module) -> None:
-    from remat.integrations.hf import checkpointing_modules  # no transformers import
-
-    own = checkpointing_modules(model)
+    own = [  # as remat.integrations.hf.checkpointing_modules (which imports this module)
+        name
+        for name, module in model.named_modules()
+        if getattr(module, "gradient_checkpointing", False) is True
+    ]
     if own:
         raise ValueError(
             "remat trainer callback: got a model that checkpoints itself (gradient_checkpointing"
@@ -127,16 +131,16 @@ def _refuse_own_checkpointing(model: nn.Module) -> None:
         )
 
 
-def _saved_plan(path: Path, model: nn.Module, settings: dict[str, Any]) -> remat.Plan | None:
+def _saved_plan(path: Path, model: nn.Module, settings: dict[str, Any]) -> Plan | None:
     """The plan saved at ``path`` when it is for this model (fingerprint) and these settings."""
     if not path.is_file():
         return None
     try:
-        plan = remat.Plan.load(path)
+        plan = Plan.load(path)
     except ValueError as error:
         logger.warning("remat: %s; planning again", error)
         return None
-    actual = remat.fingerprint(model)
+    actual = fingerprint(model)
     saved = plan.fingerprint or {}
     same_model = (
         saved.get("parameters_sha256") == actual["parameters_sha256"]
@@ -181,7 +185,7 @@ def _solve_new(
     predicted (the pipeline measures this process only, so its closed loop is skipped)."""
     fields = {k: v for k, v in auto_options.items() if k in ("loss_fn", "units", "capacity_bytes")}
     rest = {k: v for k, v in auto_options.items() if k not in fields}
-    step = remat.Step(
+    step = Step(
         model,
         batch,
         optimizer=optimizer,
@@ -192,7 +196,7 @@ def _solve_new(
         **fields,
     )
     with _rng_kept(model):
-        return remat.auto_(step, budget=budget, **rest)
+        return auto_(step, budget=budget, **rest)
 
 
 def plan_for_trainer(
@@ -279,7 +283,7 @@ def plan_for_trainer(
     rank, ranks = rank_and_world_size()
     made: list[Handle] = []
 
-    def make() -> remat.Plan:  # on rank 0 only: it decides, for every rank, reuse or plan
+    def make() -> Plan:  # on rank 0 only: it decides, for every rank, reuse or plan
         saved = _saved_plan(path, model, settings) if path is not None else None
         if saved is not None:
             logger.info("remat: reusing the plan in %s (no profile)", path)
@@ -303,7 +307,7 @@ def plan_for_trainer(
         return made[0].plan
 
     plan = broadcast_plan(make if rank == 0 else None)
-    handle = made[0] if made else remat.apply_(model, plan)
+    handle = made[0] if made else apply_(model, plan)
     summary = plan_summary(handle, reused="reused_from" in plan.metadata, path=path)
     logger.info(
         "remat: %s plan, %d of %d units checkpointed, predicted peak %s bytes (budget %s)%s",

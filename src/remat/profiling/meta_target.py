@@ -510,8 +510,8 @@ def _add_roofline_times(
 
 def _prepare_transformers(model: nn.Module) -> None:
     """Transformers models read a few mask values to pick a path; ready them for ``meta``
-    (:func:`remat.integrations.hf.prepare_meta`). Nothing to do if transformers is not loaded."""
+    (:func:`remat.integrations.hf_meta.prepare_meta`). Nothing to do if transformers is not loaded."""
     if "transformers" in sys.modules:
-        from remat.integrations.hf import prepare_meta
+        from remat.integrations.hf_meta import prepare_meta
 
         prepare_meta(model)
