@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -359,23 +360,15 @@ def measure_plan(step: Step, plan: Plan | None = None) -> int:
             " model is. Fix: step.replace(target=None) on a real device, or simulate the plan"
             " (remat.simulate(profile, plan))"
         )
-    with step.context():
-        if plan is None:
-            return measure_step(
-                step.model,
-                step.batch,
-                loss_fn=step.loss_fn,
-                optimizer=step.optimizer,
-                precision=step.precision,
-            ).peak_bytes
-        with apply_(step.model, plan):  # measure_step restores weights and gradients
-            return measure_step(
-                step.model,
-                step.batch,
-                loss_fn=step.loss_fn,
-                optimizer=step.optimizer,
-                precision=step.precision,
-            ).peak_bytes
+    installed = apply_(step.model, plan) if plan is not None else nullcontext()
+    with step.context(), installed:  # measure_step restores weights and gradients
+        return measure_step(
+            step.model,
+            step.batch,
+            loss_fn=step.loss_fn,
+            optimizer=step.optimizer,
+            precision=step.precision,
+        ).peak_bytes
 
 
 @dataclasses.dataclass
