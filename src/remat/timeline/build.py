@@ -50,6 +50,13 @@ class Timeline:
     device: str
     plan: Plan | None = None
 
+    def __repr__(self) -> str:
+        plan = None if self.plan is None else dict(self.plan.to_dict().get("actions", {}))
+        return (
+            f"Timeline(title={self.title!r}, device={self.device!r},"
+            f" budget_bytes={self.budget_bytes}, steps={self.steps!r}, plan={plan!r})"
+        )
+
     @property
     def unplanned(self) -> StepTimeline:
         return self.steps[0]

@@ -118,6 +118,13 @@ class StepTimeline:
     """The tracker's own peak (equal to ``peak_bytes`` unless storages were resized between
     ops, as FSDP2 does)."""
 
+    def __repr__(self) -> str:
+        # The lists hold one entry per op (thousands): a REPL shows the step, not them.
+        return (
+            f"StepTimeline(label={self.label!r}, ops={len(self.ops)}, x_unit={self.x_unit!r},"
+            f" peak_bytes={self.peak_bytes}, series={sorted(self.series)})"
+        )
+
     @property
     def total_bytes(self) -> list[int]:
         """The live total after each op."""
