@@ -7,6 +7,8 @@ the plan file on disk, and a resumed run that must not profile."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,8 @@ from transformers import (
 import remat
 from remat.integrations import hf
 from remat.integrations.trainer_plan import PLAN_FILE
+
+ROOT = Path(__file__).resolve().parents[2]
 
 transformers.logging.set_verbosity_error()
 
@@ -212,6 +216,40 @@ def test_refuses_the_trainers_own_gradient_checkpointing(tmp_path: Path) -> None
     )
     with pytest.raises(ValueError, match=r"gradient_checkpointing=True.*Fix: "):
         Trainer(model=tiny_llama(), args=args, callbacks=[hf.RematCallback(budget="min")])
+
+
+def test_fsdp_without_a_batch_is_refused_naming_the_fix(tmp_path: Path) -> None:
+    args = TrainingArguments(
+        output_dir=str(tmp_path), fsdp="full_shard", use_cpu=True, report_to=[]
+    )
+    with pytest.raises(ValueError, match=r"fsdp=True\) and no batch.*batch=one_batch"):
+        hf.refuse_trainer_args(args)
+
+
+def test_under_fsdp_the_callback_plans_before_sharding_and_trains_the_same(
+    tmp_path: Path,
+) -> None:
+    # Two ranks, CPU and gloo: the Trainer shards the model with FSDP; given a batch, the callback
+    # planned (per FSDP rank) when the Trainer was made, and the sharded run replays the
+    # recomputed layers (more layer calls) and trains exactly as without the callback.
+    out = tmp_path / "results.pt"
+    script = Path(__file__).parent / "dist_scripts" / "hf_trainer_fsdp.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node=2", str(script), "--out", str(out), "--tmp", str(tmp_path)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = torch.load(out, weights_only=False)
+    planned, plain = result["planned"], result["plain"]
+    recomputed = [fqn for fqn, action in result["actions"].items() if action == "recompute"]
+    assert recomputed, result["actions"]
+    assert planned["losses"] == plain["losses"] and len(plain["losses"]) == 3
+    steps, layers = 3, len(result["actions"])
+    assert plain["layer_calls"] == steps * layers
+    assert planned["layer_calls"] == steps * (layers + len(recomputed))  # the replays
+    (summary,) = planned["remat_log"]
+    assert summary["remat/checkpointed_units"] == len(recomputed)
 
 
 def test_without_transformers_the_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

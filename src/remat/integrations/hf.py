@@ -378,14 +378,19 @@ def trainer_precision(args: Any, model: nn.Module) -> str:
     return "bf16-true" if first is not None and first.dtype == torch.bfloat16 else "32"
 
 
-def refuse_trainer_args(args: Any) -> None:
+def refuse_trainer_args(args: Any, batch: Any = None) -> None:
     """Refuse ``TrainingArguments`` the callback cannot plan for: the Trainer's own gradient
-    checkpointing (both would recompute), and FSDP (the Trainer shards the model before any
-    callback sees a batch, and a plan goes on before sharding).
+    checkpointing (both would recompute), and FSDP without an example ``batch`` (the Trainer
+    shards the model before any callback sees one of its batches, and a plan goes on before
+    sharding: given a batch, the callback plans when the Trainer is made).
 
     Example:
         >>> from types import SimpleNamespace
         >>> refuse_trainer_args(SimpleNamespace(gradient_checkpointing=False, fsdp=""))
+        >>> refuse_trainer_args(SimpleNamespace(gradient_checkpointing=False, fsdp="full_shard"))
+        Traceback (most recent call last):
+        ...
+        ValueError: RematCallback: got TrainingArguments(fsdp='full_shard') and no batch; ...
         >>> refuse_trainer_args(SimpleNamespace(gradient_checkpointing=True, fsdp=""))
         Traceback (most recent call last):
         ...
@@ -401,14 +406,26 @@ def refuse_trainer_args(args: Any) -> None:
             " (both together recompute twice). Fix: TrainingArguments(gradient_checkpointing="
             "False) and keep the callback, or drop the callback"
         )
-    if getattr(args, "fsdp", None):
+    if _fsdp(args) and batch is None:
         raise ValueError(
-            f"RematCallback: got TrainingArguments(fsdp={args.fsdp!r}); expected no FSDP: the"
-            " Trainer shards the model before a callback sees a batch, and a plan goes on before"
-            " sharding. Fix: drop the callback and plan before the Trainer, with"
-            " remat.integrations.trainer_plan.plan_for_trainer(model, batch, budget=...,"
-            " world_size=N, fsdp=True), or train with DDP (no fsdp) and the callback"
+            f"RematCallback: got TrainingArguments(fsdp={args.fsdp!r}) and no batch; expected"
+            " an example batch: the Trainer shards the model before the callback sees one of"
+            " its batches, and a plan goes on before sharding. Fix: RematCallback(budget=...,"
+            " batch=one_batch_as_the_collator_makes_it), which plans when the Trainer is made"
         )
+
+
+def _fsdp(args: Any) -> bool:
+    """Whether the Trainer shards the model with FSDP (``TrainingArguments(fsdp=...)``)."""
+    return bool(getattr(args, "fsdp", None))
+
+
+def _trainer_optimizer(args: Any, model: nn.Module) -> Any:
+    """The optimizer the Trainer will make, as a factory (it makes it after sharding)."""
+    from transformers import Trainer
+
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    return lambda params: cls(params, **kwargs)
 
 
 def first_batch(dataloader: Any, device: torch.device) -> Any:
@@ -475,17 +492,25 @@ def _remat_callback_class() -> type:
         :func:`remat.integrations.trainer_plan.plan_for_trainer`). Training draws the same
         random numbers as without the callback.
 
-        Refused (``ValueError`` when the Trainer is made): ``gradient_checkpointing=True`` and
-        ``fsdp``. ``torch_compile=True`` works: the plan goes on the model inside the compiled
-        wrapper before its first call.
+        Under FSDP (``TrainingArguments(fsdp=...)``) the Trainer shards the model before
+        ``on_train_begin``, and a plan goes on before sharding: give ``batch`` (one batch as the
+        collator makes it) and the callback plans when the Trainer is made (``on_init_end``),
+        for one of ``world_size`` FSDP ranks (parameters, gradients and optimizer state
+        sharded; solved, not measured: the measured step would be this process alone), with
+        the optimizer the Trainer will make (``Trainer.get_optimizer_cls_and_kwargs``).
+
+        Refused (``ValueError`` when the Trainer is made): ``gradient_checkpointing=True``, and
+        ``fsdp`` without ``batch``. ``torch_compile=True`` works: the plan goes on the model
+        inside the compiled wrapper before its first call.
 
         Args:
             budget: as :func:`remat.auto_`: bytes, ``"22GiB"``, ``"60%"``, ``"min"``.
+            batch: an example batch, needed under FSDP only (see above).
             options: more :func:`remat.auto_` options (``actions``, ``units``, ``loss_fn``,
                 ``capacity_bytes``).
 
         Attributes:
-            handle: the installed plan's :class:`~remat.apply.apply.Handle` once training began.
+            handle: the installed plan's :class:`~remat.apply.apply.Handle` once planned.
 
         Example:
             >>> from remat.integrations.hf import RematCallback
@@ -494,13 +519,41 @@ def _remat_callback_class() -> type:
             ('60%', None)
         """
 
-        def __init__(self, budget: int | str, **options: Any) -> None:
+        def __init__(self, budget: int | str, batch: Any = None, **options: Any) -> None:
             self.budget = budget
+            self.batch = batch
             self.options = options
             self.handle: Any = None
+            self._summary: dict[str, Any] | None = None  # planned at init: logged at train
 
-        def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            refuse_trainer_args(args)
+        def _plan(self, args: Any, model: nn.Module, batch: Any, optimizer: Any) -> None:
+            from remat.integrations.trainer_plan import plan_for_trainer
+
+            def log(summary: dict[str, Any]) -> None:
+                self._summary = summary
+
+            self.handle = plan_for_trainer(
+                model,
+                batch,
+                budget=self.budget,
+                output_dir=args.output_dir,
+                precision=trainer_precision(args, model),
+                optimizer=optimizer,
+                accumulation_steps=args.gradient_accumulation_steps,
+                world_size=args.world_size,
+                fsdp=_fsdp(args),
+                log=log,
+                **self.options,
+            )
+
+        def on_init_end(
+            self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any
+        ) -> None:
+            refuse_trainer_args(args, self.batch)
+            if _fsdp(args) and model is not None:  # before the Trainer shards it
+                device = next(model.parameters()).device
+                batch = _to_device(self.batch, device)
+                self._plan(args, model, batch, _trainer_optimizer(args, model))
 
         def on_train_begin(
             self,
@@ -512,38 +565,26 @@ def _remat_callback_class() -> type:
             train_dataloader: Any = None,
             **kwargs: Any,
         ) -> None:
-            from remat.integrations.trainer_plan import plan_for_trainer
-
-            refuse_trainer_args(args)
-            if model is None or train_dataloader is None:
-                raise ValueError(
-                    "RematCallback: on_train_begin got no model or no train dataloader;"
-                    " expected a Trainer that passes both (transformers >= 4.40). Fix: upgrade"
-                    " transformers"
-                )
-            if self.handle is not None and self.handle.active and self.handle.model is model:
-                return  # train() again on the same model: the plan is on
-            device = next(model.parameters()).device
-            planned_for = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
-            if not isinstance(planned_for, torch.optim.Optimizer):
-                planned_for = "adamw"  # not made yet: the Trainer's default
-
-            def log(summary: dict[str, Any]) -> None:
-                state.log_history.append({**summary, "step": state.global_step})
-
-            self.handle = plan_for_trainer(
-                model,
-                first_batch(train_dataloader, device),
-                budget=self.budget,
-                output_dir=args.output_dir,
-                precision=trainer_precision(args, model),
-                optimizer=planned_for,
-                accumulation_steps=args.gradient_accumulation_steps,
-                world_size=args.world_size,
-                fsdp=False,
-                log=log,
-                **self.options,
-            )
+            refuse_trainer_args(args, self.batch)
+            if not _fsdp(args):
+                if model is None or train_dataloader is None:
+                    raise ValueError(
+                        "RematCallback: on_train_begin got no model or no train dataloader;"
+                        " expected a Trainer that passes both (transformers >= 4.40). Fix:"
+                        " upgrade transformers"
+                    )
+                planned = self.handle is not None and self.handle.active
+                if not (planned and self.handle.model is model):  # train() again: it is on
+                    device = next(model.parameters()).device
+                    planned_for = getattr(optimizer, "optimizer", optimizer)  # accelerate's
+                    if not isinstance(planned_for, torch.optim.Optimizer):
+                        planned_for = "adamw"  # not made yet: the Trainer's default
+                    batch = self.batch
+                    batch = first_batch(train_dataloader, device) if batch is None else batch
+                    self._plan(args, model, _to_device(batch, device), planned_for)
+            if self._summary is not None:
+                state.log_history.append({**self._summary, "step": state.global_step})
+                self._summary = None
 
     RematCallback.__module__ = __name__
     RematCallback.__qualname__ = "RematCallback"
