@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, capacity: int | None) -> int:
     import remat
-    from remat.auto import measure_plan, plan_step, profile_options, profile_step
+    from remat.auto import plan_step, profile_options
 
     check_precision_args(args)
     if args.timeline and (args.world_size > 1 or args.fsdp or args.max_batch or args.max_seq):
@@ -192,47 +192,9 @@ def _run(args: argparse.Namespace, capacity: int | None) -> int:
     measure = not args.no_measure and not distributed
     if args.strategy == "auto":
         planned = plan_step(step, budget, actions=actions, measure=measure, progress=progress)
-        prof, result = planned.profile, planned.result
-        plan = result.plan
-        status, budget_bytes = result.status, result.budget_bytes
-        predicted, overhead = result.predicted_peak_bytes, result.predicted_overhead
-        step_ms, lower, measured = (
-            result.predicted_step_ms,
-            result.lower_bound,
-            result.measured_peak_bytes,
-        )
-        min_peak, where, cost = result.min_peak_bytes, result.where, result.cost
+        prof, plan, figures = planned.profile, planned.result.plan, _solved(planned.result)
     else:
-        options = profile_options(actions, built.model)
-        if args.strategy in ("megatron", "save_matmuls", "offload"):
-            needed = "offload" if args.strategy == "offload" else f"selective:{args.strategy}"
-            options = [*options, needed] if needed not in options else options
-        prof = profile_step(step, options=options, progress=progress)
-        plan = remat.baseline_plan(args.strategy, prof.unit_fqns)
-        plan.fingerprint, plan.precision = prof.fingerprint, prof.precision
-        sim = remat.simulate(prof, plan)
-        predicted, overhead, step_ms, where, cost = (
-            sim.peak_bytes,
-            sim.overhead,
-            sim.step_ms,
-            sim.where,
-            sim.recompute_cost,
-        )
-        # What an optimal plan costs at the same peak: how far this baseline is from optimal.
-        best = remat.solve(prof, predicted)
-        lower, min_peak = best.cost, best.min_peak_bytes
-        budget_bytes = (
-            budget.resolve(peak_bytes=prof.peak_bytes, min_peak_bytes=min_peak, device=prof.device)
-            if budget is not None
-            else None
-        )
-        status = "FITS" if budget_bytes is None or predicted <= budget_bytes else "OVER_BUDGET"
-        measured = measure_plan(step, plan) if measure else None
-        plan.budget_bytes, plan.predicted_peak_bytes, plan.predicted_overhead = (
-            budget_bytes,
-            predicted,
-            overhead,
-        )
+        prof, plan, figures = _baseline(args, step, budget, actions, measure, progress)
     if args.out:
         plan.save(args.out)
     if args.timeline:
@@ -243,17 +205,17 @@ def _run(args: argparse.Namespace, capacity: int | None) -> int:
         "device": args.device,
         "strategy": args.strategy,
         "precision": args.precision,
-        "status": status,
+        "status": figures["status"],
         "budget": args.budget,
-        "budget_bytes": budget_bytes,
-        "predicted_peak_bytes": predicted,
-        "measured_peak_bytes": measured,
-        "predicted_step_ms": step_ms,
-        "predicted_overhead": overhead,
-        "recompute_cost": cost,
-        "lower_bound": lower,
+        "budget_bytes": figures["budget_bytes"],
+        "predicted_peak_bytes": figures["predicted_peak_bytes"],
+        "measured_peak_bytes": figures["measured_peak_bytes"],
+        "predicted_step_ms": figures["predicted_step_ms"],
+        "predicted_overhead": figures["predicted_overhead"],
+        "recompute_cost": figures["recompute_cost"],
+        "lower_bound": figures["lower_bound"],
         "cost_unit": "ms" if prof.time_source == "measured" else "forward FLOPs",
-        "min_peak_bytes": min_peak,
+        "min_peak_bytes": figures["min_peak_bytes"],
         "unplanned_peak_bytes": prof.peak_bytes,
         "static_bytes": prof.static_bytes,
         "capacity_bytes": capacity,
@@ -261,7 +223,7 @@ def _run(args: argparse.Namespace, capacity: int | None) -> int:
         "profiling_peak_bytes": prof.profiling_peak_bytes,
         "world_size": prof.world_size,
         "fsdp": prof.fsdp,
-        "peak_at": where,
+        "peak_at": figures["peak_at"],
         "plan": plan.to_dict(),
         "out": args.out,
     }
@@ -269,13 +231,85 @@ def _run(args: argparse.Namespace, capacity: int | None) -> int:
         emit_json(payload)
     else:
         _print_human(payload, prof, plan)
-    if status == "INFEASIBLE":
+    if figures["status"] == "INFEASIBLE":
+        min_peak = figures["min_peak_bytes"]
         sys.stderr.write(
-            f"remat plan: no plan fits {budget_bytes:,} bytes; the least feasible budget is"
-            f" {min_peak:,} bytes ({format_bytes(min_peak)}): use --budget {min_peak} or more\n"
+            f"remat plan: no plan fits {figures['budget_bytes']:,} bytes; the least feasible"
+            f" budget is {min_peak:,} bytes ({format_bytes(min_peak)}): use --budget {min_peak}"
+            " or more\n"
         )
         return EXIT_INFEASIBLE
     return EXIT_OK
+
+
+def _solved(result: Any) -> dict[str, Any]:
+    """The JSON's figures for the solver's plan."""
+    return {
+        "status": result.status,
+        "budget_bytes": result.budget_bytes,
+        "predicted_peak_bytes": result.predicted_peak_bytes,
+        "measured_peak_bytes": result.measured_peak_bytes,
+        "predicted_step_ms": result.predicted_step_ms,
+        "predicted_overhead": result.predicted_overhead,
+        "recompute_cost": result.cost,
+        "lower_bound": result.lower_bound,
+        "min_peak_bytes": result.min_peak_bytes,
+        "peak_at": result.where,
+    }
+
+
+def _baseline(
+    args: argparse.Namespace,
+    step: Any,
+    budget: Any,
+    actions: list[str] | None,
+    measure: bool,
+    progress: Any,
+) -> tuple[Any, Any, dict[str, Any]]:
+    """A named strategy's plan for the step: its profile, the plan, and the JSON's figures
+    (the lower bound is what an optimal plan costs at the same peak: how far it is from
+    optimal)."""
+    import remat
+    from remat.auto import measure_plan, profile_options, profile_step
+
+    options = profile_options(actions, step.model)
+    if args.strategy in ("megatron", "save_matmuls", "offload"):
+        needed = "offload" if args.strategy == "offload" else f"selective:{args.strategy}"
+        options = [*options, needed] if needed not in options else options
+    prof = profile_step(step, options=options, progress=progress)
+    plan = remat.baseline_plan(args.strategy, prof.unit_fqns)
+    plan.fingerprint, plan.precision = prof.fingerprint, prof.precision
+    sim = remat.simulate(prof, plan)
+    best = remat.solve(prof, sim.peak_bytes)
+    budget_bytes = (
+        budget.resolve(
+            peak_bytes=prof.peak_bytes, min_peak_bytes=best.min_peak_bytes, device=prof.device
+        )
+        if budget is not None
+        else None
+    )
+    plan.budget_bytes, plan.predicted_peak_bytes, plan.predicted_overhead = (
+        budget_bytes,
+        sim.peak_bytes,
+        sim.overhead,
+    )
+    fits = budget_bytes is None or sim.peak_bytes <= budget_bytes
+    return (
+        prof,
+        plan,
+        {
+            "status": "FITS" if fits else "OVER_BUDGET",
+            "budget_bytes": budget_bytes,
+            "predicted_peak_bytes": sim.peak_bytes,
+            "measured_peak_bytes": measure_plan(step, plan) if measure else None,
+            "predicted_step_ms": sim.step_ms,
+            "predicted_overhead": sim.overhead,
+            "recompute_cost": sim.recompute_cost,
+            "lower_bound": best.cost,
+            "min_peak_bytes": best.min_peak_bytes,
+            "peak_at": sim.where,
+        },
+    )
 
 
 def _print_human(payload: dict[str, Any], prof: Any, plan: Any) -> None:
