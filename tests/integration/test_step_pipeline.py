@@ -119,6 +119,11 @@ def test_a_step_refuses_what_cannot_run(model: nn.Module, fields: dict, message:
         remat.Step(model, BATCH, **fields)
 
 
+def test_a_missing_batch_is_named(model: nn.Module) -> None:
+    with pytest.raises(ValueError, match=r"batch: got None; expected one batch"):
+        remat.auto_(model, budget="min")
+
+
 def test_a_step_is_not_restated_beside_it(model: nn.Module) -> None:
     step = remat.Step(model, BATCH, optimizer="sgd")
     with pytest.raises(ValueError, match=r"optimizer: got beside a Step.*step.replace\(optimizer"):

@@ -673,6 +673,12 @@ class Step:
     def __post_init__(self) -> None:
         if not isinstance(self.model, nn.Module):
             raise ValueError(f"model: got {type(self.model).__name__}; expected a torch.nn.Module")
+        if self.batch is None:
+            raise ValueError(
+                "batch: got None; expected one batch the model takes (a tuple of positional"
+                " arguments, a dict of keyword arguments, or one tensor). Fix: pass it, e.g."
+                " remat.auto_(model, (x,), budget=...) or remat.Step(model, {'input_ids': ids})"
+            )
         check_optimizer(self.optimizer)
         if self.precision not in PRECISIONS:
             raise ValueError(
