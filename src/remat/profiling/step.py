@@ -643,6 +643,10 @@ class Step:
             :func:`~remat.profiling.tracker.simulated_capacity`); default: none, or that of an
             enclosing ``simulated_capacity``.
         units: what plans may act on (see :func:`remat.find_units`).
+        compile: the ``torch.compile`` backend the planned step will run under, each unit compiled
+            with :func:`remat.compile_units_` (``True``: ``"inductor"``; default ``None``: eager).
+            Profiling then times the compiled path (:mod:`remat.profiling.compiled`), and plans
+            use keep, recompute and selective, the actions the compiler applies.
 
     Example:
         >>> step = Step(torch.nn.Linear(8, 8, bias=False), (torch.ones(4, 8),), optimizer="sgd",
@@ -669,6 +673,7 @@ class Step:
     attention: str = "auto"
     capacity_bytes: int | None = None
     units: Any = None
+    compile: str | bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, nn.Module):
@@ -694,6 +699,25 @@ class Step:
                 " target='<device name>' (an estimate), as the model is measured where it is."
                 " Fix: pass target='h100-80gb' (remat.devices.DEVICES), or drop them"
             )
+        self._check_compile()
+
+    def _check_compile(self) -> None:
+        """``compile``: ``True`` is ``"inductor"``, ``False`` is ``None``; only where measured."""
+        backend = self.compile
+        if isinstance(backend, bool):
+            backend = "inductor" if backend else None
+        if backend is not None and (not isinstance(backend, str) or not backend):
+            raise ValueError(
+                f"compile: got {self.compile!r}; expected True, False, None or a torch.compile"
+                " backend name ('inductor', 'aot_eager')"
+            )
+        if backend is not None and self.target is not None:
+            raise ValueError(
+                f"compile: got {backend!r} with target={self.target!r}; expected compile only for"
+                " a step measured where its model is (an estimate runs no compiled kernels)."
+                " Fix: drop compile, or target"
+            )
+        object.__setattr__(self, "compile", backend)
 
     @property
     def estimated(self) -> bool:
