@@ -293,7 +293,12 @@ def profile_step(
         progress: a line of text as each measured step starts: logged (``None``), on stderr
             (``True``) or to a callable (:func:`remat.feedback.as_progress`).
         warmup, repeats: untimed and timed steps for the medians (measured steps only).
-        timing: estimates only: run the roofline step for times (``False``: bytes alone).
+        timing: estimates only: run the roofline step for times (``False``: bytes alone); with
+            ``step.compile``, ``False`` skips timing the compiled path (the eager profile).
+
+    A step with ``compile`` (a ``torch.compile`` backend) is profiled eagerly, then its times are
+    measured on the compiled path (:func:`remat.profiling.compiled.compiled_profile`): what its
+    plan costs when each unit is compiled with :func:`remat.compile_units_`.
 
     Example:
         >>> from torch import nn
@@ -307,6 +312,28 @@ def profile_step(
         ('h100-80gb', 'flops')
     """
     with step.context():
+        if not step.estimated and step.compile is not None:
+            from remat.profiling.compiled import compiled_profile
+
+            eager = profile(
+                step.model,
+                step.batch,
+                loss_fn=step.loss_fn,
+                optimizer=step.optimizer,
+                units=step.units,
+                warmup=warmup,
+                repeats=repeats,
+                progress=progress,
+                options=options,
+                world_size=step.world_size,
+                fsdp=step.fsdp,
+                precision=step.precision,
+            )
+            if not timing:
+                return eager
+            return compiled_profile(
+                step, eager, backend=step.compile, warmup=warmup, repeats=repeats, progress=progress
+            )
         if not step.estimated:
             return profile(
                 step.model,
@@ -423,6 +450,11 @@ def plan_step(
             at INFO), on stderr (``True``, a bar on a terminal) or to a callable.
         profile_: a profile of this step already taken (it is then not profiled again).
 
+    With ``step.compile``, the plan uses only keep, recompute and selective (the actions the
+    compiler applies as priced: :data:`remat.profiling.compiled.COMPILED_ACTIONS`), priced by the
+    compiled path's times; its measured peak is the eager engine's (a compiled step's is not
+    measured on the CPU).
+
     Example:
         >>> from torch import nn
         >>> model = nn.Sequential(*[nn.Sequential(nn.Linear(32, 32), nn.GELU()) for _ in range(4)])
@@ -431,6 +463,11 @@ def plan_step(
         ('OPTIMAL', True)
     """
     allowed = list(actions) if actions is not None else list(ACTIONS)
+    if step.compile is not None:
+        from remat.profiling.compiled import compiled_actions
+
+        allowed = compiled_actions(allowed)
+        actions = allowed
     say = as_progress(progress)
     with step.context():
         # An estimate measures no finer option unless asked: each is one more step on meta.
@@ -460,6 +497,7 @@ def auto_(
     capacity_bytes: int | None = None,
     accumulation_steps: int = 1,
     progress: bool | Callable[[str], None] | None = None,
+    compile: bool | str = False,
 ) -> Handle:
     """Profile the model, solve for the cheapest plan within ``budget``, apply it in place.
 
@@ -489,6 +527,12 @@ def auto_(
             the ``remat`` logger at INFO (``logging.basicConfig(level=logging.INFO)`` shows it),
             ``True`` writes it to stderr with the seconds elapsed (a bar on a terminal), a
             callable receives each line.
+        compile: ``True`` (inductor) or a ``torch.compile`` backend name: price the plan on the
+            compiled path (:mod:`remat.profiling.compiled`), plan with keep, recompute and
+            selective only, and compile each unit after applying it
+            (:func:`remat.compile_units_`), so the compiler applies the plan when it traces
+            each unit. Default ``False``: eager, remat's own engine. (With a
+            :class:`~remat.profiling.step.Step`, set ``Step.compile`` instead.)
 
     Returns:
         The :class:`~remat.apply.apply.Handle`; ``handle.result`` is the
@@ -520,6 +564,7 @@ def auto_(
         precision=precision,
         capacity_bytes=capacity_bytes,
         accumulation_steps=accumulation_steps,
+        compile=compile or None,
     )
     # a model that checkpoints itself would be profiled wrongly, then refused by apply_: refuse now
     _refuse_double_checkpointing(step.model, dict(step.model.named_modules()), [])
@@ -528,6 +573,10 @@ def auto_(
         raise InfeasibleBudgetError(result)
     handle = apply_(step.model, result.plan)
     handle.result = result
+    if step.compile is not None:
+        from remat.apply.compile import compile_units_
+
+        compile_units_(step.model, result.plan.units or handle.actions, backend=step.compile)
     logger.info(
         "remat: %s plan, predicted peak %d (measured %s) within %d bytes, overhead %s",
         result.status,
