@@ -1,0 +1,238 @@
+"""A profile priced for the compiled path: the step times of plans that run under ``compile_units_``.
+
+Consumes a :class:`~remat.profiling.step.Step` and its eager profile (:func:`remat.profile`);
+produces the same profile with its *times* measured on the compiled path, so the solver prices what
+will run when the plan is applied and each unit compiled with :func:`remat.compile_units_` (the
+compiler applies recompute and selective save sets when it traces each unit: no op log nor replay
+of remat's engine per op, whose cost the eager profile includes).
+
+How: on a copy of the model, every unit is compiled (``module.compile(backend=...)``), then the
+training step is timed (medians of ``repeats`` steps after ``warmup``, the first call compiling and
+untimed) under each configuration: no plan; every unit recomputed; and, per ``selective`` option
+of the eager profile, every unit that has it under it. Dynamo's caches are reset between
+configurations (each compiles afresh; no cache limit is reached, nothing falls back to eager).
+Each configuration's time above the unplanned compiled step is that option's cost in all its units
+together; it is shared among the units in proportion to their eager costs for the same option
+(unit by unit timing of a compiled backward is not possible without breaking its graph). The
+profile's ``step_ms`` becomes the compiled unplanned step's; ``forward_ms`` and ``backward_ms`` are
+scaled by the ratio of the two steps (an estimate, used only where nothing else was measured).
+A configuration faster than the unplanned step (noise, or a recompute the compiler makes free)
+costs 0.
+
+What is not the compiled path's: the **bytes**. They stay the eager profile's. On the CPU a
+compiled step's memory cannot be measured: inductor's kernels allocate outside the dispatcher, and
+under the tracker's dispatch mode dynamo runs the unit's Python code eagerly instead of its compiled
+graph (so even ``aot_eager`` measures the eager step); the CPU allocator keeps no statistics. The
+compiled graphs of a plan save what ``torch.utils.checkpoint`` saves for it, which differs from the
+eager engine by what the partitioner chooses (inductor's min-cut partitioner may recompute cheap
+ops of a kept unit too, saving less). ``offload`` keeps its eager cost (it is compiled inside
+remat's wrapper, its hooks eager); segments and ``nested`` regions are compiled unit by unit
+(each unit keeps its input), which the cost model's segment does not describe: plan with
+``actions`` keep, recompute and selective for the compiled path (:data:`COMPILED_ACTIONS`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from remat.cost.model import Profile, UnitProfile
+from remat.feedback import as_progress
+from remat.plan import Plan
+from remat.profiling.step import (
+    Step,
+    make_optimizer,
+    make_scaler,
+    preserved_state,
+    training_step,
+)
+
+__all__ = ["COMPILED_ACTIONS", "compiled_actions", "compiled_profile", "time_compiled"]
+
+logger = logging.getLogger(__name__)
+
+COMPILED_ACTIONS = ("keep", "recompute", "selective")
+"""The actions the compiler applies as the cost model describes them (see the module docstring)."""
+
+
+def compiled_actions(actions: Sequence[str] | None) -> list[str]:
+    """The actions a plan for the compiled path may use: ``actions`` (default all) less those
+    the compiled path does not run as the cost model prices them (segments, nested, offload).
+
+    Example:
+        >>> compiled_actions(None)
+        ['keep', 'recompute', 'selective']
+        >>> compiled_actions(["keep", "recompute", "segment"])
+        ['keep', 'recompute']
+    """
+    if actions is None:
+        return list(COMPILED_ACTIONS)
+    return [a for a in actions if a in COMPILED_ACTIONS]
+
+
+def time_compiled(
+    step: Step,
+    plans: dict[str, Plan | None],
+    *,
+    backend: str = "inductor",
+    warmup: int = 1,
+    repeats: int = 3,
+    progress: bool | Callable[[str], None] | None = None,
+) -> dict[str, float]:
+    """Median ms of ``step`` with each plan applied to a copy of its model, every unit compiled
+    with ``backend`` (what :func:`remat.compile_units_` runs); ``None``: no plan.
+
+    Example:
+        >>> import remat
+        >>> from torch import nn
+        >>> model = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(2)])
+        >>> step = Step(model, (torch.randn(4, 8),), optimizer="sgd", units=["0", "1"])
+        >>> full = remat.Plan(actions={"0": "recompute", "1": "recompute"})
+        >>> times = time_compiled(step, {"none": None, "full": full}, backend="eager", repeats=1)
+        >>> sorted(times), all(ms > 0 for ms in times.values())
+        (['full', 'none'], True)
+    """
+    from remat.apply.apply import apply_
+    from remat.apply.units import find_units
+
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats: got {repeats} (warm-up {warmup}); expected >= 1 and >= 0")
+    say = as_progress(progress)
+    model = copy.deepcopy(step.model)
+    units = find_units(model, step.units)
+    modules = dict(model.named_modules())
+    for fqn in units:
+        modules[fqn].compile(backend=backend)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times: dict[str, float] = {}
+    with step.context(), preserved_state(model, step.optimizer):
+        opt = make_optimizer(step.optimizer, model)
+        scaler = make_scaler(step.precision, device)
+        for name, plan in plans.items():
+            say(f"profile: compiled step ({backend}) under {name}")
+            torch.compiler.reset()  # each plan traced afresh: no cache limit, no eager fallback
+            handle = apply_(model, plan) if plan is not None else None
+            try:
+                samples = []
+                for index in range(1 + warmup + repeats):  # the first call compiles
+                    torch.manual_seed(0)
+                    sync()
+                    start = time.perf_counter()
+                    training_step(
+                        model,
+                        step.batch,
+                        loss_fn=step.loss_fn,
+                        optimizer=opt,
+                        precision=step.precision,
+                        scaler=scaler,
+                    )
+                    sync()
+                    if index > warmup:
+                        samples.append((time.perf_counter() - start) * 1e3)
+            finally:
+                if handle is not None:
+                    handle.remove()
+            times[name] = statistics.median(samples)
+    torch.compiler.reset()
+    return times
+
+
+def compiled_profile(
+    step: Step,
+    prof: Profile,
+    *,
+    backend: str = "inductor",
+    warmup: int = 1,
+    repeats: int = 3,
+    progress: bool | Callable[[str], None] | None = None,
+) -> Profile:
+    """``prof`` with its times measured on the compiled path (see the module docstring).
+
+    Args:
+        step: the step ``prof`` was measured for (its model is not changed).
+        prof: its eager profile (:func:`remat.profile`).
+        backend: the ``torch.compile`` backend the plan will run under (``"inductor"``,
+            ``"aot_eager"``, ...).
+        warmup, repeats: untimed and timed steps per configuration, after the compiling one.
+        progress: as :func:`remat.profile`'s.
+
+    Returns:
+        A new :class:`~remat.cost.model.Profile`: ``step_ms``, each unit's ``recompute_ms`` and
+        its ``selective`` options' ``cost_ms`` from compiled steps, bytes unchanged, a note saying
+        so.
+
+    Example:
+        >>> import remat
+        >>> from torch import nn
+        >>> model = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(2)])
+        >>> step = Step(model, (torch.randn(4, 8),), optimizer="sgd")
+        >>> eager = remat.profile_step(step, options=(), repeats=1)
+        >>> compiled = compiled_profile(step, eager, backend="eager", repeats=1)
+        >>> compiled.peak_bytes == eager.peak_bytes, compiled.units[0].recompute_ms is not None
+        (True, True)
+    """
+    labels: dict[str, list[int]] = {}
+    for index, unit in enumerate(prof.units):
+        for option in unit.options:
+            if option.action.startswith("selective:"):
+                labels.setdefault(option.action, []).append(index)
+    fqns = prof.unit_fqns
+    plans: dict[str, Plan | None] = {
+        "none": None,
+        "recompute": Plan(actions=dict.fromkeys(fqns, "recompute"), units=fqns),
+    }
+    for label, indices in labels.items():
+        plans[label] = Plan(actions={fqns[i]: label for i in indices}, units=fqns)
+    step = step.replace(units=fqns)
+    times = time_compiled(
+        step, plans, backend=backend, warmup=warmup, repeats=repeats, progress=progress
+    )
+    base_ms = times["none"]
+    ratio = base_ms / prof.step_ms if prof.step_ms else 1.0
+    units = [_scaled(unit, ratio) for unit in prof.units]
+    extra = max(times["recompute"] - base_ms, 0.0)
+    shares = _shares([u.recompute_cost(prof.time_source) for u in prof.units])
+    for unit, share in zip(units, shares, strict=True):
+        unit.recompute_ms = extra * share
+    for label, indices in labels.items():
+        extra = max(times[label] - base_ms, 0.0)
+        options = [units[i].option(label) for i in indices]
+        shares = _shares([o.cost(prof.time_source) if o is not None else 0.0 for o in options])
+        for option, share in zip(options, shares, strict=True):
+            if option is not None:
+                option.cost_ms = extra * share
+    note = (
+        f"times from the compiled path (each unit torch.compile'd, backend {backend}; the"
+        f" compiler applies recompute and selective): unplanned step {base_ms:.2f} ms against"
+        f" {prof.step_ms or 0:.2f} ms eager, every unit recomputed"
+        f" +{times['recompute'] - base_ms:.2f} ms; bytes are the eager step's"
+    )
+    logger.info("remat: %s", note)
+    return dataclasses.replace(prof, units=units, step_ms=base_ms, notes=[*prof.notes, note])
+
+
+def _scaled(unit: UnitProfile, ratio: float) -> UnitProfile:
+    """A copy of ``unit`` (its options copied too) with forward and backward times scaled."""
+    options = [dataclasses.replace(o) for o in unit.options]
+    changes: dict[str, Any] = {"options": options}
+    for name in ("forward_ms", "backward_ms"):
+        value = getattr(unit, name)
+        if value is not None:
+            changes[name] = value * ratio
+    return dataclasses.replace(unit, **changes)
+
+
+def _shares(costs: Sequence[float]) -> list[float]:
+    """Each cost's share of their sum (equal shares when they sum to nothing)."""
+    total = sum(max(c, 0.0) for c in costs)
+    if total <= 0:
+        return [1.0 / len(costs)] * len(costs) if costs else []
+    return [max(c, 0.0) / total for c in costs]
