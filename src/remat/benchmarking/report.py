@@ -46,6 +46,9 @@ def _cells(row: StrategyResult) -> list[str]:
         notes.append(row.status)
     if row.same_as:
         notes.append(f"same plan as {row.same_as}")
+    compiled = row.kind == "compile" or row.strategy.endswith("+compile")
+    if compiled and row.status == "ok" and row.peak_bytes is None:
+        notes.append("compiled: peak not measured here")
     return [
         row.strategy,
         budget,
@@ -89,6 +92,14 @@ def render_markdown(result: BenchResult) -> str:
         " `remat:<budget>` is remat's plan for that budget; `remat:@<peer>` is remat's plan with"
         " the peer's measured peak as its budget."
     )
+    if any(r.kind == "compile" or r.strategy.endswith("+compile") for r in result.results):
+        lines.append(
+            "`compile:<f>` is the model under torch.compile (inductor) with"
+            " `activation_memory_budget = f`; `remat:<budget>+compile` is remat's plan priced on"
+            " the compiled path and run with each unit compiled (`remat.compile_units_`: the"
+            " compiler applies the plan), its predicted peak from the eager profile's bytes."
+            " A compiled step's peak is measured on CUDA only (the allocator's)."
+        )
     if result.dominance:
         lines += ["", "## Dominance", ""]
         for verdict in result.dominance:

@@ -279,6 +279,7 @@ def bench(
     dominate: bool = True,
     with_compile: bool = False,
     compile_fractions: Sequence[float] = DEFAULT_COMPILE_FRACTIONS,
+    compile_backend: str = "inductor",
     model_name: str = "",
     progress: bool | Progress | None = None,
     clock: Clock = time.perf_counter,
@@ -304,7 +305,12 @@ def bench(
         units: what plans act on (see :func:`remat.find_units`).
         dominate: also solve at each peer's measured peak (``remat:@<peer>``).
         with_compile: add ``compile:<fraction>`` for each of ``compile_fractions`` (torch.compile
-            with ``activation_memory_budget``; compiling takes minutes on a CPU).
+            with ``activation_memory_budget``; compiling takes minutes on a CPU), and
+            ``remat:<budget>+compile`` for each budget: remat's plan priced on the compiled path
+            (:mod:`remat.profiling.compiled`) and run with each unit compiled
+            (:func:`remat.compile_units_`, ``compile_backend``).
+        compile_backend: the ``torch.compile`` backend of the ``remat:<budget>+compile`` rows
+            (the ``compile:<fraction>`` rows are inductor's: the fraction is its partitioner's).
         model_name: a label for the report.
         precision: the step's precision (``"32"``, ``"bf16-mixed"``, ``"fp16-mixed"``,
             ``"bf16-true"``; see :func:`remat.profile`): every strategy's step runs in it.
@@ -512,6 +518,15 @@ def bench(
             assert peer.peak_bytes is not None
             solve_row(f"remat:@{peer.strategy}", int(peer.peak_bytes), f"@{peer.strategy}")
 
+    if with_compile:
+        say("bench: timing the compiled path for remat's compiled plans")
+        for row, target in _compiled_plans(
+            step, prof, parsed_budgets, compile_backend, seed=seed, progress=say
+        ):
+            rows.append(row)
+            if target is not None:
+                compiled[row.strategy] = target
+
     by_name = {r.strategy: r for r in rows}
     for row in rows:  # measured once, reported under both names
         if row.same_as is not None:
@@ -590,7 +605,11 @@ def bench(
             row.samples_ms = list(timings[source].samples_ms)
             row.loss = losses.get(source)
     summarize(rows)
-    eager_losses = {r.loss for r in rows if r.kind != "compile" and r.loss is not None}
+    eager_losses = {
+        r.loss
+        for r in rows
+        if r.kind != "compile" and not r.strategy.endswith(COMPILED_SUFFIX) and r.loss is not None
+    }
     if len(eager_losses) > 1:
         notes.append(
             f"the eager strategies' first losses differ ({sorted(eager_losses)}): a plan changed"
@@ -663,6 +682,95 @@ def _allocator_peak(
         finally:
             if handle is not None:
                 handle.remove()
+
+
+COMPILED_SUFFIX = "+compile"
+"""The suffix of remat's compiled plans' rows (``remat:50%+compile``)."""
+
+
+def _compiled_plans(
+    step: Step,
+    prof: Profile,
+    budgets: Sequence[Budget],
+    backend: str,
+    *,
+    seed: int,
+    progress: Progress,
+) -> list[tuple[StrategyResult, nn.Module | None]]:
+    """``remat:<budget>+compile`` rows: remat's plans priced on the compiled path, each on its
+    own copy of the model's modules (sharing its parameters) with the plan applied and every
+    unit compiled; the copy to time, or ``None`` where the row does not run. The first step
+    compiles, untimed; on CUDA it gives the allocator's peak. On the CPU no peak is measured
+    (see :mod:`remat.profiling.compiled`): the row has the predicted peak only, no budget bytes
+    (so no claim counts it as a miss), and says so."""
+    from remat.apply.compile import compile_units_
+    from remat.profiling.compiled import compiled_actions, compiled_profile, shared_copy
+
+    cuda = next((p.device.type for p in step.model.parameters()), "cpu") == "cuda"
+    try:
+        cprof = compiled_profile(step, prof, backend=backend, progress=progress)
+    except Exception as error:  # a missing C++ compiler, an unsupported op: reported
+        failed = []
+        for budget in budgets:
+            row = StrategyResult(
+                strategy=f"remat:{budget.text}{COMPILED_SUFFIX}", kind="remat", status="failed"
+            )
+            row.notes.append(f"torch.compile failed: {type(error).__name__}: {error}")
+            failed.append((row, None))
+        return failed
+    out: list[tuple[StrategyResult, nn.Module | None]] = []
+    for budget in budgets:
+        result = solve(cprof, budget, actions=compiled_actions(None))
+        row = StrategyResult(
+            strategy=f"remat:{budget.text}{COMPILED_SUFFIX}",
+            kind="remat",
+            budget=f"{budget.text}{COMPILED_SUFFIX}",
+            predicted_peak_bytes=result.predicted_peak_bytes,
+            predicted_overhead=result.predicted_overhead,
+            solve_status=result.status,
+            min_peak_bytes=result.min_peak_bytes,
+            notes=[*result.notes, f"budget {result.budget_bytes:,} bytes; {cprof.notes[-1]}"],
+        )
+        if result.status == INFEASIBLE:
+            row.status = "infeasible"
+            out.append((row, None))
+            continue
+        row.plan = {u: str(result.plan.action_for(u)) for u in cprof.unit_fqns}
+        result.plan.precision = step.precision
+        target = shared_copy(step.model)
+        handle = apply_(target, result.plan)
+        compile_units_(target, handle, backend=backend)
+        progress(f"bench: compiling {row.strategy}")
+        begun = time.perf_counter()
+        try:
+            torch.manual_seed(seed)
+            peak = _allocator_peak(
+                target,
+                None,
+                None,
+                step.batch,
+                step.loss_fn,
+                step.optimizer,
+                cuda=cuda,
+                precision=step.precision,
+            )
+        except Exception as error:  # as for compile:<f>
+            row.status = "failed"
+            row.notes.append(f"torch.compile failed: {type(error).__name__}: {error}")
+            out.append((row, None))
+            continue
+        row.notes.append(f"compiled in {time.perf_counter() - begun:.1f} s (not timed)")
+        if peak is not None:
+            row.peak_bytes = row.allocator_peak_bytes = peak
+            row.budget_bytes = result.budget_bytes
+            row.budget_met = peak <= result.budget_bytes
+        else:
+            row.notes.append(
+                "peak not measured: compiled kernels allocate outside the dispatcher, and the CPU"
+                " has no allocator statistics; predicted peak from the eager profile's bytes"
+            )
+        out.append((row, target))
+    return out
 
 
 def _overhead_bound(prof: Profile, result: SolveResult) -> float | None:

@@ -68,8 +68,16 @@ def register(subparsers: Any) -> None:
         "--with-compile",
         action="store_true",
         help="add torch.compile with activation_memory_budget at --compile-fractions"
-        " (compile:<fraction>); compiling takes minutes per fraction on a CPU, where its peak"
-        " cannot be measured",
+        " (compile:<fraction>), and remat's plans priced and run on the compiled path, each unit"
+        " compiled (remat:<budget>+compile); compiling takes minutes per fraction on a CPU, where"
+        " compiled peaks cannot be measured",
+    )
+    parser.add_argument(
+        "--compile-backend",
+        default="inductor",
+        metavar="BACKEND",
+        help="torch.compile backend of the remat:<budget>+compile rows (default: inductor;"
+        " aot_eager compiles in seconds)",
     )
     parser.add_argument(
         "--compile-fractions",
@@ -165,6 +173,7 @@ def run(args: argparse.Namespace) -> int:
         dominate=not args.no_dominate,
         with_compile=args.with_compile,
         compile_fractions=fractions,
+        compile_backend=args.compile_backend,
         model_name=args.model,
         progress=_progress,
         precision=args.precision,

@@ -6,7 +6,7 @@ will run when the plan is applied and each unit compiled with :func:`remat.compi
 compiler applies recompute and selective save sets when it traces each unit: no op log nor replay
 of remat's engine per op, whose cost the eager profile includes).
 
-How: on a copy of the model, every unit is compiled (``module.compile(backend=...)``), then the
+How: on a copy of the model's modules (sharing its parameters: :func:`shared_copy`), every unit is compiled (``module.compile(backend=...)``), then the
 training step is timed (medians of ``repeats`` steps after ``warmup``, the first call compiling and
 untimed) under each configuration: no plan; every unit recomputed; and, per ``selective`` option
 of the eager profile, every unit that has it under it. Dynamo's caches are reset between
@@ -54,7 +54,13 @@ from remat.profiling.step import (
     training_step,
 )
 
-__all__ = ["COMPILED_ACTIONS", "compiled_actions", "compiled_profile", "time_compiled"]
+__all__ = [
+    "COMPILED_ACTIONS",
+    "compiled_actions",
+    "compiled_profile",
+    "shared_copy",
+    "time_compiled",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +81,20 @@ def compiled_actions(actions: Sequence[str] | None) -> list[str]:
     if actions is None:
         return list(COMPILED_ACTIONS)
     return [a for a in actions if a in COMPILED_ACTIONS]
+
+
+def shared_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model``'s modules that shares its parameters and buffers: a plan applied and
+    units compiled on the copy leave ``model`` as it is, while both train the same tensors.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+        >>> copy_ = shared_copy(model)
+        >>> copy_[0] is model[0], copy_[0].weight is model[0].weight
+        (False, True)
+    """
+    memo: dict[int, Any] = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return copy.deepcopy(model, memo)
 
 
 def time_compiled(
@@ -105,7 +125,7 @@ def time_compiled(
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats: got {repeats} (warm-up {warmup}); expected >= 1 and >= 0")
     say = as_progress(progress)
-    model = copy.deepcopy(step.model)
+    model = shared_copy(step.model)
     units = find_units(model, step.units)
     modules = dict(model.named_modules())
     for fqn in units:
