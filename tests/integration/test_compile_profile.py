@@ -1,0 +1,129 @@
+"""The compiled path end to end: a profile priced by compiled steps, ``auto_(compile=...)``, and
+bench's ``remat:<budget>+compile`` rows.
+
+Oracles: a hand count of how measured step times are shared among units; the compiled unplanned
+model's gradients (bitwise, aot_eager); the eager engine made to raise if it runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+import remat
+from remat.apply.compile import compile_units_
+from remat.cost.model import OptionProfile, example_profile
+from remat.models import build_builtin
+from remat.profiling import compiled
+from remat.profiling.step import Step
+
+
+def test_compiled_times_are_shared_by_eager_costs(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Four units: eager recompute costs 1, 1, 2, 4 ms (sum 8); a selective option on units 0 and
+    # 2 only, eager costs 3 and 1 ms. Compiled steps (fake): unplanned 6 ms, all recomputed 10 ms,
+    # the option on its units 5 ms (faster than unplanned: costs nothing).
+    prof = example_profile(4)
+    costs = [1.0, 1.0, 2.0, 4.0]
+    units = []
+    for index, (unit, cost) in enumerate(zip(prof.units, costs, strict=True)):
+        options = []
+        if index in (0, 2):
+            option = OptionProfile(action="selective:ops.mm", retain_bytes=50, cost_ms=3.0 - index)
+            options.append(option)
+        units.append(dataclasses.replace(unit, recompute_ms=cost, options=options))
+    prof = dataclasses.replace(prof, units=units, step_ms=12.0)
+    asked = {}
+
+    def fake_times(step: Step, plans: dict, **_kwargs: object) -> dict[str, float]:
+        asked.update(plans)
+        return {"none": 6.0, "recompute": 10.0, "selective:ops.mm": 5.0}
+
+    monkeypatch.setattr(compiled, "time_compiled", fake_times)
+    step = Step(nn.Linear(2, 2), (torch.ones(1, 2),))
+    out = compiled.compiled_profile(step, prof, backend="aot_eager")
+    assert sorted(asked) == ["none", "recompute", "selective:ops.mm"]
+    assert {fqn: str(a) for fqn, a in asked["selective:ops.mm"].actions.items()} == {
+        "b.0": "selective:ops.mm",
+        "b.2": "selective:ops.mm",
+    }
+    assert out.step_ms == 6.0
+    # 10 - 6 = 4 ms shared as 1:1:2:4 of 8.
+    assert [u.recompute_ms for u in out.units] == [0.5, 0.5, 1.0, 2.0]
+    assert [o.cost_ms for u in out.units for o in u.options] == [0.0, 0.0]
+    # forward_ms scaled by 6 / 12; bytes as they were; the input profile untouched.
+    assert [u.forward_ms for u in out.units] == [0.5] * 4
+    assert out.peak_bytes == prof.peak_bytes and out.units[0].keep_bytes == prof.units[0].keep_bytes
+    assert prof.units[0].recompute_ms == 1.0 and prof.units[0].options[0].cost_ms == 3.0
+    assert "compiled path" in out.notes[-1]
+
+
+@pytest.fixture(scope="module")
+def mlp() -> object:
+    torch.manual_seed(0)
+    return build_builtin("mlp", batch=8, width=32, n_blocks=3, in_features=16)
+
+
+def _grads(model: nn.Module, built: object) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    built.loss_fn(model(*built.example_inputs)).backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def test_auto_compile_plans_for_and_runs_the_compiled_path(
+    mlp: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch._dynamo.reset()
+    reference = copy.deepcopy(mlp.model)
+    compile_units_(reference, remat.find_units(reference), backend="aot_eager")
+    expected = _grads(reference, mlp)
+    torch._dynamo.reset()
+    model = copy.deepcopy(mlp.model)
+    handle = remat.auto_(
+        model, mlp.example_inputs, loss_fn=mlp.loss_fn, budget="min", compile="aot_eager"
+    )
+    kinds = {action.split(":")[0] for action in handle.actions.values()}
+    assert kinds <= {"keep", "recompute", "selective"} and kinds != {"keep"}, handle.actions
+    assert handle.result.measured_peak_bytes <= handle.result.budget_bytes
+    from remat.apply import checkpoint as engine
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("remat's eager engine ran on a model planned with compile=")
+
+    monkeypatch.setattr(engine, "OpLog", refuse)
+    monkeypatch.setattr(engine.Region, "_frame_for", refuse)
+    grads = _grads(model, mlp)
+    for name, grad in expected.items():
+        assert torch.equal(grads[name], grad), name
+
+
+def test_bench_with_compile_adds_remat_compiled_rows() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(32, 32), nn.GELU()) for _ in range(3)])
+    batch = (torch.randn(16, 32),)
+    result = remat.bench(
+        model,
+        batch,
+        strategies=["full"],
+        budgets=["min"],
+        steps=1,
+        optimizer="sgd",
+        dominate=False,
+        with_compile=True,
+        compile_fractions=(),
+        compile_backend="aot_eager",
+    )
+    row = result.row("remat:min+compile")
+    assert row.status == "ok" and row.kind == "remat", row.notes
+    assert {a.split(":")[0] for a in row.plan.values()} <= {"keep", "recompute", "selective"}
+    assert row.plan != dict.fromkeys(row.plan, "keep")
+    # The CPU measures no compiled peak: none is claimed, the prediction is there.
+    assert row.peak_bytes is None and row.budget_met is None
+    assert row.predicted_peak_bytes is not None and row.step_ms is not None
+    assert any("peak not measured" in note for note in row.notes)
+    # The same first step as the eager unplanned model's (same weights and seed), compiled.
+    torch.testing.assert_close(row.loss, result.row("none").loss, rtol=1e-6, atol=0)
+    assert "remat:min+compile" in remat.benchmarking.report.render_markdown(result)
