@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Literal
 
 from remat.plan import Plan
 
@@ -77,6 +77,10 @@ class OptionProfile:
     """Part of ``retain_bytes`` that dies when autocast exits (see ``UnitProfile.keep_cache_bytes``)."""
     forward_need_bytes: int = 0
     backward_need_bytes: int | None = None
+    released_bytes: int = 0
+    """See ``UnitProfile.keep_released_bytes``."""
+    backward_held_extra_bytes: int = 0
+    """See ``UnitProfile.backward_keep_held_extra_bytes``."""
     saved_bytes: int = 0
     """Bytes held as they are (selective) or sent to host memory (offload) per call."""
     cost_ms: float | None = None
@@ -140,6 +144,32 @@ class UnitProfile:
     backward_need_recompute_bytes: int | None = None
     backward_start_recompute_bytes: int | None = None
     """Live total when its backward starts, recomputed (before the replay)."""
+    keep_released_bytes: int = 0
+    """Bytes the unit made (its output) that the next unit's backward freed, both kept: the next
+    unit held them (its saved input), this one did not. Zero when this unit holds what it leaves
+    alive until its own backward (a ReLU saves its output)."""
+    keep_released_between_bytes: int = 0
+    """Bytes the parent made between this unit and the next (the next one's input, such as a
+    skip's sum) that the next unit's backward freed, both kept."""
+    recompute_released_bytes: int = 0
+    """As ``keep_released_bytes``, both recomputed (a checkpoint does not hold its output)."""
+    recompute_released_between_bytes: int = 0
+    recompute_state_bytes: int = 0
+    """What a recomputed unit's forward leaves alive that its own backward frees: its
+    checkpoint's state (clones of buffers its forward changes, such as BatchNorm's counter)."""
+    backward_keep_held_made_bytes: int = 0
+    """What ``backward_need_keep_bytes`` lacks when the previous unit's ``keep_released_bytes``
+    stay alive through this unit's backward (the previous unit holds them): the peak of that
+    interval had they lived, less its peak (they died in it when measured)."""
+    backward_keep_held_between_bytes: int = 0
+    """The same for the previous unit's ``keep_released_between_bytes`` (held by a segment's
+    checkpoint, which stores its inner units' inputs)."""
+    backward_keep_held_both_bytes: int = 0
+    """The same for both."""
+    backward_recompute_held_made_bytes: int = 0
+    """As ``backward_keep_held_made_bytes``, for ``backward_need_recompute_bytes``."""
+    backward_recompute_held_between_bytes: int = 0
+    backward_recompute_held_both_bytes: int = 0
     forward_ms: float | None = None
     backward_ms: float | None = None
     recompute_ms: float | None = None
@@ -195,6 +225,11 @@ class Profile:
     """Measured peak of the step with every unit recomputed."""
     step_ms: float | None = None
     """Median measured step time with no plan."""
+    time_resolution_ms: float | None = None
+    """Costs closer than this are a tie for the solver (see :func:`remat.solve`), which then
+    takes the plan with the fewest FLOPs: measured times differ by more from run to run, and a
+    plan that followed the noise would change between identical runs. Set by the profiler
+    (a share of ``step_ms``); ``None``: costs are exact (estimated or synthetic profiles)."""
     time_source: str = "measured"
     """``measured`` (ms), ``roofline`` (ms estimated for a target device) or ``flops`` (no times:
     costs are forward FLOPs)."""
@@ -350,8 +385,15 @@ def _worst(candidates: dict[str, float | None]) -> tuple[int, str]:
     return int(known[where]), where
 
 
-def block_cost(profile: Profile, block: Block) -> BlockCost:
+def block_cost(
+    profile: Profile, block: Block, previous: Block | Literal[False] | None = None
+) -> BlockCost:
     """The needs, retention and recompute cost of one block (see the module docstring).
+
+    ``previous``: the block before it in the plan, whose last unit may hold what it leaves alive
+    through this block's first backward or let that block's backward free it; ``False``: the block
+    starts at the first unit; ``None``: not known, the larger need is taken (that of a previous
+    unit that holds it).
 
     Example:
         >>> profile = example_profile()
@@ -375,7 +417,10 @@ def block_cost(profile: Profile, block: Block) -> BlockCost:
             profile, block, {f"forward of {unit.fqn}": option.forward_need_bytes}, outlives
         )
         fwd, fwd_where = _worst(forward)
-        bwd, bwd_where = _worst({f"backward of {unit.fqn}": option.backward_need_bytes})
+        need = option.backward_need_bytes
+        if need is not None and _previous_holds(profile, previous):
+            need += option.backward_held_extra_bytes
+        bwd, bwd_where = _worst({f"backward of {unit.fqn}": need})
         return BlockCost(
             forward_need_bytes=fwd,
             backward_need_bytes=bwd,
@@ -395,13 +440,10 @@ def block_cost(profile: Profile, block: Block) -> BlockCost:
         fwd, fwd_where = _worst(
             _with_loss(profile, block, {f"forward of {unit.fqn}": need}, delta - only)
         )
-        bwd, bwd_where = _worst(
-            {
-                f"backward of {unit.fqn}": unit.backward_need_keep_bytes
-                if keep
-                else unit.backward_need_recompute_bytes
-            }
-        )
+        need = unit.backward_need_keep_bytes if keep else unit.backward_need_recompute_bytes
+        if need is not None:
+            need += _held(unit, block.kind, _previous_holds(profile, previous), False)
+        bwd, bwd_where = _worst({f"backward of {unit.fqn}": need})
         cost = 0.0 if keep else unit.recompute_cost(profile.time_source)
         return BlockCost(
             forward_need_bytes=fwd,
@@ -444,10 +486,19 @@ def block_cost(profile: Profile, block: Block) -> BlockCost:
                     + unit.forward_need_recompute_bytes
                 )
             boundaries += unit.recompute_bytes - unit.recompute_cache_bytes
+        # Each unit's input is a boundary the frame holds (or, for the first, the previous
+        # block's output). The frame's state of each unit (a BatchNorm's counter) lives as long
+        # as the frame, through every unit's backward: ``boundaries`` counts it for the units
+        # before the last, the unit's own need for itself; the last's is added before it runs.
         for k in range(start, end + 1):
             need = units[k].backward_need_recompute_bytes
-            if need is not None:
-                backward[f"backward of {units[k].fqn}"] = boundaries + need
+            if need is None:
+                continue
+            inner = k > start
+            need += _held(units[k], "replay", inner or _previous_holds(profile, previous), inner)
+            if k < end:
+                need += last.recompute_state_bytes - units[k].recompute_state_bytes
+            backward[f"backward of {units[k].fqn}"] = boundaries + need
         outlives = persistent + _cache(units, start, end - 1) + last_outlives
         fwd, fwd_where = _worst(_with_loss(profile, block, forward, outlives))
         bwd, bwd_where = _worst(backward)
@@ -462,7 +513,11 @@ def block_cost(profile: Profile, block: Block) -> BlockCost:
             backward_where=bwd_where,
         )
     # Backward: the last unit's backward replays the whole segment, then each unit's backward runs
-    # as if it had been kept. Replayed units hold what they would hold if kept.
+    # as if it had been kept. Replayed units hold what they would hold if kept; the checkpoint
+    # holds its units' inputs that are not the unit before's output (``stored``: a skip's sum)
+    # and its units' state, all until the first unit's backward ends.
+    state = [units[j].recompute_state_bytes for j in range(start, end + 1)]
+    stored = [units[j].recompute_released_between_bytes for j in range(start, end)]
     replayed = 0
     for k in range(start, end + 1):
         unit = units[k]
@@ -475,6 +530,16 @@ def block_cost(profile: Profile, block: Block) -> BlockCost:
             )
         need = last.backward_need_recompute_bytes if k == end else unit.backward_need_keep_bytes
         if need is not None:
+            # the replayed unit before it holds what it made as a kept one does (the first
+            # unit's input: as the previous block does); the checkpoint holds the parent's
+            if k == start:
+                holds = _previous_holds(profile, previous)
+            else:
+                holds = units[k - 1].keep_released_bytes == 0
+            need += _held(unit, "replay" if k == end else "keep", holds, k > start)
+            # what the checkpoint holds for the units after this one, and every unit's state
+            # (the last unit's own is in its need)
+            need += sum(stored[k - start :]) + sum(state) - (state[-1] if k == end else 0)
             backward[f"backward of {unit.fqn}"] = replayed + need
         # (a replay's own autocast drops its cache when the replayed unit returns)
         replayed += unit.keep_bytes - unit.keep_forward_only_bytes - unit.keep_cache_bytes
@@ -505,6 +570,32 @@ def block_cost(profile: Profile, block: Block) -> BlockCost:
         forward_where=fwd_where,
         backward_where=bwd_where,
     )
+
+
+def _previous_holds(profile: Profile, previous: Block | Literal[False] | None) -> bool:
+    """Whether the previous block's last unit holds what it leaves alive until its own
+    backward (the next unit's backward does not free it); not known (``None``): held, the larger
+    need. A checkpoint does not hold its output, so segments count as recomputed."""
+    if previous is False:
+        return False
+    if previous is None:
+        return True
+    unit = profile.units[previous.end]
+    if previous.kind == "keep":
+        return unit.keep_released_bytes == 0
+    if previous.kind == "option":
+        option = unit.option(previous.action or "")
+        return option is None or option.released_bytes == 0
+    return unit.recompute_released_bytes == 0
+
+
+def _held(unit: UnitProfile, kind: str, made: bool, between: bool) -> int:
+    """What the unit's backward need (measured kept for ``kind`` ``keep``, else recomputed)
+    lacks when what the unit before made (``made``) and what the parent made between them
+    (``between``) stay alive through it (they died in it when measured, if at all)."""
+    prefix = "backward_keep_held_" if kind == "keep" else "backward_recompute_held_"
+    which = "both" if made and between else "made" if made else "between" if between else None
+    return getattr(unit, f"{prefix}{which}_bytes") if which else 0
 
 
 def _cache(units: Sequence[UnitProfile], start: int, end: int) -> int:
@@ -589,8 +680,8 @@ def evaluate_blocks(profile: Profile, blocks: Sequence[Block]) -> Simulation:
     total = persistent = 0
     peak, where = profile.fixed_peak_bytes, "fixed"
     cost = 0.0
-    for block in blocks:
-        bc = block_cost(profile, block)
+    for index, block in enumerate(blocks):
+        bc = block_cost(profile, block, blocks[index - 1] if index else False)
         for value, at in (
             (total + bc.forward_need_bytes, bc.forward_where),
             (persistent + bc.backward_need_bytes, bc.backward_where),

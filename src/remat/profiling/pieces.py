@@ -21,13 +21,45 @@ form, for the profiler's arithmetic.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from remat.profiling.tracker import Mark
 
-__all__ = ["combine_windows", "halve"]
+__all__ = ["Released", "combine_windows", "halve"]
 
-Run = tuple[int, list[Mark], Any, dict[int, int], list[int], list[int]]
+
+@dataclass
+class Released:
+    """Per unit, what a unit's backward frees of what the unit before it left alive, and what a
+    unit's forward made that its own backward frees (``profiler._released``).
+
+    Example:
+        >>> Released.empty(2).held_both
+        [0, 0]
+    """
+
+    released: list[int]
+    """Bytes the unit made in its forward (its output) that died in the next unit's backward."""
+    released_between: list[int]
+    """Bytes the parent made between the unit and the next (the next one's input, a skip's sum)
+    that died in the next unit's backward."""
+    held_made: list[int]
+    """What the unit's backward peak would add had the previous unit's ``released`` bytes lived
+    through it."""
+    held_between: list[int]
+    """The same for the previous unit's ``released_between`` bytes."""
+    held_both: list[int]
+    """The same for both."""
+    state: list[int]
+    """Bytes the unit's forward made that died in its own backward (a checkpoint's state)."""
+
+    @classmethod
+    def empty(cls, n: int) -> Released:
+        return cls(*([0] * n for _ in range(6)))
+
+
+Run = tuple[int, list[Mark], Any, dict[int, int], list[int], list[int], Released]
 
 
 def halve(window: range) -> list[range]:
@@ -66,7 +98,7 @@ def combine_windows(pieces: Sequence[tuple[range, Run]], n: int) -> Run:
         ...             (("forward", 0), 10, 30), (("after", 0), 25, 25),
         ...             (("forward", 1), 25, 45), (("after", 1), 40, 40), (("end", -1), 40, 60),
         ...             (("backward", 1), 50, 55), (("backward", 0), 30, 35)]]
-        ...     return (0, marks, None, {}, [0, 0], [0, 0])
+        ...     return (0, marks, None, {}, [0, 0], [0, 0], Released.empty(2))
         >>> peak, marks, *_ = combine_windows([(range(0, 1), run(0)), (range(1, 2), run(7))], 2)
         >>> peak, [(m.label, m.start_bytes) for m in marks if m.label[1] == 1]
         (60, [(('forward', 1), 25), (('after', 1), 40), (('backward', 1), 50)])
@@ -81,6 +113,7 @@ def combine_windows(pieces: Sequence[tuple[range, Run]], n: int) -> Run:
     starts = [_starts(f, n) for f in found]
     base = starts[0][0]
     forward_only, cache = [0] * n, [0] * n
+    released = Released.empty(n)
     shift = [0] * len(pieces)
     combined_starts = [0] * (n + 1)
     for i, (window, run) in enumerate(pieces):
@@ -90,6 +123,8 @@ def combine_windows(pieces: Sequence[tuple[range, Run]], n: int) -> Run:
             combined_starts[j] = starts[i][j] + shift[i]
         for j in window:
             forward_only[j], cache[j] = run[4][j], run[5][j]
+            for name in Released.__dataclass_fields__:
+                getattr(released, name)[j] = getattr(run[6], name)[j]
 
     def persistent(starts_: list[int], forward_only_: list[int], j: int) -> int:
         return starts_[j] - base - sum(forward_only_[:j])
@@ -122,5 +157,5 @@ def combine_windows(pieces: Sequence[tuple[range, Run]], n: int) -> Run:
                 )
                 marks.append(Mark(mark.label, mark.start_bytes + lift, mark.peak_bytes + lift))
     peak = max(m.peak_bytes for m in marks)
-    _, _, unit_marks, freed, _, _ = pieces[0][1]
-    return peak, marks, unit_marks, freed, forward_only, cache
+    _, _, unit_marks, freed, *_ = pieces[0][1]
+    return peak, marks, unit_marks, freed, forward_only, cache, released

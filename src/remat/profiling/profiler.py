@@ -12,6 +12,7 @@ On ``meta`` (or under ``FakeTensorMode``) nothing runs, so there are no times: t
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import logging
@@ -48,7 +49,7 @@ from remat.profiling.options import (
     save_set_candidates,
     time_unit_ops,
 )
-from remat.profiling.pieces import Run, combine_windows, halve
+from remat.profiling.pieces import Released, Run, combine_windows, halve
 from remat.profiling.shared import share_op_times, share_unit_times
 from remat.profiling.step import (
     MIXED_DTYPES,
@@ -169,7 +170,8 @@ def _tracked_step(
         alive_by_end[last - 1] -= moved
         alive_by_end[last] += moved
     marks.data_dependent = tracker.report().data_dependent_ops
-    return tracker.peak_bytes, tracker.marks, marks, freed, alive_by_end, cache
+    released = _released(tracker, len(unit_modules))
+    return tracker.peak_bytes, tracker.marks, marks, freed, alive_by_end, cache, released
 
 
 def _in_windows(
@@ -367,6 +369,73 @@ def _forward_only(tracker: Any, n: int) -> tuple[list[int], list[int]]:
                 found[j] += nbytes
                 break
     return result, cache
+
+
+def _released(tracker: Any, n: int) -> Released:
+    """What each unit's backward frees of what the units before it left alive, from the
+    storages' lifetimes (see :class:`~remat.profiling.pieces.Released`).
+
+    Of unit ``j - 1``'s retention, unit ``j``'s backward may free what unit ``j - 1`` made (its
+    output, which only unit ``j`` saved) and what the parent made between the two (a skip's sum
+    that is unit ``j``'s input). A plan where something else holds them (a kept unit whose last op
+    saves its output; a segment's checkpoint, which holds its inner units' inputs) keeps them
+    alive through that backward: how much higher its peak is then is measured here too, for
+    either part and both. And per unit, what its forward made that died in its own backward: a
+    checkpoint's state (clones of the buffers its forward changed)."""
+    events = {tuple(m.label): m.event for m in tracker.marks}
+    result = Released.empty(n)
+    forward = [events.get(("forward", j)) for j in range(n)]
+    after = [events.get(("after", j)) for j in range(n)]
+    if any(e is None for e in forward + after):
+        return result
+    # each unit's backward interval: from its mark to the next mark's event
+    bounds: list[tuple[int, int, int]] = []
+    for position, mark in enumerate(tracker.marks):
+        label = tuple(mark.label)
+        if label[0] == "backward" and 0 <= label[1] < n:
+            following = tracker.marks[position + 1] if position + 1 < len(tracker.marks) else None
+            bounds.append((mark.event, following.event if following else 1 << 62, label[1]))
+    bounds.sort()
+    starts = [b[0] for b in bounds]
+
+    def interval(event: int) -> int | None:
+        k = bisect.bisect_left(starts, event) - 1  # start < event
+        return k if k >= 0 and event <= bounds[k][1] else None
+
+    # per interval: event -> [change of the live total, dying made by the previous unit, by
+    # the parent between the two]
+    changes: list[dict[int, list[int]]] = [{} for _ in bounds]
+    for created, died, nbytes in tracker.lifetimes():
+        k = interval(created)
+        if k is not None:
+            changes[k].setdefault(created, [0, 0, 0])[0] += nbytes
+        k = interval(died) if died is not None else None
+        if k is None:
+            continue
+        change = changes[k].setdefault(died, [0, 0, 0])
+        change[0] -= nbytes
+        j = bounds[k][2]
+        if forward[j] < created <= after[j]:
+            result.state[j] += nbytes
+        elif j > 0 and forward[j - 1] < created <= after[j - 1]:
+            change[1] += nbytes
+            result.released[j - 1] += nbytes
+        elif j > 0 and after[j - 1] < created <= forward[j]:
+            change[2] += nbytes
+            result.released_between[j - 1] += nbytes
+    for (_, _, j), found in zip(bounds, changes, strict=True):
+        live = made = between = 0
+        best = [0, 0, 0, 0]  # as it was; with what the unit made alive; the parent's; both
+        for event in sorted(found):
+            live += found[event][0]
+            made += found[event][1]
+            between += found[event][2]
+            for which, value in enumerate((0, made, between, made + between)):
+                best[which] = max(best[which], live + value)
+        result.held_made[j] = best[1] - best[0]
+        result.held_between[j] = best[2] - best[0]
+        result.held_both[j] = best[3] - best[0]
+    return result
 
 
 def _intervals(marks: list[Mark], num_units: int) -> dict[tuple[str, int], Mark]:
@@ -721,9 +790,9 @@ def profile(
             times = _unplanned_times(windows["K"], timed[: len(window_plans)])
             recompute_times = timed[len(window_plans)]
             option_times = dict(zip(timed_options, timed[len(window_plans) + 1 :], strict=True))
-    none_peak, _, k_units, _, fo_k, ca_k = runs["K"]
-    full_peak, _, _, _, fo_r, ca_r = runs["R"]
-    _, _, _, s_freed, fo_s, ca_s = runs["S"]
+    none_peak, _, k_units, _, fo_k, ca_k, rel_k = runs["K"]
+    full_peak, _, _, _, fo_r, ca_r, rel_r = runs["R"]
+    _, _, _, s_freed, fo_s, ca_s, _ = runs["S"]
     K, R, S = (_intervals(runs[x][1], n) for x in "KRS")
     fixed = max(
         m.peak_bytes for x in "KRS" for m in runs[x][1] if m.label[0] in ("start", "optimizer")
@@ -812,6 +881,17 @@ def profile(
                 backward_start_recompute_bytes=(
                     r_bwd.start_bytes - base - QR[j] if r_bwd.label else None
                 ),
+                keep_released_bytes=rel_k.released[j],
+                keep_released_between_bytes=rel_k.released_between[j],
+                recompute_released_bytes=rel_r.released[j],
+                recompute_released_between_bytes=rel_r.released_between[j],
+                recompute_state_bytes=rel_r.state[j],
+                backward_keep_held_made_bytes=rel_k.held_made[j],
+                backward_keep_held_between_bytes=rel_k.held_between[j],
+                backward_keep_held_both_bytes=rel_k.held_both[j],
+                backward_recompute_held_made_bytes=rel_r.held_made[j],
+                backward_recompute_held_between_bytes=rel_r.held_between[j],
+                backward_recompute_held_both_bytes=rel_r.held_both[j],
                 forward_ms=times[1][j],
                 backward_ms=times[2][j],
                 recompute_ms=_recompute_ms(times, recompute_times, j),
@@ -837,6 +917,8 @@ def profile(
                 cache_bytes=runs[action][5][j],
                 forward_need_bytes=peaks_x[j] - starts_x[j],
                 backward_need_bytes=bwd.peak_bytes - base - held_x[j] if bwd.label else None,
+                released_bytes=runs[action][6].released[j],
+                backward_held_extra_bytes=runs[action][6].held_made[j],
             )
             if action == "offload":
                 option.saved_bytes = offloaded[action][j]
@@ -864,8 +946,9 @@ def profile(
             unit.options.append(option)
     time_source = "measured" if times[0] is not None else "flops"
     share_unit_times(units_out, [_structure(m) for m in unit_modules])  # identical: one time
+    tie_ms = TIME_RESOLUTION * times[0] if times[0] is not None else 0.0
     for unit in units_out:
-        unit.options = _pareto_options(unit, time_source, auto_actions)
+        unit.options = _pareto_options(unit, time_source, auto_actions, tie_ms)
     static_bytes, state_bytes = _static_bytes(model, example_inputs, optimizer)
     result = Profile(
         units=units_out,
@@ -877,6 +960,7 @@ def profile(
         peak_bytes=none_peak,
         full_peak_bytes=full_peak,
         step_ms=times[0],
+        time_resolution_ms=TIME_RESOLUTION * times[0] if times[0] is not None else None,
         time_source="measured" if times[0] is not None else "flops",
         model_class=type(model).__name__,
         input_shapes=batch_shapes(example_inputs),
@@ -957,6 +1041,9 @@ def _parameters(model: nn.Module, unit_fqns: list[str]) -> list[dict[str, Any]]:
 
 
 AUTO_SAVE_SETS = 4
+TIME_RESOLUTION = 0.01
+"""The share of the measured step time under which two plans' costs are a tie for the solver
+(``Profile.time_resolution_ms``): repeated profiles of the same step differ by more."""
 """How many solver-chosen save sets ``selective:auto`` measures (at a fifth, two fifths... of
 the bytes that can be freed): each is one more tracked step and one more step per timed round."""
 _DEFAULT_OPTIONS = ("selective:save_matmuls", "selective:megatron", "selective:auto")
@@ -1032,18 +1119,20 @@ def _unit_action(action: str, ran: set[str]) -> str | None:
 
 
 def _pareto_options(
-    unit: UnitProfile, time_source: str, auto_actions: set[str]
+    unit: UnitProfile, time_source: str, auto_actions: set[str], tie_ms: float = 0.0
 ) -> list[OptionProfile]:
     """Options asked for by name stay; save sets that ``selective:auto`` chose stay only if no
-    other choice for the unit (keep, recompute, another option) retains no more for no more
-    cost."""
+    other choice for the unit (keep, recompute, another option) retains no more for a cost lower
+    by more than ``tie_ms`` (the solver's timing resolution: an option within it of another may
+    win the solver's tie on FLOPs, so dropping it would let noise pick the plan)."""
     choices = [(unit.keep_bytes, 0.0), (unit.recompute_bytes, unit.recompute_cost(time_source))]
     choices += [(o.retain_bytes, o.cost(time_source)) for o in unit.options]
     kept = []
     for option in unit.options:
         point = (option.retain_bytes, option.cost(time_source))
         dominated = any(
-            other[0] <= point[0] and other[1] <= point[1] and other != point for other in choices
+            other[0] <= point[0] and other[1] <= point[1] - tie_ms and other != point
+            for other in choices
         )
         if not dominated or option.action not in auto_actions:
             kept.append(option)
