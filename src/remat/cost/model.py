@@ -144,6 +144,13 @@ class UnitProfile:
     backward_need_recompute_bytes: int | None = None
     backward_start_recompute_bytes: int | None = None
     """Live total when its backward starts, recomputed (before the replay)."""
+    buffer_bytes: int = 0
+    """Bytes of the unit's buffers (BatchNorm's running statistics): a replay clones them all
+    while it runs the unit, to put them back after it."""
+    keep_call_bytes: int | None = None
+    """What the unit's forward call leaves alive as it returns, kept (its saved tensors and
+    outputs), before the parent drops anything: what a segment's replay holds of it until the
+    replay ends. ``None``: not measured (older profiles)."""
     keep_released_bytes: int = 0
     """Bytes the unit made (its output) that the next unit's backward freed, both kept: the next
     unit held them (its saved input), this one did not. Zero when this unit holds what it leaves
@@ -518,16 +525,33 @@ def block_cost(
     # and its units' state, all until the first unit's backward ends.
     state = [units[j].recompute_state_bytes for j in range(start, end + 1)]
     stored = [units[j].recompute_released_between_bytes for j in range(start, end)]
+    # The replay, at the last unit's backward: the checkpoint's input and what it holds, what
+    # the last unit's backward had made when it started, and each replayed unit's call (all its
+    # outputs stay referenced until the replay ends), and the replayed unit's forward.
+    replaying = (
+        units[start].input_freed_bytes
+        + sum(stored)
+        + sum(state[:-1])
+        + (last.backward_start_recompute_bytes or 0)
+    )
+    for k in range(start, end + 1):
+        unit = units[k]
+        if last.backward_start_recompute_bytes is not None and unit.keep_call_bytes is not None:
+            backward[f"replay of {unit.fqn}"] = (
+                replaying + unit.buffer_bytes + unit.forward_excess_bytes
+            )
+            replaying += unit.keep_call_bytes - unit.keep_cache_bytes
     replayed = 0
     for k in range(start, end + 1):
         unit = units[k]
         if k < end and last.backward_start_recompute_bytes is not None:
-            backward[f"replay of {unit.fqn}"] = (
-                persistent
-                + last.backward_start_recompute_bytes
-                + replayed
-                + unit.forward_excess_bytes
-            )
+            if unit.keep_call_bytes is None:  # older profiles
+                backward[f"replay of {unit.fqn}"] = (
+                    persistent
+                    + last.backward_start_recompute_bytes
+                    + replayed
+                    + unit.forward_excess_bytes
+                )
         need = last.backward_need_recompute_bytes if k == end else unit.backward_need_keep_bytes
         if need is not None:
             # the replayed unit before it holds what it made as a kept one does (the first

@@ -881,6 +881,8 @@ def profile(
                 backward_start_recompute_bytes=(
                     r_bwd.start_bytes - base - QR[j] if r_bwd.label else None
                 ),
+                buffer_bytes=_buffer_bytes(unit_modules[j]),
+                keep_call_bytes=K[("after", j)].start_bytes - LK[j],
                 keep_released_bytes=rel_k.released[j],
                 keep_released_between_bytes=rel_k.released_between[j],
                 recompute_released_bytes=rel_r.released[j],
@@ -982,6 +984,19 @@ def profile(
         capacity_bytes=capacity_bytes if capacity_bytes is not None else current_capacity(),
     )
     return per_rank(result, world_size=world_size, fsdp=fsdp)
+
+
+def _buffer_bytes(module: nn.Module) -> int:
+    """Bytes of clones of a module's buffers, as the tracker counts them (rounded on CUDA)."""
+    buffers = list(module.buffers())
+    if not buffers:
+        return 0
+    device = "cuda" if buffers[0].device.type == "cuda" else None
+    with torch.no_grad(), track_memory(device=device) as tracker:
+        clones = [buffer.clone() for buffer in buffers]
+        made = tracker.current_bytes - tracker.static_bytes  # the buffers read: static
+    del clones
+    return made
 
 
 def _structure(module: nn.Module) -> tuple[Any, ...]:
