@@ -116,9 +116,9 @@ def test_inductor_per_block_gradients_equal_unplanned(built: object) -> None:
     reference = compiled_reference(built, "inductor")
     eager = grads_of(copy.deepcopy(built.model), built)
     for name, grad in reference.items():
-        # Inductor may fuse a recomputed region's kernels otherwise than the saved one's, and its
-        # fused kernels reorder float sums against eager: a tolerance against both.
-        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7)
+        # Bitwise against the unplanned units compiled alike (as on torch 2.13, CPU); inductor's
+        # fused kernels reorder float sums against eager, hence a tolerance there.
+        assert torch.equal(grads[name], grad), name
         torch.testing.assert_close(grads[name], eager[name], rtol=1e-4, atol=1e-6)
 
 
