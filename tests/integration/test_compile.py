@@ -263,7 +263,7 @@ TINY = {
 UNIT_PLANS = [
     ("gpt", "selective:ops.addmm.add.div_"),
     ("gpt", "nested:a"),
-    ("cnn", "selective:save_matmuls"),
+    ("cnn", "selective:ops.convolution"),
 ]
 
 
