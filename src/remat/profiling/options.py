@@ -40,6 +40,11 @@ __all__ = [
 ]
 
 OpKey = tuple[Any, int]
+TIE_TOLERANCE = 0.1
+"""Op names whose replay time per byte freed is within this fraction of the best are a tie for
+:func:`save_set_candidates` (broken by FLOPs, then by name): measured times differ by more than
+that from run to run on a shared machine, and a save set that followed the noise would change
+the plan."""
 
 
 class _OpTimer(TorchDispatchMode):
@@ -75,9 +80,19 @@ class _OpTimer(TorchDispatchMode):
 
 
 def time_unit_ops(
-    model: nn.Module, example_inputs: Any, unit_modules: Sequence[nn.Module]
+    model: nn.Module,
+    example_inputs: Any,
+    unit_modules: Sequence[nn.Module],
+    *,
+    repeats: int = 3,
 ) -> list[dict[OpKey, tuple[float, int]]]:
-    """Per unit, per op (overload, call index in the unit): (ms, FLOPs) in one forward.
+    """Per unit, per op (overload, call index in the unit): (ms, FLOPs), the least time over
+    ``repeats`` forwards after one warm-up forward.
+
+    The least, not the median: what else runs on the machine only ever adds time to an op, and
+    the first forward pays for allocations and caches the others do not. Save sets are chosen
+    from these times, and a save set that changed with the machine's load would change the plan
+    from run to run.
 
     Example:
         >>> import torch
@@ -86,7 +101,26 @@ def time_unit_ops(
         >>> sorted(save_name(key[0]) for key in ops[0])
         ['addmm', 't']
     """
+    if repeats < 1:
+        raise ValueError(f"time_unit_ops: repeats got {repeats}; expected 1 or more")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    runs = [_time_forward(model, example_inputs, unit_modules, device) for _ in range(1 + repeats)]
+    least: list[dict[OpKey, tuple[float, int]]] = []
+    for index, unit in enumerate(runs[-1]):
+        samples = [run[index] for run in runs[1:]]
+        least.append(
+            {
+                key: (min(s[key][0] for s in samples if key in s), flops)
+                for key, (_, flops) in unit.items()
+            }
+        )
+    return least
+
+
+def _time_forward(
+    model: nn.Module, example_inputs: Any, unit_modules: Sequence[nn.Module], device: torch.device
+) -> list[dict[OpKey, tuple[float, int]]]:
+    """One forward under the op timer: per unit, per op, (ms, FLOPs)."""
     timer = _OpTimer(device)
     handles = []
     for index, module in enumerate(unit_modules):
@@ -154,8 +188,9 @@ def save_set_candidates(
     whose outputs free the most bytes for the least replay time added, where the replay time is
     that of every op the replay must then run (:func:`~remat.apply.selective.replayed_by`: a
     norm's saved input may need the residual stream, and with it the attention output, run
-    again). The sets where the freed bytes first reach 1/(count+1), 2/(count+1)... of all are
-    returned.
+    again). Names within :data:`TIE_TOLERANCE` of the best are a tie, broken by the FLOPs the
+    replay adds per byte freed, then by name. The sets where the freed bytes first reach
+    1/(count+1), 2/(count+1)... of all are returned.
 
     Example:
         >>> from remat.apply.selective import ReplayGraph
@@ -169,22 +204,23 @@ def save_set_candidates(
         ['ops.add']
     """
 
-    def cost(unit_times: dict[OpKey, tuple[float, int]], key: OpKey) -> float:
+    def cost(unit_times: dict[OpKey, tuple[float, int]], key: OpKey) -> tuple[float, int]:
         ms, flops = unit_times.get(key, (0.0, 0))
-        return ms if time_source == "measured" else float(flops)
+        return (ms if time_source == "measured" else float(flops)), flops
 
     names = {save_name(key[0]) for graph in graphs for key in graph.kept_bytes}
 
-    def evaluate(chosen: set[str]) -> tuple[float, int]:
-        replay = 0.0
-        kept = 0
+    def evaluate(chosen: set[str]) -> tuple[float, int, int]:
+        replay, replay_flops, kept = 0.0, 0, 0
         for unit_times, graph in zip(op_times, graphs, strict=True):
-            replay += sum(cost(unit_times, key) for key in replayed_by(graph, chosen))
+            for key in replayed_by(graph, chosen):
+                ms, flops = cost(unit_times, key)
+                replay, replay_flops = replay + ms, replay_flops + flops
             kept += sum(b for key, b in graph.kept_bytes.items() if save_name(key[0]) in chosen)
-        return replay, kept
+        return replay, replay_flops, kept
 
     chosen = set(names)
-    replay, kept = evaluate(chosen)
+    replay, replay_flops, kept = evaluate(chosen)
     total = kept
     if total == 0:
         return []
@@ -193,9 +229,14 @@ def save_set_candidates(
     while chosen and cuts:
         options = []
         for name in sorted(chosen):
-            r, k = evaluate(chosen - {name})
-            options.append(((r - replay) / max(kept - k, 1), -(kept - k), name, r, k))
-        _, _, name, replay, kept = min(options)
+            r, f, k = evaluate(chosen - {name})
+            freed = max(kept - k, 1)
+            options.append(((r - replay) / freed, (f - replay_flops) / freed, name, r, f, k))
+        # Times are measured: names whose time per byte freed is within TIE_TOLERANCE of the
+        # best are a tie, broken by FLOPs per byte, then by name, so noise does not pick.
+        best = min(option[0] for option in options)
+        tied = [o for o in options if o[0] <= best + TIE_TOLERANCE * abs(best)]
+        _, _, name, replay, replay_flops, kept = min(tied, key=lambda o: (o[1], o[2]))
         chosen.discard(name)
         while cuts and total - kept >= cuts[0]:
             cuts.pop(0)

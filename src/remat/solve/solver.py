@@ -17,6 +17,7 @@ the peak instead of the cost.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import gc
 import itertools
 import math
@@ -27,7 +28,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from remat.cost.distributed import per_rank
-from remat.cost.model import Block, BlockCost, Profile, block_cost, evaluate_blocks
+from remat.cost.model import (
+    TIMED_SOURCES,
+    Block,
+    BlockCost,
+    Profile,
+    block_cost,
+    evaluate_blocks,
+)
 from remat.plan import Plan
 from remat.solve.budget import Budget
 
@@ -193,12 +201,18 @@ def _run(
     budget_bytes: float,
     minimise_peak: bool,
     approximate: list[bool],
+    ties: _Ties | None = None,
+    least_cost: list[float] | None = None,
 ) -> tuple[float, int, list[Block]] | None:
     """The dynamic program. Returns (cost, peak, blocks) of the best plan, or None if none fits.
 
     States are (total retention, persistent retention, objective, other, blocks); the objective is
-    the cost (the peak so far breaks ties) or, with ``minimise_peak``, the peak so far.
+    the cost (the peak so far breaks ties) or, with ``minimise_peak``, the peak so far. With
+    ``ties``, the plans that reach the end within its tolerance of the best cost (and, with
+    ``minimise_peak``, at the least peak) are a tie, decided by :meth:`_Ties.key`;
+    ``least_cost`` then gets the best cost before the tie was decided.
     """
+    least_cost = [] if least_cost is None else least_cost
     n = len(profile.units)
     base = profile.base_bytes
     fixed = profile.fixed_peak_bytes
@@ -261,24 +275,84 @@ def _run(
                             (block, path),
                         )
                     )
-    best = None
+    ends = []
     for _total, persistent, first, second, path in states[n]:
         cost, peak = (second, first) if minimise_peak else (first, second)
         peak = max(peak, base + persistent + profile.end_need_bytes)
-        if peak > budget_bytes:
-            continue
-        key = (peak, cost) if minimise_peak else (cost, peak)
-        if best is None or key < best[0]:
-            best = (key, cost, peak, path)
+        if peak <= budget_bytes:
+            ends.append(((peak, cost) if minimise_peak else (cost, peak), cost, peak, path))
     approximate.append(thinned)  # a run that found nothing may have thinned too
-    if best is None:
+    if not ends:
         return None
+    best = min(ends, key=operator.itemgetter(0))
+    least_cost.append(best[1])
+    if ties is not None:
+        tied = [
+            end
+            for end in ends
+            if end[1] <= best[1] + ties.tolerance and (not minimise_peak or end[2] == best[2])
+        ]
+        best = min(tied, key=lambda end: ties.key(end[1], end[2], end[3]))
     blocks: list[Block] = []
     path = best[3]
     while path is not None:
         blocks.append(path[0])
         path = path[1]
     return best[1], best[2], blocks[::-1]
+
+
+@dataclass(frozen=True)
+class _Ties:
+    """Plans whose measured costs differ by at most ``tolerance`` are a tie: the one that replays
+    the fewest FLOPs wins, then the one whose blocks come first in order. Costs are whole
+    nanoseconds here (:meth:`program`)."""
+
+    tolerance: float
+    flops: dict[Block, float]
+
+    @classmethod
+    def of(cls, profile: Profile, starts: list[list[tuple[Block, BlockCost]]]) -> _Ties | None:
+        """The profile's ties, or ``None`` where its costs are exact (``time_resolution_ms``)."""
+        resolution = profile.time_resolution_ms
+        if not resolution or profile.time_source not in TIMED_SOURCES:
+            return None
+        by_flops = dataclasses.replace(profile, time_source="flops")
+        return cls(
+            tolerance=round(resolution * 1e6),
+            flops={b: block_cost(by_flops, b).cost for start in starts for b, _ in start},
+        )
+
+    def key(self, cost: float, peak: int, path: Any) -> tuple[Any, ...]:
+        blocks = []
+        while path is not None:
+            blocks.append(path[0])
+            path = path[1]
+        flops = sum(self.flops[b] for b in blocks)
+        order = tuple((b.start, b.kind, b.end, b.action or "") for b in reversed(blocks))
+        return flops, order
+
+    def program(
+        self, profile: Profile, actions: Sequence[str], max_segment: int
+    ) -> list[list[tuple[Block, BlockCost]]]:
+        """The blocks with every measured time in whole nanoseconds: sums of integers do not
+        depend on their order, so plans that differ only in how they group or place the same
+        replays (two units recomputed, or one segment of both) cost exactly the same, and the
+        rule of :meth:`key`, not rounding, decides between them."""
+        units = []
+        for unit in profile.units:
+            times = {
+                name: float(round(value * 1e6))
+                for name in ("forward_ms", "backward_ms", "recompute_ms")
+                if (value := getattr(unit, name)) is not None
+            }
+            options = [
+                dataclasses.replace(o, cost_ms=float(round(o.cost_ms * 1e6)))
+                if o.cost_ms is not None
+                else o
+                for o in unit.options
+            ]
+            units.append(dataclasses.replace(unit, **times, options=options))
+        return _candidate_blocks(dataclasses.replace(profile, units=units), actions, max_segment)
 
 
 def plan_from_blocks(profile: Profile, blocks: Sequence[Block], **fields_: Any) -> Plan:
@@ -451,7 +525,21 @@ def _solve(
         raise ValueError(f"max_segment: got {max_segment}; expected an integer >= 1")
     starts = _candidate_blocks(profile, actions, max_segment)
     approximate: list[bool] = []
-    least = _run(profile, starts, math.inf, minimise_peak=True, approximate=approximate)
+    ties = _Ties.of(profile, starts)
+    program = starts if ties is None else ties.program(profile, actions, max_segment)
+    costs = {b: c.cost for start in starts for b, c in start}
+
+    def run(
+        budget_: float, minimise_peak: bool, least_cost: list[float] | None = None
+    ) -> tuple[float, int, list[Block]] | None:
+        found = _run(profile, program, budget_, minimise_peak, approximate, ties, least_cost)
+        if found is None or ties is None:
+            return found
+        if least_cost:
+            least_cost[0] *= 1e-6
+        return sum(costs[b] for b in found[2]), found[1], found[2]
+
+    least = run(math.inf, True)
     assert least is not None, "keeping every unit is always a plan"
     min_peak = least[1]
     # A percentage interpolates from this least peak (0%) to the unplanned one (100%), so every
@@ -490,7 +578,7 @@ def _solve(
         )
 
     if budget_bytes < min_peak:
-        cheapest = _run(profile, starts, min_peak, minimise_peak=False, approximate=approximate)
+        cheapest = run(min_peak, False)
         if cheapest is None:  # thinned states only (as below): the least-peak plan itself
             assert any(approximate), "a plan reaches the least peak"
             cheapest = least
@@ -501,7 +589,8 @@ def _solve(
             f" (at {where})"
         )
         return result(INFEASIBLE, cost, blocks, cost, [note])
-    found = _run(profile, starts, budget_bytes, minimise_peak=False, approximate=approximate)
+    least_cost: list[float] = []
+    found = run(budget_bytes, False, least_cost)
     notes = []
     if found is None:
         # Only with states thinned: the cheapest-plan run dropped every state that fits, while
@@ -511,9 +600,18 @@ def _solve(
         notes.append("the least-peak plan: thinned states lost every cheaper plan that fits")
     cost, _peak, blocks = found
     exact = exact and not any(approximate)
-    lower = cost if exact else min(cost, _lower_bound(profile, budget_bytes))
+    # A tie (``ties``) may take a plan up to its tolerance dearer than the cheapest one found.
+    cheapest_cost = min(least_cost[0], cost) if least_cost and found is not least else cost
+    lower = cheapest_cost if exact else min(cheapest_cost, _lower_bound(profile, budget_bytes))
     if max_segment < n:
         notes.append(f"segments capped at {max_segment} units (n = {n})")
+    if ties is not None and cost > cheapest_cost + 1e-6:
+        notes.append(
+            f"costs within {ties.tolerance * 1e-6:.3g} ms (the timing resolution) are a tie,"
+            " decided by"
+            f" FLOPs: this plan replays fewer, for {cost - cheapest_cost:.3g} ms more than the"
+            " cheapest"
+        )
     if any(approximate):
         notes.append(
             f"states thinned to about {_frontier_limit(starts)} per unit (mixed unit sizes)"
