@@ -144,6 +144,17 @@ class UnitProfile:
     backward_need_recompute_bytes: int | None = None
     backward_start_recompute_bytes: int | None = None
     """Live total when its backward starts, recomputed (before the replay)."""
+    backward_keep_split_bytes: list[int] | None = None
+    """``backward_need_keep_bytes`` split where the last tensor the forward made (up to this unit)
+    dies in it, which is where its last saved tensor is released: the need before, and from then
+    on (a segment's checkpoint, and what it holds, dies there when the unit is the segment's
+    first). ``None``: not measured."""
+    backward_start_keep_bytes: int | None = None
+    """Live total when its backward starts, kept (relative as the needs are)."""
+    backward_inner_rise_bytes: int | None = None
+    """How far its backward rises above its start inside a segment, measured in the segment over
+    every unit (not the last): a replayed unit's saved tensors die as its backward reads them, a
+    kept one's when its backward ends. ``None``: not measured."""
     buffer_bytes: int = 0
     """Bytes of the unit's buffers (BatchNorm's running statistics): a replay clones them all
     while it runs the unit, to put them back after it."""
@@ -553,7 +564,17 @@ def block_cost(
                     + unit.forward_excess_bytes
                 )
         need = last.backward_need_recompute_bytes if k == end else unit.backward_need_keep_bytes
-        if need is not None:
+        rise = unit.backward_inner_rise_bytes
+        # As measured inside the segment over every unit, where each replayed saved tensor dies
+        # as its backward reads it: for a unit whose input is the previous replayed unit's output
+        # there too, and which does not end that segment (whose replay is in its backward; the
+        # replay's moments are above). Its first unit's backward frees the whole checkpoint.
+        if start < k < len(units) - 1 and rise is not None:
+            if unit.backward_start_keep_bytes is not None:
+                need = unit.backward_start_keep_bytes + rise
+                need += sum(stored[k - start :]) + sum(state)
+                backward[f"backward of {unit.fqn}"] = replayed + need
+        elif need is not None:
             # the replayed unit before it holds what it made as a kept one does (the first
             # unit's input: as the previous block does); the checkpoint holds the parent's
             if k == start:
@@ -562,8 +583,14 @@ def block_cost(
                 holds = units[k - 1].keep_released_bytes == 0
             need += _held(unit, "replay" if k == end else "keep", holds, k > start)
             # what the checkpoint holds for the units after this one, and every unit's state
-            # (the last unit's own is in its need)
-            need += sum(stored[k - start :]) + sum(state) - (state[-1] if k == end else 0)
+            # (the last unit's own is in its need), until the first unit's saved tensors die
+            frame = sum(stored[k - start :]) + sum(state) - (state[-1] if k == end else 0)
+            split = unit.backward_keep_split_bytes
+            if k == start < end and split is not None:
+                extra = need - unit.backward_need_keep_bytes
+                need = max(split[0] + frame, split[1]) + extra
+            else:
+                need += frame
             backward[f"backward of {unit.fqn}"] = replayed + need
         # (a replay's own autocast drops its cache when the replayed unit returns)
         replayed += unit.keep_bytes - unit.keep_forward_only_bytes - unit.keep_cache_bytes

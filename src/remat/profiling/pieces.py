@@ -53,10 +53,15 @@ class Released:
     """The same for both."""
     state: list[int]
     """Bytes the unit's forward made that died in its own backward (a checkpoint's state)."""
+    rise_before: list[int]
+    """How far the unit's backward rose above its start before the last tensor that the forward
+    made up to the unit died in it (its saved tensors and inputs; a checkpoint's)."""
+    rise_after: list[int | None]
+    """The same from that death on (``None``: none died)."""
 
     @classmethod
     def empty(cls, n: int) -> Released:
-        return cls(*([0] * n for _ in range(6)))
+        return cls(*([0] * n for _ in range(8)))
 
 
 Run = tuple[int, list[Mark], Any, dict[int, int], list[int], list[int], Released]

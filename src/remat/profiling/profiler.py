@@ -405,6 +405,7 @@ def _released(tracker: Any, n: int) -> Released:
     # per interval: event -> [change of the live total, dying made by the previous unit, by
     # the parent between the two]
     changes: list[dict[int, list[int]]] = [{} for _ in bounds]
+    last_own = [0] * len(bounds)  # the last death of what the forward made (up to the unit)
     for created, died, nbytes in tracker.lifetimes():
         k = interval(created)
         if k is not None:
@@ -415,6 +416,8 @@ def _released(tracker: Any, n: int) -> Released:
         change = changes[k].setdefault(died, [0, 0, 0])
         change[0] -= nbytes
         j = bounds[k][2]
+        if created <= after[j]:  # saved for its backward, or held by a checkpoint of it
+            last_own[k] = max(last_own[k], died)
         if forward[j] < created <= after[j]:
             result.state[j] += nbytes
         elif j > 0 and forward[j - 1] < created <= after[j - 1]:
@@ -423,15 +426,20 @@ def _released(tracker: Any, n: int) -> Released:
         elif j > 0 and after[j - 1] < created <= forward[j]:
             change[2] += nbytes
             result.released_between[j - 1] += nbytes
-    for (_, _, j), found in zip(bounds, changes, strict=True):
+    for (_, _, j), found, own in zip(bounds, changes, last_own, strict=True):
         live = made = between = 0
         best = [0, 0, 0, 0]  # as it was; with what the unit made alive; the parent's; both
+        result.rise_after[j] = None
         for event in sorted(found):
             live += found[event][0]
             made += found[event][1]
             between += found[event][2]
             for which, value in enumerate((0, made, between, made + between)):
                 best[which] = max(best[which], live + value)
+            if event < own:
+                result.rise_before[j] = max(result.rise_before[j], live)
+            else:
+                result.rise_after[j] = max(result.rise_after[j] or 0, live)
         result.held_made[j] = best[1] - best[0]
         result.held_between[j] = best[2] - best[0]
         result.held_both[j] = best[3] - best[0]
@@ -854,6 +862,7 @@ def profile(
     for j, fqn in enumerate(unit_fqns):
         input_bytes, output_bytes = none_report_units[j]
         k_bwd, r_bwd = K.get(("backward", j), missing), R.get(("backward", j), missing)
+        s_bwd = S.get(("backward", j), missing) if runs["S"] is not runs["R"] else missing
         units_out.append(
             UnitProfile(
                 fqn=fqn,
@@ -882,6 +891,13 @@ def profile(
                     r_bwd.start_bytes - base - QR[j] if r_bwd.label else None
                 ),
                 buffer_bytes=_buffer_bytes(unit_modules[j]),
+                backward_keep_split_bytes=_split(k_bwd, rel_k, j, base + QK[j]),
+                backward_start_keep_bytes=(
+                    k_bwd.start_bytes - base - QK[j] if k_bwd.label else None
+                ),
+                backward_inner_rise_bytes=(
+                    s_bwd.peak_bytes - s_bwd.start_bytes if s_bwd.label else None
+                ),
                 keep_call_bytes=K[("after", j)].start_bytes - LK[j],
                 keep_released_bytes=rel_k.released[j],
                 keep_released_between_bytes=rel_k.released_between[j],
@@ -984,6 +1000,16 @@ def profile(
         capacity_bytes=capacity_bytes if capacity_bytes is not None else current_capacity(),
     )
     return per_rank(result, world_size=world_size, fsdp=fsdp)
+
+
+def _split(mark: Mark, released: Released, j: int, held_bytes: int) -> list[int] | None:
+    """Unit ``j``'s backward need (over ``held_bytes``) before the last tensor the forward made
+    (up to this unit) died in it, and from then on (``None``: no backward, or none died)."""
+    after = released.rise_after[j]
+    if mark.label is None or after is None:
+        return None
+    start = mark.start_bytes - held_bytes
+    return [start + released.rise_before[j], start + after]
 
 
 def _buffer_bytes(module: nn.Module) -> int:
