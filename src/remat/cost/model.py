@@ -586,7 +586,10 @@ def block_cost(
             # (the last unit's own is in its need), until the first unit's saved tensors die
             frame = sum(stored[k - start :]) + sum(state) - (state[-1] if k == end else 0)
             split = unit.backward_keep_split_bytes
-            if k == start < end and split is not None:
+            # (the split is where the checkpoint dies only if the unit's input dies there too,
+            # the previous kept unit not holding it; otherwise the checkpoint is held throughout)
+            marks_death = start == 0 or units[start - 1].keep_released_bytes > 0
+            if k == start < end and split is not None and marks_death:
                 extra = need - unit.backward_need_keep_bytes
                 need = max(split[0] + frame, split[1]) + extra
             else:
@@ -647,6 +650,23 @@ def _held(unit: UnitProfile, kind: str, made: bool, between: bool) -> int:
     prefix = "backward_keep_held_" if kind == "keep" else "backward_recompute_held_"
     which = "both" if made and between else "made" if made else "between" if between else None
     return getattr(unit, f"{prefix}{which}_bytes") if which else 0
+
+
+def _output_kept_after_segment(profile: Profile, previous: Block, block: Block) -> int:
+    """Bytes of a segment's last output that the next block holds into the backward: the
+    segment's figures come from one segment over every unit, where that output was the next
+    unit's chained input and died with the forward (``inner_forward_only_bytes``)."""
+    if previous.kind not in ("replay", "nested") or previous.start == previous.end:
+        return 0
+    unit = profile.units[previous.end]
+    if block.kind == "keep":
+        holds = unit.keep_released_bytes > 0
+    elif block.kind == "option" and not (block.action or "").startswith("selective"):
+        option = unit.option(block.action or "")
+        holds = option is not None and option.released_bytes > 0
+    else:  # a checkpoint (recompute, segment, selective) stores its input
+        holds = True
+    return min(unit.inner_forward_only_bytes, unit.output_bytes) if holds else 0
 
 
 def _cache(units: Sequence[UnitProfile], start: int, end: int) -> int:
@@ -733,6 +753,8 @@ def evaluate_blocks(profile: Profile, blocks: Sequence[Block]) -> Simulation:
     cost = 0.0
     for index, block in enumerate(blocks):
         bc = block_cost(profile, block, blocks[index - 1] if index else False)
+        if index:
+            persistent += _output_kept_after_segment(profile, blocks[index - 1], block)
         for value, at in (
             (total + bc.forward_need_bytes, bc.forward_where),
             (persistent + bc.backward_need_bytes, bc.backward_where),
