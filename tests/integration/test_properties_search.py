@@ -277,22 +277,122 @@ if SEED not in (None, "random"):  # "random": hypothesis's own unseeded draws
     test_random_models_under_random_plans = seed(int(SEED))(test_random_models_under_random_plans)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the simulator predicts a nested segment over a parameter-only block and a"
-    " Linear+BatchNorm block 8 bytes (0.56%) under the measured peak; one of the composed misses"
-    " this search finds (see the module docstring)",
-)
-def test_composed_misprediction_reproducer() -> None:
-    case = ModelCase(
-        width=8,
-        batch=3,
-        specs=[
-            BlockSpec(kind="params", norm="layernorm", activation="tanh", dropout=0.25),
-            BlockSpec(kind="linear", norm="batchnorm", activation="tanh", dropout=0.0),
+def _spec(kind: str, norm: str, activation: str, dropout: float) -> BlockSpec:
+    return BlockSpec(kind=kind, norm=norm, activation=activation, dropout=dropout)
+
+
+# Composed plans this search found mispredicted, each by one thing the simulator left out:
+# (width, batch, precision, skips, blocks, plan, what the miss was).
+REPRODUCERS = {
+    "nested_frame_state": (
+        8,
+        3,
+        "32",
+        [],
+        [("params", "layernorm", "tanh", 0.25), ("linear", "batchnorm", "tanh", 0.0)],
+        ["nested:g0", "nested:g0"],
+        "the one checkpoint holds the BatchNorm block's counter clone (8 bytes) through the"
+        " first block's backward too: 0.56% low",
+    ),
+    "skip_sum_held_by_the_segment": (
+        16,
+        4,
+        "32",
+        [(0, 2)],
+        [
+            ("linear", "batchnorm", "gelu", 0.0),
+            ("linear", "layernorm", "relu_inplace", 0.0),
+            ("linear", "layernorm", "tanh", 0.0),
         ],
-        skips=[],
-        precision="32",
-        plans=[["nested:g0", "nested:g0"]],
+        ["keep", "segment:g1", "segment:g1"],
+        "the checkpoint stores its last unit's input (a skip's sum) until its first unit's"
+        " backward ends: 3.0% low",
+    ),
+    "replay_holds_every_output": (
+        8,
+        4,
+        "32",
+        [(0, 3), (4, 6)],
+        [
+            ("linear", "none", "relu", 0.25),
+            ("linear", "layernorm", "relu_inplace", 0.0),
+            ("params", "batchnorm", "relu", 0.0),
+            ("params", "batchnorm", "gelu", 0.0),
+            ("inplace", "batchnorm", "relu_inplace", 0.0),
+            ("linear", "batchnorm", "relu", 0.25),
+            ("linear", "none", "tanh", 0.25),
+            ("linear", "batchnorm", "tanh", 0.25),
+        ],
+        ["selective:save_matmuls", "keep", "recompute", "recompute", *["segment:g4"] * 4],
+        "the replay keeps every replayed output until it ends, and clones the BatchNorm"
+        " buffers around each call: 2.3% low",
+    ),
+    "checkpoint_dies_before_the_peak": (
+        16,
+        4,
+        "bf16-mixed",
+        [(1, 3), (1, 4), (2, 4)],
+        [
+            ("inplace", "none", "relu", 0.0),
+            ("inplace", "layernorm", "tanh", 0.25),
+            ("inplace", "none", "tanh", 0.25),
+            ("inplace", "layernorm", "tanh", 0.0),
+            ("params", "none", "relu", 0.25),
+        ],
+        ["segment:g0", "segment:g0", "segment:g0", "keep", "nested:g4"],
+        "the first unit's backward peaks after the checkpoint died: 2.4% low when measured in"
+        " the segment over every unit, whose checkpoint held more",
+    ),
+    "segment_output_stored_by_the_next_block": (
+        8,
+        4,
+        "bf16-mixed",
+        [],
+        [
+            ("linear", "layernorm", "tanh", 0.25),
+            ("params", "layernorm", "gelu", 0.25),
+            ("linear", "batchnorm", "relu", 0.0),
+            ("linear", "layernorm", "relu_inplace", 0.25),
+            ("linear", "layernorm", "relu_inplace", 0.25),
+        ],
+        ["segment:g0", "segment:g0", "selective:megatron", "keep", "keep"],
+        "the segment's output is the selective block's stored input, alive at the loss: 3.4% low",
+    ),
+    "segment_after_a_unit_that_holds_its_output": (
+        16,
+        2,
+        "32",
+        [(2, 4)],
+        [
+            ("params", "none", "relu_inplace", 0.25),
+            ("params", "none", "relu_inplace", 0.0),
+            ("inplace", "layernorm", "gelu", 0.0),
+            ("params", "batchnorm", "relu", 0.0),
+            ("params", "batchnorm", "relu", 0.0),
+            ("params", "layernorm", "relu", 0.0),
+            ("params", "none", "gelu", 0.25),
+            ("params", "layernorm", "gelu", 0.0),
+            ("inplace", "layernorm", "relu", 0.0),
+        ],
+        ["segment:g0", *["segment:g1"] * 4, *["segment:g5"] * 3, "recompute"],
+        "the checkpoint lives through its first unit's whole backward when the unit's input"
+        " outlives it: 1.7% low",
+    ),
+}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("name", list(REPRODUCERS))
+def test_composed_misprediction_reproducer(name: str) -> None:
+    """Each composed plan the search once found mispredicted (see ``REPRODUCERS``) is
+    predicted within ``TOLERANCE`` of the oracle's peak, besides the bitwise checks."""
+    width, batch, precision, skips, blocks, plan, _ = REPRODUCERS[name]
+    case = ModelCase(
+        width=width,
+        batch=batch,
+        specs=[_spec(*block) for block in blocks],
+        skips=skips,
+        precision=precision,
+        plans=[plan],
     )
     check_model(case, composed_bound=TOLERANCE)
