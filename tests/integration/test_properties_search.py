@@ -16,22 +16,26 @@ Each model is profiled once (with the selective and offload options) and then ta
 - the planned step's loss, gradients and buffers (BatchNorm statistics) are ``torch.equal`` to the
   unplanned step's from the same state and seed;
 - its peak by tests/memory_oracle.py is remat's tracker's (``remat.measure_plan``, taken on
-  every fifth plan and on every plan with offload) to the byte, except with offload: on the CPU an offloaded activation's host copy is in the same memory,
-  which the oracle counts and the tracker counts apart (remat plans device memory);
-- the simulator's prediction is that measured peak (the oracle's; the tracker's device bytes
-  with offload) within
-  ``TOLERANCE`` (0.2%) for every plan of single-unit actions (keep, recompute, selective,
-  offload). Plans with segments or nested segments are NOT predicted that well yet: this search
-  finds 10-20% of them off by more than 0.2%, up to about 4% (under and over), most with skips
-  or bf16 autocast. They are held to ``COMPOSED_BOUND`` here, and
-  ``test_composed_misprediction_reproducer`` pins one such miss as a strict xfail until the
-  simulator (src/remat/cost/model.py) is fixed. Unseeded searches also find rare single-unit
-  misses, e.g. ``recompute, offload, recompute`` over (params+BatchNorm, params, in-place Linear)
-  blocks at width 16, batch 2: predicted 3,336 bytes, measured 3,272 (over by 2%).
+  every fifth plan and on every plan with offload) to the byte, except with offload: on the CPU an
+  offloaded activation's host copy is in the same memory, which the oracle counts and the tracker
+  counts apart (remat plans device memory);
+- the simulator's prediction is never more than ``TOLERANCE`` (0.2%) under that measured peak (the
+  oracle's; the tracker's device bytes with offload), and never more than ``TOLERANCE`` over it for
+  plans of single-unit actions (keep, recompute, selective, offload), ``COMPOSED_BOUND`` (2.5%) over
+  it for plans with segments or nested segments.
+
+The composed bound is measured, not exact. A search of 100 models (895 plans without offload, 655 of
+them composed) finds 47 composed plans over by more than 0.2%, at most 2.14%: nested segments and
+segments beside selective blocks, mostly under bf16 autocast, where the simulator takes a unit's
+backward as measured with its neighbours under another action (a replayed tensor that dies when its
+backward reads it, counted until the node ends). It finds one under-prediction, 1.08%, pinned as a
+strict xfail (``test_composed_under_prediction_known``); ``test_composed_misprediction_reproducer``
+keeps the misses fixed so far within 0.2%. docs/memory-model.md says what the simulator counts.
 
 CI runs ``MODELS`` x ``PLANS_PER_MODEL`` derandomized cases (25 x 20 = 500; 25-40 s on one
-thread of the shared 2-core machine). To search more: ``REMAT_PROPERTY_SEED=random`` (hypothesis's own unseeded draws) or an
-integer seed, with ``REMAT_PROPERTY_MODELS=200``, e.g.
+thread of the quiet 2-core machine, minutes when it is shared). To search more:
+``REMAT_PROPERTY_SEED=random`` (hypothesis's own unseeded draws) or an integer seed, with
+``REMAT_PROPERTY_MODELS=200``, e.g.
 ``REMAT_PROPERTY_SEED=random REMAT_PROPERTY_MODELS=200 pytest tests/integration/test_properties_search.py``.
 Shrinking is off (a model case takes minutes to shrink); a failure prints the whole case.
 """
@@ -55,7 +59,7 @@ from memory_oracle import oracle_step_peak
 MODELS = int(os.environ.get("REMAT_PROPERTY_MODELS", "25"))
 PLANS_PER_MODEL = 20
 TOLERANCE = 0.002
-COMPOSED_BOUND = 0.05
+COMPOSED_BOUND = 0.025
 SEED = os.environ.get("REMAT_PROPERTY_SEED")
 OPTIONS = ["selective:save_matmuls", "selective:megatron", "offload"]
 KINDS = ("linear", "inplace", "params")
@@ -250,8 +254,8 @@ def check_model(case: ModelCase, composed_bound: float = COMPOSED_BOUND) -> None
         measured = tracker
         predicted = remat.simulate(prof, plan).peak_bytes
         composed = any(action.startswith(("segment:", "nested:")) for action in actions)
-        bound = composed_bound if composed else TOLERANCE
-        assert abs(predicted - measured) <= bound * measured, (
+        over = composed_bound if composed else TOLERANCE
+        assert -TOLERANCE * measured <= predicted - measured <= over * measured, (
             f"{where}: predicted {predicted:,} measured {measured:,}"
         )
 
@@ -396,3 +400,28 @@ def test_composed_misprediction_reproducer(name: str) -> None:
         plans=[plan],
     )
     check_model(case, composed_bound=TOLERANCE)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.xfail(
+    strict=True,
+    reason="predicted 2,936 bytes, measured 2,968 (1.08% under): a segment over an in-place"
+    " Linear block and a parameter-only block under bf16 autocast, after a recompute, with skips"
+    " into both; its replay's peak is not the one the simulator composes (not found yet)",
+)
+def test_composed_under_prediction_known() -> None:
+    case = ModelCase(
+        width=8,
+        batch=4,
+        specs=[
+            _spec("linear", "none", "gelu", 0.25),
+            _spec("linear", "batchnorm", "gelu", 0.25),
+            _spec("params", "batchnorm", "relu_inplace", 0.0),
+            _spec("inplace", "none", "relu_inplace", 0.25),
+            _spec("params", "layernorm", "relu", 0.25),
+        ],
+        skips=[(0, 3), (0, 4), (1, 3)],
+        precision="bf16-mixed",
+        plans=[["selective:save_matmuls", "selective:megatron", "recompute", *["segment:g3"] * 2]],
+    )
+    check_model(case)
