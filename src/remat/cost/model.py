@@ -18,6 +18,13 @@ after the other, so its inner units are modelled as kept once replayed (Chen et 
 two measured plans (``none``, ``full``) it reproduces the measured peaks exactly; for the others it is
 a model, checked against measurement by the closed loop of ``remat.auto_``.
 
+What a unit's backward frees of the unit before it depends on that unit's action: a kept ReLU
+block holds its output until its own backward, a checkpoint does not, and a segment's checkpoint
+holds its inner units' inputs and state until its first unit's backward ends. The profiler measures
+these from the storages' lifetimes (``*_released_*``, ``backward_*_held_*``, ``recompute_state_bytes``,
+``backward_inner_rise_bytes``, ``backward_keep_split_bytes``) and the simulator composes them by the
+previous block (:func:`block_cost`'s ``previous``); docs/memory-model.md says how exact that is.
+
 Time: recomputing a unit costs its forward time (``forward_ms``, medians of measured steps), or its
 forward FLOPs where no time was measured (``meta``).
 
@@ -525,7 +532,9 @@ def block_cost(
             forward_need_bytes=fwd,
             backward_need_bytes=bwd,
             delta_bytes=held,
-            persistent_delta_bytes=persistent + last_outlives - last.inner_cache_bytes,
+            persistent_delta_bytes=(
+                persistent + last_outlives - last.inner_cache_bytes + _last_output(profile, end)
+            ),
             cost=cost,
             forward_where=fwd_where,
             backward_where=bwd_where,
@@ -599,7 +608,9 @@ def block_cost(
         replayed += unit.keep_bytes - unit.keep_forward_only_bytes - unit.keep_cache_bytes
     bwd, bwd_where = _worst(backward)
     cost = sum(cost_of)
-    persistent_delta = persistent + last_outlives - last.inner_cache_bytes
+    persistent_delta = (
+        persistent + last_outlives - last.inner_cache_bytes + _last_output(profile, end)
+    )
     # The inner figures come from one segment over every unit, where a skip tensor from an
     # earlier unit is internal and dies at its last use. A shorter segment whose inner unit takes
     # a skip from outside stores it (a checkpoint input), so it outlives the forward. What the
@@ -652,10 +663,20 @@ def _held(unit: UnitProfile, kind: str, made: bool, between: bool) -> int:
     return getattr(unit, f"{prefix}{which}_bytes") if which else 0
 
 
-def _output_kept_after_segment(profile: Profile, previous: Block, block: Block) -> int:
-    """Bytes of a segment's last output that the next block holds into the backward: the
-    segment's figures come from one segment over every unit, where that output was the next
-    unit's chained input and died with the forward (``inner_forward_only_bytes``)."""
+def _last_output(profile: Profile, end: int) -> int:
+    """Bytes of a segment's last output (not the model's) that the next block may hold into the
+    backward: the segment's figures come from one segment over every unit, where that output was
+    the next unit's chained input and died with the forward (``inner_forward_only_bytes``). A
+    segment's retention counts them, the larger; :func:`evaluate_blocks` takes them off where the
+    next block does not hold them."""
+    if end >= len(profile.units) - 1:
+        return 0
+    unit = profile.units[end]
+    return min(unit.inner_forward_only_bytes, unit.output_bytes)
+
+
+def _output_dropped_after_segment(profile: Profile, previous: Block, block: Block) -> int:
+    """:func:`_last_output` of the segment before ``block``, if ``block`` does not store it."""
     if previous.kind not in ("replay", "nested") or previous.start == previous.end:
         return 0
     unit = profile.units[previous.end]
@@ -666,7 +687,7 @@ def _output_kept_after_segment(profile: Profile, previous: Block, block: Block) 
         holds = option is not None and option.released_bytes > 0
     else:  # a checkpoint (recompute, segment, selective) stores its input
         holds = True
-    return min(unit.inner_forward_only_bytes, unit.output_bytes) if holds else 0
+    return 0 if holds else _last_output(profile, previous.end)
 
 
 def _cache(units: Sequence[UnitProfile], start: int, end: int) -> int:
@@ -754,7 +775,7 @@ def evaluate_blocks(profile: Profile, blocks: Sequence[Block]) -> Simulation:
     for index, block in enumerate(blocks):
         bc = block_cost(profile, block, blocks[index - 1] if index else False)
         if index:
-            persistent += _output_kept_after_segment(profile, blocks[index - 1], block)
+            persistent -= _output_dropped_after_segment(profile, blocks[index - 1], block)
         for value, at in (
             (total + bc.forward_need_bytes, bc.forward_where),
             (persistent + bc.backward_need_bytes, bc.backward_where),
