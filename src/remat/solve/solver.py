@@ -292,7 +292,7 @@ def _run(
             for end in ends
             if end[1] <= best[1] + ties.tolerance and (not minimise_peak or end[2] == best[2])
         ]
-        best = min(tied, key=lambda end: ties.key(end[1], end[2], end[3]))
+        best = min(tied, key=lambda end: ties.key(end[3]))
     blocks: list[Block] = []
     path = best[3]
     while path is not None:
@@ -322,7 +322,8 @@ class _Ties:
             flops={b: block_cost(by_flops, b).cost for start in starts for b, _ in start},
         )
 
-    def key(self, cost: float, peak: int, path: Any) -> tuple[Any, ...]:
+    def key(self, path: Any) -> tuple[Any, ...]:
+        """(FLOPs replayed, the blocks in order) of a path of the program: less wins."""
         blocks = []
         while path is not None:
             blocks.append(path[0])
@@ -608,9 +609,8 @@ def _solve(
     if ties is not None and cost > cheapest_cost + 1e-6:
         notes.append(
             f"costs within {ties.tolerance * 1e-6:.3g} ms (the timing resolution) are a tie,"
-            " decided by"
-            f" FLOPs: this plan replays fewer, for {cost - cheapest_cost:.3g} ms more than the"
-            " cheapest"
+            f" decided by FLOPs: this plan replays fewer, for {cost - cheapest_cost:.3g} ms more"
+            " than the cheapest"
         )
     if any(approximate):
         notes.append(
