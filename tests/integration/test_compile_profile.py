@@ -64,7 +64,7 @@ def test_compiled_times_are_shared_by_eager_costs(monkeypatch: pytest.MonkeyPatc
 @pytest.fixture(scope="module")
 def mlp() -> object:
     torch.manual_seed(0)
-    return build_builtin("mlp", batch=8, width=32, n_blocks=3, in_features=16)
+    return build_builtin("mlp", batch=256, width=32, n_blocks=3, in_features=16)
 
 
 def _grads(model: nn.Module, built: object) -> dict[str, torch.Tensor]:
@@ -83,10 +83,16 @@ def test_auto_compile_plans_for_and_runs_the_compiled_path(
     torch._dynamo.reset()
     model = copy.deepcopy(mlp.model)
     handle = remat.auto_(
-        model, mlp.example_inputs, loss_fn=mlp.loss_fn, budget="min", compile="aot_eager"
+        model,
+        mlp.example_inputs,
+        loss_fn=mlp.loss_fn,
+        budget="min",
+        actions=["keep", "recompute", "segment"],  # selective: compiled in test_compile.py
+        compile="aot_eager",
     )
     kinds = {action.split(":")[0] for action in handle.actions.values()}
-    assert kinds <= {"keep", "recompute", "selective"} and kinds != {"keep"}, handle.actions
+    # Segments are not priced for the compiled path: left out of the plan.
+    assert "recompute" in kinds and kinds <= {"keep", "recompute"}, handle.actions
     assert handle.result.measured_peak_bytes <= handle.result.budget_bytes
     from remat.apply import checkpoint as engine
 

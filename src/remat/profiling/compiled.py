@@ -6,18 +6,20 @@ will run when the plan is applied and each unit compiled with :func:`remat.compi
 compiler applies recompute and selective save sets when it traces each unit: no op log nor replay
 of remat's engine per op, whose cost the eager profile includes).
 
-How: on a copy of the model's modules (sharing its parameters: :func:`shared_copy`), every unit is compiled (``module.compile(backend=...)``), then the
-training step is timed (medians of ``repeats`` steps after ``warmup``, the first call compiling and
-untimed) under each configuration: no plan; every unit recomputed; and, per ``selective`` option
-of the eager profile, every unit that has it under it. Dynamo's caches are reset between
-configurations (each compiles afresh; no cache limit is reached, nothing falls back to eager).
-Each configuration's time above the unplanned compiled step is that option's cost in all its units
-together; it is shared among the units in proportion to their eager costs for the same option
-(unit by unit timing of a compiled backward is not possible without breaking its graph). The
-profile's ``step_ms`` becomes the compiled unplanned step's; ``forward_ms`` and ``backward_ms`` are
-scaled by the ratio of the two steps (an estimate, used only where nothing else was measured).
-A configuration faster than the unplanned step (noise, or a recompute the compiler makes free)
-costs 0.
+How: on copies of the model's modules (sharing its parameters: :func:`shared_copy`), every unit
+is compiled (``module.compile(backend=...)``) and the training step is timed (``repeats`` rounds
+after ``warmup``, the first round compiling and untimed) under each configuration: every unit
+recomputed, and, per ``selective`` option of the eager profile, every unit that has it under it.
+Dynamo's caches are reset between configurations (each compiles afresh: no cache limit is reached,
+nothing falls back to eager), and each configuration's steps alternate with the unplanned compiled
+step's (:func:`time_compiled`), so a busy machine's drift touches both alike. A configuration's
+time above the unplanned compiled step (the median of the rounds' differences) is that option's
+cost in all its units together; it is shared among the units in proportion to their eager costs
+for the same option (unit by unit timing of a compiled backward is not possible without breaking
+its graph). The profile's ``step_ms`` becomes the compiled unplanned step's (the median of all its
+rounds); ``forward_ms`` and ``backward_ms`` are scaled by the ratio of the two steps (an estimate,
+used only where nothing else was measured). A configuration faster than the unplanned step (noise,
+or a recompute the compiler makes free) costs 0.
 
 What is not the compiled path's: the **bytes**. They stay the eager profile's. On the CPU a
 compiled step's memory cannot be measured: inductor's kernels allocate outside the dispatcher, and
@@ -106,8 +108,13 @@ def time_compiled(
     repeats: int = 3,
     progress: bool | Callable[[str], None] | None = None,
 ) -> dict[str, float]:
-    """Median ms of ``step`` with each plan applied to a copy of its model, every unit compiled
-    with ``backend`` (what :func:`remat.compile_units_` runs); ``None``: no plan.
+    """Median ms of ``step`` under each plan, every unit compiled with ``backend`` (what
+    :func:`remat.compile_units_` runs); ``None``: no plan.
+
+    Each plan runs on its own copy of the model's modules (:func:`shared_copy`), after dynamo's
+    caches are reset, and its steps alternate with steps of the unplanned compiled copy (one of
+    each per round, their order swapped every round), so that a drift of a busy machine touches
+    both alike: a plan's time is the unplanned median plus the median of its rounds' differences.
 
     Example:
         >>> import remat
@@ -125,44 +132,58 @@ def time_compiled(
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats: got {repeats} (warm-up {warmup}); expected >= 1 and >= 0")
     say = as_progress(progress)
-    model = shared_copy(step.model)
-    units = find_units(model, step.units)
-    modules = dict(model.named_modules())
-    for fqn in units:
-        modules[fqn].compile(backend=backend)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    units = find_units(step.model, step.units)
+    device = next((p.device for p in step.model.parameters()), torch.device("cpu"))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times: dict[str, float] = {}
-    with step.context(), preserved_state(model, step.optimizer):
-        opt = make_optimizer(step.optimizer, model)
+
+    def compiled_copy(plan: Plan | None) -> torch.nn.Module:
+        copy_ = shared_copy(step.model)
+        if plan is not None:
+            apply_(copy_, plan)
+        modules = dict(copy_.named_modules())
+        for fqn in units:
+            modules[fqn].compile(backend=backend)
+        return copy_
+
+    base: list[float] = []
+    extra: dict[str, float] = {}
+    with step.context(), preserved_state(step.model, step.optimizer):
+        opt = make_optimizer(step.optimizer, step.model)
         scaler = make_scaler(step.precision, device)
-        for name, plan in plans.items():
+
+        def timed(model: torch.nn.Module) -> float:
+            torch.manual_seed(0)
+            sync()
+            start = time.perf_counter()
+            training_step(
+                model,
+                step.batch,
+                loss_fn=step.loss_fn,
+                optimizer=opt,
+                precision=step.precision,
+                scaler=scaler,
+            )
+            sync()
+            return (time.perf_counter() - start) * 1e3
+
+        for name, plan in [*[(n, p) for n, p in plans.items() if p is not None], ("none", None)]:
+            if plan is None and base:
+                break  # the unplanned step was timed beside every plan
             say(f"profile: compiled step ({backend}) under {name}")
-            torch.compiler.reset()  # each plan traced afresh: no cache limit, no eager fallback
-            handle = apply_(model, plan) if plan is not None else None
-            try:
-                samples = []
-                for index in range(1 + warmup + repeats):  # the first call compiles
-                    torch.manual_seed(0)
-                    sync()
-                    start = time.perf_counter()
-                    training_step(
-                        model,
-                        step.batch,
-                        loss_fn=step.loss_fn,
-                        optimizer=opt,
-                        precision=step.precision,
-                        scaler=scaler,
-                    )
-                    sync()
-                    if index > warmup:
-                        samples.append((time.perf_counter() - start) * 1e3)
-            finally:
-                if handle is not None:
-                    handle.remove()
-            times[name] = statistics.median(samples)
+            torch.compiler.reset()  # traced afresh: no cache limit, no eager fallback
+            unplanned, planned = compiled_copy(None), compiled_copy(plan)
+            differences = []
+            for index in range(1 + warmup + repeats):  # the first round compiles
+                first, second = (unplanned, planned) if index % 2 else (planned, unplanned)
+                times = {id(first): timed(first), id(second): timed(second)}
+                if index > warmup:
+                    base.append(times[id(unplanned)])
+                    differences.append(times[id(planned)] - times[id(unplanned)])
+            if plan is not None:
+                extra[name] = statistics.median(differences)
     torch.compiler.reset()
-    return times
+    median = statistics.median(base)
+    return {name: median + extra.get(name, 0.0) for name in plans}
 
 
 def compiled_profile(
