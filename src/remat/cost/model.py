@@ -22,7 +22,7 @@ What a unit's backward frees of the unit before it depends on that unit's action
 block holds its output until its own backward, a checkpoint does not, and a segment's checkpoint
 holds its inner units' inputs and state until its first unit's backward ends. The profiler measures
 these from the storages' lifetimes (``*_released_*``, ``backward_*_held_*``, ``recompute_state_bytes``,
-``backward_inner_rise_bytes``, ``backward_keep_split_bytes``) and the simulator composes them by the
+``backward_keep_split_bytes``) and the simulator composes them by the
 previous block (:func:`block_cost`'s ``previous``); docs/memory-model.md says how exact that is.
 
 Time: recomputing a unit costs its forward time (``forward_ms``, medians of measured steps), or its
@@ -156,12 +156,6 @@ class UnitProfile:
     dies in it, which is where its last saved tensor is released: the need before, and from then
     on (a segment's checkpoint, and what it holds, dies there when the unit is the segment's
     first). ``None``: not measured."""
-    backward_start_keep_bytes: int | None = None
-    """Live total when its backward starts, kept (relative as the needs are)."""
-    backward_inner_rise_bytes: int | None = None
-    """How far its backward rises above its start inside a segment, measured in the segment over
-    every unit (not the last): a replayed unit's saved tensors die as its backward reads them, a
-    kept one's when its backward ends. ``None``: not measured."""
     buffer_bytes: int = 0
     """Bytes of the unit's buffers (BatchNorm's running statistics): a replay clones them all
     while it runs the unit, to put them back after it."""
@@ -573,17 +567,7 @@ def block_cost(
                     + unit.forward_excess_bytes
                 )
         need = last.backward_need_recompute_bytes if k == end else unit.backward_need_keep_bytes
-        rise = unit.backward_inner_rise_bytes
-        # As measured inside the segment over every unit, where each replayed saved tensor dies
-        # as its backward reads it: for a unit whose input is the previous replayed unit's output
-        # there too, and which does not end that segment (whose replay is in its backward; the
-        # replay's moments are above). Its first unit's backward frees the whole checkpoint.
-        if start < k < len(units) - 1 and rise is not None:
-            if unit.backward_start_keep_bytes is not None:
-                need = unit.backward_start_keep_bytes + rise
-                need += sum(stored[k - start :]) + sum(state)
-                backward[f"backward of {unit.fqn}"] = replayed + need
-        elif need is not None:
+        if need is not None:
             # the replayed unit before it holds what it made as a kept one does (the first
             # unit's input: as the previous block does); the checkpoint holds the parent's
             if k == start:

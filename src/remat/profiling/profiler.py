@@ -862,7 +862,6 @@ def profile(
     for j, fqn in enumerate(unit_fqns):
         input_bytes, output_bytes = none_report_units[j]
         k_bwd, r_bwd = K.get(("backward", j), missing), R.get(("backward", j), missing)
-        s_bwd = S.get(("backward", j), missing) if runs["S"] is not runs["R"] else missing
         units_out.append(
             UnitProfile(
                 fqn=fqn,
@@ -892,12 +891,6 @@ def profile(
                 ),
                 buffer_bytes=_buffer_bytes(unit_modules[j]),
                 backward_keep_split_bytes=_split(k_bwd, rel_k, j, base + QK[j]),
-                backward_start_keep_bytes=(
-                    k_bwd.start_bytes - base - QK[j] if k_bwd.label else None
-                ),
-                backward_inner_rise_bytes=(
-                    s_bwd.peak_bytes - s_bwd.start_bytes if s_bwd.label else None
-                ),
                 keep_call_bytes=K[("after", j)].start_bytes - LK[j],
                 keep_released_bytes=rel_k.released[j],
                 keep_released_between_bytes=rel_k.released_between[j],
