@@ -35,7 +35,7 @@ def test_compiled_times_are_shared_by_eager_costs(monkeypatch: pytest.MonkeyPatc
             option = OptionProfile(action="selective:ops.mm", retain_bytes=50, cost_ms=3.0 - index)
             options.append(option)
         units.append(dataclasses.replace(unit, recompute_ms=cost, options=options))
-    prof = dataclasses.replace(prof, units=units, step_ms=12.0)
+    prof = dataclasses.replace(prof, units=units, step_ms=12.0, time_resolution_ms=0.12)
     asked = {}
 
     def fake_times(step: Step, plans: dict, **_kwargs: object) -> dict[str, float]:
@@ -50,7 +50,7 @@ def test_compiled_times_are_shared_by_eager_costs(monkeypatch: pytest.MonkeyPatc
         "b.0": "selective:ops.mm",
         "b.2": "selective:ops.mm",
     }
-    assert out.step_ms == 6.0
+    assert out.step_ms == 6.0 and out.time_resolution_ms == 0.06
     # 10 - 6 = 4 ms shared as 1:1:2:4 of 8.
     assert [u.recompute_ms for u in out.units] == [0.5, 0.5, 1.0, 2.0]
     assert [o.cost_ms for u in out.units for o in u.options] == [0.0, 0.0]

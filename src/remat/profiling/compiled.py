@@ -17,8 +17,8 @@ time above the unplanned compiled step (the median of the rounds' differences) i
 cost in all its units together; it is shared among the units in proportion to their eager costs
 for the same option (unit by unit timing of a compiled backward is not possible without breaking
 its graph). The profile's ``step_ms`` becomes the compiled unplanned step's (the median of all its
-rounds); ``forward_ms`` and ``backward_ms`` are scaled by the ratio of the two steps (an estimate,
-used only where nothing else was measured). A configuration faster than the unplanned step (noise,
+rounds); ``forward_ms``, ``backward_ms`` and ``time_resolution_ms`` (the solver's tie) are scaled
+by the ratio of the two steps (an estimate, used only where nothing else was measured). A configuration faster than the unplanned step (noise,
 or a recompute the compiler makes free) costs 0.
 
 What is not the compiled path's: the **bytes**. They stay the eager profile's. On the CPU a
@@ -257,7 +257,14 @@ def compiled_profile(
         f" +{times['recompute'] - base_ms:.2f} ms; bytes are the eager step's"
     )
     logger.info("remat: %s", note)
-    return dataclasses.replace(prof, units=units, step_ms=base_ms, notes=[*prof.notes, note])
+    resolution = prof.time_resolution_ms
+    return dataclasses.replace(
+        prof,
+        units=units,
+        step_ms=base_ms,
+        time_resolution_ms=None if resolution is None else resolution * ratio,
+        notes=[*prof.notes, note],
+    )
 
 
 def _scaled(unit: UnitProfile, ratio: float) -> UnitProfile:
