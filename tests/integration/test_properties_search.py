@@ -344,8 +344,8 @@ REPRODUCERS = {
             ("params", "none", "relu", 0.25),
         ],
         ["segment:g0", "segment:g0", "segment:g0", "keep", "nested:g4"],
-        "the first unit's backward peaks after the checkpoint died with the unit's last saved"
-        " tensor, and the skip sums it held with it: 2.4% low",
+        "the first unit's backward, where the checkpoint dies with the unit's last saved tensor,"
+        " peaks after that: 2.4% low",
     ),
     "segment_output_stored_by_the_next_block": (
         8,
