@@ -154,7 +154,7 @@ def main() -> None:
             plan = remat.baseline_plan("sqrt_n", plan.units or units)
         handle = remat.apply_(model, plan)  # 1. remat
         if config.endswith("_compile"):
-            # 2. torch.compile per block (inside remat's wrapper for the recomputed ones)
+            # 2. torch.compile per block (each unit module.compile()-d: the compiler applies the plan)
             compile_units_(model, handle, backend=os.environ.get("COMPILE_BACKEND", "aot_eager"))
         if config.startswith("fsdp"):
             fully_shard_units(model, plan)  # 3. fully_shard per unit, then the root
