@@ -312,9 +312,7 @@ def profile_step(
         ('h100-80gb', 'flops')
     """
     with step.context():
-        if not step.estimated and step.compile is not None:
-            from remat.profiling.compiled import compiled_profile
-
+        if not step.estimated:
             eager = profile(
                 step.model,
                 step.batch,
@@ -329,25 +327,12 @@ def profile_step(
                 fsdp=step.fsdp,
                 precision=step.precision,
             )
-            if not timing:
+            if step.compile is None or not timing:
                 return eager
+            from remat.profiling.compiled import compiled_profile
+
             return compiled_profile(
                 step, eager, backend=step.compile, warmup=warmup, repeats=repeats, progress=progress
-            )
-        if not step.estimated:
-            return profile(
-                step.model,
-                step.batch,
-                loss_fn=step.loss_fn,
-                optimizer=step.optimizer,
-                units=step.units,
-                warmup=warmup,
-                repeats=repeats,
-                progress=progress,
-                options=options,
-                world_size=step.world_size,
-                fsdp=step.fsdp,
-                precision=step.precision,
             )
         check_estimate(step.precision, step.target)
         return estimate_via_meta(
