@@ -119,8 +119,15 @@ def _blocks(noise: random.Random | None, resolution: float | None) -> Profile:
             backward_need_recompute_bytes=88,
         )
         unit.options = [
-            OptionProfile(action="selective:ops.add.addmm.softmax", retain_bytes=67, cost_ms=light, cost_flops=0),
-            OptionProfile(action="selective:ops.add", retain_bytes=42, cost_ms=heavy, cost_flops=300),
+            OptionProfile(
+                action="selective:ops.add.addmm.softmax",
+                retain_bytes=67,
+                cost_ms=light,
+                cost_flops=0,
+            ),
+            OptionProfile(
+                action="selective:ops.add", retain_bytes=42, cost_ms=heavy, cost_flops=300
+            ),
         ]
         units.append(unit)
     return Profile(
