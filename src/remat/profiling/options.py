@@ -104,6 +104,8 @@ def time_unit_ops(
     if repeats < 1:
         raise ValueError(f"time_unit_ops: repeats got {repeats}; expected 1 or more")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if device.type not in ("cpu", "cuda"):  # nothing runs (meta): one forward gives the FLOPs
+        return _time_forward(model, example_inputs, unit_modules, device)
     runs = [_time_forward(model, example_inputs, unit_modules, device) for _ in range(1 + repeats)]
     least: list[dict[OpKey, tuple[float, int]]] = []
     for index, unit in enumerate(runs[-1]):
