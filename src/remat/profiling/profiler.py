@@ -957,9 +957,9 @@ def profile(
             unit.options.append(option)
     time_source = "measured" if times[0] is not None else "flops"
     share_unit_times(units_out, [_structure(m) for m in unit_modules])  # identical: one time
-    tie_ms = TIME_RESOLUTION * times[0] if times[0] is not None else 0.0
+    resolution_ms = TIME_RESOLUTION * times[0] if times[0] is not None else None
     for unit in units_out:
-        unit.options = _pareto_options(unit, time_source, auto_actions, tie_ms)
+        unit.options = _pareto_options(unit, time_source, auto_actions, resolution_ms or 0.0)
     static_bytes, state_bytes = _static_bytes(model, example_inputs, optimizer)
     result = Profile(
         units=units_out,
@@ -971,7 +971,7 @@ def profile(
         peak_bytes=none_peak,
         full_peak_bytes=full_peak,
         step_ms=times[0],
-        time_resolution_ms=TIME_RESOLUTION * times[0] if times[0] is not None else None,
+        time_resolution_ms=resolution_ms,
         time_source="measured" if times[0] is not None else "flops",
         model_class=type(model).__name__,
         input_shapes=batch_shapes(example_inputs),
