@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 # pytree is the flattening torch itself uses for op arguments and module outputs (private module,
 # stable since 1.13); it handles tuples, lists, dicts, NamedTuples and registered dataclasses.
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 __all__ = [
     "MIN_TORCH",
@@ -48,6 +48,7 @@ __all__ = [
     "tensor_base",
     "tensor_version",
     "tree_flatten",
+    "tree_map",
     "tree_unflatten",
 ]
 

@@ -149,6 +149,12 @@ def load_model_from_args(args: Any) -> Any:
         ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device here; use cpu, or meta for shapes alone")
+    if device.type == "cpu":
+        from remat.benchmarking.run import keep_freed_host_memory
+
+        # Every command times steps as remat bench does: without page faults for what an
+        # earlier step freed (the CUDA caching allocator keeps freed memory the same way).
+        keep_freed_host_memory()
     torch.manual_seed(args.seed)
     try:
         overrides = parse_overrides(args.overrides)

@@ -18,27 +18,35 @@ measures ``full``, so a plan's predicted peak is as exact with these actions as 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from remat._compat import TorchDispatchMode, flop_formula
+from remat._compat import TorchDispatchMode, flop_formula, tree_map
 from remat.apply.apply import apply_
 from remat.apply.selective import ReplayGraph, replayed_by, save_name
-from remat.apply.units import call_model
+from remat.apply.units import call_model, tensors_in
 from remat.plan import Plan
 
 __all__ = [
+    "EngineCost",
+    "UnitEngine",
     "copy_bandwidth",
+    "engine_cost",
     "kept_by_policy",
     "save_set_candidates",
+    "time_unit_engines",
     "time_unit_ops",
 ]
 
+logger = logging.getLogger(__name__)
 OpKey = tuple[Any, int]
 TIE_TOLERANCE = 0.1
 """Op names whose replay time per byte freed is within this fraction of the best are a tie for
@@ -247,6 +255,225 @@ def save_set_candidates(
                 if label not in candidates:
                     candidates.append(label)
     return candidates[:count]
+
+
+@dataclass(frozen=True)
+class EngineCost:
+    """What remat's engines add to a step beyond the work they replay, in ms (see
+    :func:`engine_cost`)."""
+
+    unit_ms: float
+    """Per recomputed unit: the checkpoint's wrapper, its saved-tensor hooks and the backward
+    node that runs the replay."""
+    op_ms: float
+    """Per op of a ``selective`` unit's forward: the op log while the forward runs, and the
+    replay's dispatch of the same op in backward (a kept output handed back, or the op run)."""
+
+
+_PROBE_UNITS = 8
+_PROBE_OPS = 24
+_PROBE_NUMEL = 8
+
+
+class _Probe(nn.Module):
+    """A unit of ``_PROBE_OPS`` elementwise ops on a tensor too small to cost anything but the
+    dispatch: what remains of a step under a plan is the engine."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(_PROBE_OPS // 2):
+            x = (x * 1.5).tanh()
+        return x
+
+
+def engine_cost(device: torch.device, *, repeats: int = 15) -> EngineCost | None:
+    """Time remat's engines on a probe (``_PROBE_UNITS`` units of ``_PROBE_OPS`` ops on eight
+    numbers): the step kept, every unit recomputed, and every unit ``selective`` with each op's
+    output kept (so nothing is replayed but the dispatch). The least of ``repeats`` rounds each,
+    interleaved: a constant of the machine and of torch, not of the model, measured the same way
+    every time. ``None`` where nothing runs (``meta``).
+
+    The profiler prices a plan's actions with it: recompute adds the unit's forward and
+    ``unit_ms``; a save set adds the share of the forward its replay runs and ``op_ms`` per op
+    of the unit. Both come from times that scale together with the machine's speed, so a plan
+    chosen on them does not change with the load, as differences of measured steps do.
+
+    Example:
+        >>> cost = engine_cost(torch.device("cpu"), repeats=2)
+        >>> cost.unit_ms >= 0.0 and cost.op_ms >= 0.0
+        True
+    """
+    if device.type not in ("cpu", "cuda"):
+        return None
+    model = nn.Sequential(*[_Probe() for _ in range(_PROBE_UNITS)]).to(device)
+    fqns = [str(i) for i in range(_PROBE_UNITS)]
+    x = torch.randn(_PROBE_NUMEL, device=device, requires_grad=True)
+    plans = [
+        None,
+        Plan(actions=dict.fromkeys(fqns, "recompute"), units=fqns),
+        Plan(actions=dict.fromkeys(fqns, "selective:ops.mul.tanh"), units=fqns),
+    ]
+
+    def step(plan: Plan | None) -> float:
+        start = time.perf_counter()
+        with apply_(model, plan) if plan is not None else contextlib.nullcontext():
+            model(x).sum().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - start) * 1e3
+
+    best = [float("inf")] * len(plans)
+    forward_ms = float("inf")
+    for _ in range(repeats + 1):  # the first round warms up
+        for which, plan in enumerate(plans):
+            best[which] = min(best[which], step(plan))
+        start = time.perf_counter()
+        with torch.no_grad():
+            model(x)
+        forward_ms = min(forward_ms, (time.perf_counter() - start) * 1e3)
+    kept, recomputed, selective = best
+    unit_ms = max(recomputed - kept - forward_ms, 0.0) / _PROBE_UNITS
+    op_ms = max(selective - kept, 0.0) / (_PROBE_UNITS * _PROBE_OPS)
+    return EngineCost(unit_ms=unit_ms, op_ms=op_ms)
+
+
+@dataclass(frozen=True)
+class UnitEngine:
+    """What remat's engines cost one unit, as shares of its forward (see
+    :func:`time_unit_engines`): shares, so that the profile prices them at the forward time its
+    timed steps measured, and every cost of a unit moves with the machine's speed alike."""
+
+    recompute_share: float
+    """Recomputing the unit: its forward again in backward, and the checkpoint's work."""
+    engine_share: float | None
+    """A ``selective`` unit whose replay runs no op: the op log and the replay's dispatch
+    (``None`` where no save set was timed)."""
+
+
+def time_unit_engines(
+    model: nn.Module,
+    example_inputs: Any,
+    unit_fqns: Sequence[str],
+    save_sets: Sequence[str | None],
+    keys: Sequence[Any],
+    *,
+    rounds: int = 7,
+    context: Any = contextlib.nullcontext,
+) -> list[UnitEngine | None]:
+    """Time each unit alone, on the inputs the model gives it, with the least of ``rounds``
+    interleaved runs of each: its forward; forward and backward kept, recomputed, and
+    ``selective:<save_sets[j]>`` (a save set naming every op of the unit, so that the replay
+    runs none and what remains is the engine; ``None``: not timed). Units with equal ``keys`` are timed once. A
+    unit that cannot run alone (no tensor output that needs a gradient) gets ``None``.
+
+    Timing a unit alone, not the whole step under a plan, makes these small differences
+    measurable: the least of a few runs of one unit moves by a few percent between runs on a
+    shared machine, a difference of whole steps by more than what the engine costs.
+    ``context`` is entered around each run (the step's autocast).
+
+    Example:
+        >>> import torch
+        >>> blocks = [torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU()) for _ in range(2)]
+        >>> model = torch.nn.Sequential(*blocks)
+        >>> found = time_unit_engines(model, (torch.randn(4, 8),), ["0", "1"],
+        ...     ["ops.addmm.gelu.t"] * 2, ["block", "block"], rounds=2)
+        >>> found[0] == found[1] and found[0].recompute_share > 0
+        True
+    """
+    modules = dict(model.named_modules())
+    first: dict[Any, int] = {}
+    for j, key in enumerate(keys):
+        first.setdefault(key, j)
+    captured = _unit_inputs(model, example_inputs, [modules[unit_fqns[j]] for j in first.values()])
+    timed: dict[Any, UnitEngine | None] = {}
+    for (key, j), inputs in zip(first.items(), captured, strict=True):
+        fqn = unit_fqns[j]
+        try:
+            timed[key] = _time_alone(
+                model, modules[fqn], fqn, inputs, save_sets[j], rounds, context
+            )
+        except Exception as error:  # a unit that does not run alone is priced without it
+            logger.debug("time_unit_engines: %s not timed alone (%r)", fqn, error)
+            timed[key] = None
+    return [timed[key] for key in keys]
+
+
+def _unit_inputs(model: nn.Module, example_inputs: Any, units: Sequence[nn.Module]) -> list[Any]:
+    """Each unit's (args, kwargs) in one forward without autograd (no activations held, for a
+    model that fits only planned), detached; floating tensors need a gradient, as a unit's
+    input does in training."""
+    found: list[Any] = [None] * len(units)
+
+    def grab(index: int) -> Callable[..., None]:
+        def pre(_module: nn.Module, args: Any, kwargs: Any) -> None:
+            if found[index] is None:
+                found[index] = tree_map(_leaf, (args, kwargs))
+
+        return pre
+
+    handles = [u.register_forward_pre_hook(grab(i), with_kwargs=True) for i, u in enumerate(units)]
+    try:
+        with torch.no_grad():
+            call_model(model, example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found
+
+
+def _leaf(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        trains = value.requires_grad or value.is_floating_point() or value.is_complex()
+        return value.detach().clone().requires_grad_(trains)
+    return value
+
+
+def _time_alone(
+    model: nn.Module,
+    unit: nn.Module,
+    fqn: str,
+    inputs: Any,
+    save_set: str | None,
+    rounds: int,
+    context: Any,
+) -> UnitEngine | None:
+    """The least time of each variant of one unit over ``rounds`` interleaved rounds, as shares
+    of its forward."""
+    if inputs is None:
+        return None
+    actions = ["recompute"] + ([f"selective:{save_set}"] if save_set else [])
+    plans = [None, *(Plan(actions={fqn: a}, units=[fqn]) for a in actions)]
+    device = next((t.device for t in tensors_in(inputs)), torch.device("cpu"))
+
+    def run(plan: Plan | None, backward: bool) -> float:
+        args, kwargs = tree_map(_leaf, inputs)  # a unit may write its inputs in place
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        with apply_(model, plan) if plan is not None else contextlib.nullcontext():
+            with context():
+                out = unit(*args, **kwargs)
+            if backward:
+                grads = [t for t in tensors_in(out) if t.requires_grad]
+                if not grads:
+                    raise ValueError("no output needs a gradient")
+                torch.autograd.backward(grads, [torch.ones_like(t) for t in grads])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - start) * 1e3
+
+    forward_ms = float("inf")
+    best = [float("inf")] * len(plans)
+    for _ in range(rounds + 1):  # the first round warms each up
+        forward_ms = min(forward_ms, run(None, backward=False))
+        for which, plan in enumerate(plans):
+            best[which] = min(best[which], run(plan, backward=True))
+    for param in unit.parameters():
+        param.grad = None
+    kept, recomputed, *selective = best
+    return UnitEngine(
+        recompute_share=max(recomputed - kept, 0.0) / forward_ms,
+        engine_share=max(selective[0] - kept, 0.0) / forward_ms if selective else None,
+    )
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 32 * 2**20) -> float | None:

@@ -44,9 +44,13 @@ from remat.profiling.marks import UnitMarks
 from remat.profiling.meta_kernels import mirror_cpu_on_meta
 from remat.profiling.meta_target import estimate_on_meta
 from remat.profiling.options import (
+    EngineCost,
+    UnitEngine,
     copy_bandwidth,
+    engine_cost,
     kept_by_policy,
     save_set_candidates,
+    time_unit_engines,
     time_unit_ops,
 )
 from remat.profiling.pieces import Released, Run, combine_windows, halve
@@ -482,8 +486,8 @@ def _time_steps(
     """Medians of step time and of each unit's forward and backward time: first for the model as
     it is (or under ``first``, for a step that does not fit unplanned), then for each of
     ``plans`` applied to it. The plans' steps are interleaved with the first (one round runs
-    each once), so drift of the machine touches all alike; the warm-up rounds run the first
-    only. The steps run in ``precision`` (see :func:`remat.profiling.step.training_step`)."""
+    each once), so drift of the machine touches all alike; the warm-up rounds run each (a plan's
+    first step pays for what the engine sets up once). The steps run in ``precision`` (see :func:`remat.profiling.step.training_step`)."""
     opt = make_optimizer(optimizer, model)
     scaler = make_scaler(precision, device)
     events: list[tuple[tuple[str, int], float]] = []
@@ -500,8 +504,6 @@ def _time_steps(
     try:
         for step in range(warmup + repeats):
             for which, plan in enumerate(variants):
-                if step < warmup and which > 0:
-                    continue
                 events.clear()
                 for param in model.parameters():
                     param.grad = None
@@ -705,8 +707,8 @@ def profile(
     say = as_progress(progress)
     names = {"K": "every unit kept", "R": "every unit recomputed", "S": "one segment"}
     times: tuple[Any, list[Any], list[Any]] = (None, [None] * n, [None] * n)
-    option_times: dict[str, tuple[float, list[float], list[float]]] = {}
-    recompute_times: tuple[Any, list[Any], list[Any]] | None = None
+    engine: EngineCost | None = None  # what the engines add per unit and per op (timed only)
+    alone: list[UnitEngine | None] = [None] * n  # the same, per unit, timed alone
     # profiling runs optimizer steps, which must not train the model; each save set is measured
     # on every unit, though some units do not run all its ops (each unit's option names its own)
     # (its own plans, made without a precision, run under the step's autocast: not warned about)
@@ -769,19 +771,9 @@ def profile(
             runs[action], windows[action], held = _in_windows(step, unit_fqns, action, collect)
             measured.append(held)
         if device.type != "meta" and repeats > 0:
-            timed_options = [
-                a for a in option_actions if a.startswith("selective:") and len(windows[a]) == 1
-            ]
-            say(
-                f"profile: timing {warmup} warm-up and {repeats} measured rounds (unplanned,"
-                f" recomputed and {len(timed_options)} options, interleaved)"
-            )
-            option_plans = [
-                Plan(actions=dict.fromkeys(unit_fqns, action), units=unit_fqns)
-                for action in timed_options
-            ]
             # a step that did not fit whole is timed in the windows it was measured in
             window_plans = [_window_plan(unit_fqns, w, "keep") for w in windows["K"]]
+            say(f"profile: timing {warmup} warm-up and {repeats} measured steps (unplanned)")
             timed = _time_steps(
                 model,
                 example_inputs,
@@ -791,13 +783,25 @@ def profile(
                 device,
                 warmup,
                 repeats,
-                plans=[*window_plans[1:], plans["R"], *option_plans],
+                plans=window_plans[1:],
                 precision=precision,
                 first=window_plans[0] if len(window_plans) > 1 else None,
             )
-            times = _unplanned_times(windows["K"], timed[: len(window_plans)])
-            recompute_times = timed[len(window_plans)]
-            option_times = dict(zip(timed_options, timed[len(window_plans) + 1 :], strict=True))
+            times = _unplanned_times(windows["K"], timed)
+            say("profile: timing the engines on each distinct unit alone")
+            engine = engine_cost(device)
+            every_op = [
+                "ops." + ".".join(sorted({op_name(key[0]) for key in unit})) if unit else None
+                for unit in op_times
+            ]
+            alone = time_unit_engines(
+                model,
+                example_inputs,
+                unit_fqns,
+                every_op,
+                [_structure(m) for m in unit_modules],
+                context=autocast,
+            )
     none_peak, _, k_units, _, fo_k, ca_k, rel_k = runs["K"]
     full_peak, _, _, _, fo_r, ca_r, rel_r = runs["R"]
     _, _, _, s_freed, fo_s, ca_s, _ = runs["S"]
@@ -905,7 +909,7 @@ def profile(
                 backward_recompute_held_both_bytes=rel_r.held_both[j],
                 forward_ms=times[1][j],
                 backward_ms=times[2][j],
-                recompute_ms=_recompute_ms(times, recompute_times, j),
+                recompute_ms=_recompute_ms(times[1][j], engine, alone[j]),
                 forward_flops=flops[j],
             )
         )
@@ -942,17 +946,14 @@ def profile(
                 total_ms = sum(ms for ms, _ in ops.values())
                 replay_ms = sum(ops[key][0] for key in replayed[action][j] if key in ops)
                 replay_flops = sum(ops[key][1] for key in replayed[action][j] if key in ops)
-                if unit.forward_ms is not None:
-                    # At least the share of the unit's forward that the replayed ops take...
-                    share = replay_ms / total_ms if total_ms > 0 else 1.0
-                    option.cost_ms = unit.forward_ms * min(share, 1.0)
-                if action in option_times and unit.forward_ms is not None:
-                    # ...and what the unit's forward and backward under the option took over the
-                    # unit kept, in the same rounds: this counts what op times miss, the op
-                    # log's dispatch in forward and in the replay.
-                    _, forward_x, backward_x = option_times[action]
-                    extra_ms = forward_x[j] + backward_x[j] - unit.forward_ms - unit.backward_ms
-                    option.cost_ms = max(option.cost_ms or 0.0, extra_ms)
+                if unit.forward_ms is not None and engine is not None:
+                    option.cost_ms = _selective_ms(
+                        unit.forward_ms,
+                        replay_ms / total_ms if total_ms > 0 else 1.0,
+                        len(ops),
+                        engine,
+                        alone[j],
+                    )
                 option.cost_flops = float(replay_flops)
             unit.options.append(option)
     time_source = "measured" if times[0] is not None else "flops"
@@ -1047,17 +1048,50 @@ def _end_needs(
 
 
 def _recompute_ms(
-    kept: tuple[Any, list[Any], list[Any]],
-    recomputed: tuple[Any, list[Any], list[Any]] | None,
-    j: int,
+    forward_ms: float | None, engine: EngineCost | None, alone: UnitEngine | None
 ) -> float | None:
-    """What recomputing unit ``j`` added to its forward and backward, from the timed rounds
-    (every unit recomputed against every unit kept); never less than its forward time."""
-    forward_ms, backward_ms = kept[1][j], kept[2][j]
-    if recomputed is None or forward_ms is None or backward_ms is None:
+    """What recomputing a unit adds to the step: its forward times what recomputing it took
+    over its forward when timed alone (:func:`~remat.profiling.options.time_unit_engines`: the
+    forward again, in backward, and the checkpoint's work); a unit that was not timed alone, its
+    forward and the probe's :attr:`EngineCost.unit_ms`. Modelled on the unit's forward, not a
+    difference of timed steps: that moves with the machine's load by more than a cheap unit
+    costs, and a plan chosen on it changed from run to run.
+
+    Example:
+        >>> probe = EngineCost(unit_ms=0.25, op_ms=0.01)
+        >>> _recompute_ms(12.0, probe, UnitEngine(recompute_share=1.5, engine_share=None))
+        18.0
+        >>> _recompute_ms(12.0, probe, None)
+        12.25
+        >>> _recompute_ms(None, None, None) is None
+        True
+    """
+    if forward_ms is None or engine is None:
         return None
-    extra_ms = recomputed[1][j] + recomputed[2][j] - forward_ms - backward_ms
-    return max(forward_ms, extra_ms)
+    if alone is not None:
+        return forward_ms * max(alone.recompute_share, 1.0)
+    return forward_ms + engine.unit_ms
+
+
+def _selective_ms(
+    forward_ms: float, share: float, ops: int, engine: EngineCost, alone: UnitEngine | None
+) -> float:
+    """What a save set adds to a unit's step: the ``share`` of its forward's op time that the
+    replay runs, run again in backward (as recompute's forward is), and the engine: the op
+    log and the replay's dispatch, as timed on the unit alone (a save set that replays no op),
+    or the probe's cost per op for the unit's ``ops``.
+
+    Example:
+        >>> probe = EngineCost(unit_ms=0.25, op_ms=0.01)
+        >>> _selective_ms(20.0, 0.25, 40, probe, None)  # 5 ms of replay, 40 ops of engine
+        5.4
+        >>> _selective_ms(20.0, 0.25, 40, probe, UnitEngine(recompute_share=1.2, engine_share=0.1))
+        8.0
+    """
+    share = min(max(share, 0.0), 1.0)
+    if alone is None or alone.engine_share is None:
+        return forward_ms * share + engine.op_ms * ops
+    return forward_ms * (share * max(alone.recompute_share, 1.0) + alone.engine_share)
 
 
 def _parameters(model: nn.Module, unit_fqns: list[str]) -> list[dict[str, Any]]:
