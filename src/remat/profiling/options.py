@@ -314,12 +314,12 @@ def engine_cost(device: torch.device, *, repeats: int = 15) -> EngineCost | None
     ]
 
     def step(plan: Plan | None) -> float:
-        start = time.perf_counter()
         with apply_(model, plan) if plan is not None else contextlib.nullcontext():
+            start = time.perf_counter()  # applying the plan is not part of a step
             model(x).sum().backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return (time.perf_counter() - start) * 1e3
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return (time.perf_counter() - start) * 1e3
 
     best = [float("inf")] * len(plans)
     forward_ms = float("inf")
@@ -446,20 +446,22 @@ def _time_alone(
 
     def run(plan: Plan | None, backward: bool) -> float:
         args, kwargs = tree_map(_leaf, inputs)  # a unit may write its inputs in place
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
+        # the plan is applied outside the timed part: applying it is not part of a step
         with apply_(model, plan) if plan is not None else contextlib.nullcontext():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
             with context():
                 out = unit(*args, **kwargs)
             if backward:
                 grads = [t for t in tensors_in(out) if t.requires_grad]
                 if not grads:
                     raise ValueError("no output needs a gradient")
-                torch.autograd.backward(grads, [torch.ones_like(t) for t in grads])
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return (time.perf_counter() - start) * 1e3
+                seeds = [torch.ones_like(t) for t in grads]
+                torch.autograd.backward(grads, seeds)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return (time.perf_counter() - start) * 1e3
 
     forward_ms = float("inf")
     best = [float("inf")] * len(plans)
