@@ -19,6 +19,7 @@ measures ``full``, so a plan's predicted peak is as exact with these actions as 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
 from collections import defaultdict
@@ -48,11 +49,13 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 OpKey = tuple[Any, int]
-TIE_TOLERANCE = 0.1
-"""Op names whose replay time per byte freed is within this fraction of the best are a tie for
-:func:`save_set_candidates` (broken by FLOPs, then by name): measured times differ by more than
-that from run to run on a shared machine, and a save set that followed the noise would change
-the plan."""
+TIE_TOLERANCE = 0.08
+"""Op names whose replay times per byte freed differ by less than this fraction of the dearest
+name's are a tie for :func:`save_set_candidates` (dropped together): the times of small ops (a
+residual add, a GELU, a layer norm, about a millisecond a block) differ by 10-50% between two
+profiles on a shared machine, and a save set that followed their order would change the plan.
+Relative to the dearest, not to each other: two cheap ops half as dear as each other differ by
+noise, two dear ones by a real difference."""
 
 
 class _OpTimer(TorchDispatchMode):
@@ -198,9 +201,9 @@ def save_set_candidates(
     whose outputs free the most bytes for the least replay time added, where the replay time is
     that of every op the replay must then run (:func:`~remat.apply.selective.replayed_by`: a
     norm's saved input may need the residual stream, and with it the attention output, run
-    again). Names within :data:`TIE_TOLERANCE` of the best are a tie, broken by the FLOPs the
-    replay adds per byte freed, then by name. The sets where the freed bytes first reach
-    1/(count+1), 2/(count+1)... of all are returned.
+    again). Names whose prices per byte are within :data:`TIE_TOLERANCE` of the dearest name's
+    of each other, chained from the cheapest, are a tie and are dropped together.
+    The sets where the freed bytes first reach 1/(count+1), 2/(count+1)... of all are returned.
 
     Example:
         >>> from remat.apply.selective import ReplayGraph
@@ -236,6 +239,7 @@ def save_set_candidates(
         return []
     cuts = [total * (k + 1) / (count + 1) for k in range(count)]
     candidates: list[str] = []
+    scale: float | None = None
     while chosen and cuts:
         options = []
         for name in sorted(chosen):
@@ -243,11 +247,24 @@ def save_set_candidates(
             freed = max(kept - k, 1)
             options.append(((r - replay) / freed, (f - replay_flops) / freed, name, r, f, k))
         # Times are measured: names whose time per byte freed is within TIE_TOLERANCE of the
-        # best are a tie, broken by FLOPs per byte, then by name, so noise does not pick.
-        best = min(option[0] for option in options)
-        tied = [o for o in options if o[0] <= best + TIE_TOLERANCE * abs(best)]
-        _, _, name, replay, replay_flops, kept = min(tied, key=lambda o: (o[1], o[2]))
-        chosen.discard(name)
+        # dearest name's (at the walk's start) of the next cheaper one, from the cheapest up, are
+        # a tie and are dropped together, so that the order noise puts them in changes no set
+        # the walk passes through.
+        options.sort()
+        if scale is None:
+            scale = TIE_TOLERANCE * max(abs(o[0]) for o in options)
+        tied = {options[0][2]}
+        for previous, option in itertools.pairwise(options):
+            if option[0] - previous[0] > scale:
+                break
+            tied.add(option[2])
+        chosen -= tied
+        replay, replay_flops, kept = evaluate(chosen)
+        logger.debug(
+            "save_set_candidates: dropped %s (%s)",
+            sorted(tied),
+            ", ".join(f"{o[2]} {o[0] * 1e6:.3g}" for o in sorted(options)[:4]),
+        )
         while cuts and total - kept >= cuts[0]:
             cuts.pop(0)
             if chosen:

@@ -1109,7 +1109,7 @@ def _parameters(model: nn.Module, unit_fqns: list[str]) -> list[dict[str, Any]]:
 
 
 AUTO_SAVE_SETS = 4
-TIME_RESOLUTION = 0.01
+TIME_RESOLUTION = 0.02
 """The share of the measured step time under which two plans' costs are a tie for the solver
 (``Profile.time_resolution_ms``): repeated profiles of the same step differ by more."""
 """How many solver-chosen save sets ``selective:auto`` measures (at a fifth, two fifths... of
