@@ -202,8 +202,9 @@ def save_set_candidates(
     that of every op the replay must then run (:func:`~remat.apply.selective.replayed_by`: a
     norm's saved input may need the residual stream, and with it the attention output, run
     again). Names whose prices per byte are within :data:`TIE_TOLERANCE` of the dearest name's
-    of each other, chained from the cheapest, are a tie and are dropped together.
-    The sets where the freed bytes first reach 1/(count+1), 2/(count+1)... of all are returned.
+    of each other, chained from the cheapest, are a tie and are dropped together. Every set the
+    walk passes through is returned if there are at most ``count``; else the sets where the
+    freed bytes first reach 1/(count+1), 2/(count+1)... of all.
 
     Example:
         >>> from remat.apply.selective import ReplayGraph
@@ -237,10 +238,9 @@ def save_set_candidates(
     total = kept
     if total == 0:
         return []
-    cuts = [total * (k + 1) / (count + 1) for k in range(count)]
-    candidates: list[str] = []
+    walk: list[tuple[int, str]] = []  # (bytes freed, label) of every set the walk passes
     scale: float | None = None
-    while chosen and cuts:
+    while chosen:
         options = []
         for name in sorted(chosen):
             r, f, k = evaluate(chosen - {name})
@@ -260,18 +260,19 @@ def save_set_candidates(
             tied.add(option[2])
         chosen -= tied
         replay, replay_flops, kept = evaluate(chosen)
-        logger.debug(
-            "save_set_candidates: dropped %s (%s)",
-            sorted(tied),
-            ", ".join(f"{o[2]} {o[0] * 1e6:.3g}" for o in sorted(options)[:4]),
-        )
-        while cuts and total - kept >= cuts[0]:
-            cuts.pop(0)
-            if chosen:
-                label = "ops." + ".".join(sorted(chosen))
-                if label not in candidates:
-                    candidates.append(label)
-    return candidates[:count]
+        logger.debug("save_set_candidates: dropped %s", sorted(tied))
+        if chosen and total - kept > 0:
+            walk.append((total - kept, "ops." + ".".join(sorted(chosen))))
+    if len(walk) <= count:
+        return [label for _, label in walk]
+    # More sets than asked for: the first to free each fraction of what could be freed.
+    candidates: list[str] = []
+    for k in range(count):
+        cut = total * (k + 1) / (count + 1)
+        label = next((label for freed, label in walk if freed >= cut), None)
+        if label is not None and label not in candidates:
+            candidates.append(label)
+    return candidates
 
 
 @dataclass(frozen=True)
