@@ -307,8 +307,8 @@ def engine_cost(device: torch.device, *, repeats: int = 15) -> EngineCost | None
     """Time remat's engines on a probe (``_PROBE_UNITS`` units of ``_PROBE_OPS`` ops on eight
     numbers): the step kept, every unit recomputed, and every unit ``selective`` with each op's
     output kept (so nothing is replayed but the dispatch). The least of ``repeats`` rounds each,
-    interleaved: a constant of the machine and of torch, not of the model, measured the same way
-    every time. ``None`` where nothing runs (``meta``).
+    interleaved: a constant of the machine and of torch, not of the model, measured once per
+    process and device. ``None`` where nothing runs (``meta``).
 
     The profiler prices a plan's actions with it: recompute adds the unit's forward and
     ``unit_ms``; a save set adds the share of the forward its replay runs and ``op_ms`` per op
@@ -322,6 +322,17 @@ def engine_cost(device: torch.device, *, repeats: int = 15) -> EngineCost | None
     """
     if device.type not in ("cpu", "cuda"):
         return None
+    key = (str(device), repeats)
+    if key not in _ENGINE_COSTS:
+        _ENGINE_COSTS[key] = _probe_engines(device, repeats)
+    return _ENGINE_COSTS[key]
+
+
+_ENGINE_COSTS: dict[tuple[str, int], EngineCost] = {}
+""":func:`engine_cost` per device and repeats: measured once per process."""
+
+
+def _probe_engines(device: torch.device, repeats: int) -> EngineCost:
     model = nn.Sequential(*[_Probe() for _ in range(_PROBE_UNITS)]).to(device)
     fqns = [str(i) for i in range(_PROBE_UNITS)]
     x = torch.randn(_PROBE_NUMEL, device=device, requires_grad=True)
