@@ -156,6 +156,11 @@ class UnitProfile:
     dies in it, which is where its last saved tensor is released: the need before, and from then
     on (a segment's checkpoint, and what it holds, dies there when the unit is the segment's
     first). ``None``: not measured."""
+    backward_recompute_split_bytes: list[int] | None = None
+    """``backward_need_recompute_bytes`` split the same way: before and from the death of the
+    last tensor the forward made up to this unit, which is where the unit's checkpoint dies (a
+    nested segment's one checkpoint, with every boundary it holds, when the unit is its first).
+    ``None``: not measured."""
     buffer_bytes: int = 0
     """Bytes of the unit's buffers (BatchNorm's running statistics): a replay clones them all
     while it runs the unit, to put them back after it."""
@@ -514,10 +519,22 @@ def block_cost(
             if need is None:
                 continue
             inner = k > start
-            need += _held(units[k], "replay", inner or _previous_holds(profile, previous), inner)
+            extra = _held(units[k], "replay", inner or _previous_holds(profile, previous), inner)
+            frame = boundaries
             if k < end:
-                need += last.recompute_state_bytes - units[k].recompute_state_bytes
-            backward[f"backward of {units[k].fqn}"] = boundaries + need
+                frame += last.recompute_state_bytes - units[k].recompute_state_bytes
+            split = units[k].backward_recompute_split_bytes
+            # the frame dies with the first unit's checkpoint, as that unit's own did when it
+            # was recomputed alone: its boundaries count only until then (where the split marks
+            # that death, and the previous block does not hold the unit's input beyond it)
+            marks_death = _split_marks_checkpoint(units, k) and not (
+                k > 0 and _previous_holds(profile, previous)
+            )
+            if k == start < end and split is not None and marks_death:
+                need = max(split[0] + frame, split[1])
+            else:
+                need += frame
+            backward[f"backward of {units[k].fqn}"] = need + extra
         outlives = persistent + _cache(units, start, end - 1) + last_outlives
         fwd, fwd_where = _worst(_with_loss(profile, block, forward, outlives))
         bwd, bwd_where = _worst(backward)
@@ -638,6 +655,18 @@ def _previous_holds(profile: Profile, previous: Block | Literal[False] | None) -
     return unit.recompute_released_bytes == 0
 
 
+def _split_marks_checkpoint(units: Sequence[UnitProfile], k: int) -> bool:
+    """Whether unit ``k``'s recomputed backward split (``backward_recompute_split_bytes``) is
+    where its checkpoint died: something that checkpoint alone held died there (its state, or
+    its input made by the unit before)."""
+    if units[k].recompute_state_bytes > 0:
+        return True
+    before = units[k - 1] if k > 0 else None
+    return before is not None and (
+        before.recompute_released_bytes + before.recompute_released_between_bytes > 0
+    )
+
+
 def _held(unit: UnitProfile, kind: str, made: bool, between: bool) -> int:
     """What the unit's backward need (measured kept for ``kind`` ``keep``, else recomputed)
     lacks when what the unit before made (``made``) and what the parent made between them
@@ -669,8 +698,10 @@ def _output_dropped_after_segment(profile: Profile, previous: Block, block: Bloc
     elif block.kind == "option" and not (block.action or "").startswith("selective"):
         option = unit.option(block.action or "")
         holds = option is not None and option.released_bytes > 0
-    else:  # a checkpoint (recompute, segment, selective) stores its input
-        holds = True
+    else:  # a checkpoint (recompute, segment, selective) stores its input, if that input is
+        # this output (not a sum with a skip): as the next unit's checkpoint did in the run
+        # where every unit was recomputed, where nothing else held it
+        holds = unit.recompute_released_bytes > 0
     return 0 if holds else _last_output(profile, previous.end)
 
 

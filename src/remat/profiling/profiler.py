@@ -895,6 +895,7 @@ def profile(
                 ),
                 buffer_bytes=_buffer_bytes(unit_modules[j]),
                 backward_keep_split_bytes=_split(k_bwd, rel_k, j, base + QK[j]),
+                backward_recompute_split_bytes=_split(r_bwd, rel_r, j, base + QR[j]),
                 keep_call_bytes=K[("after", j)].start_bytes - LK[j],
                 keep_released_bytes=rel_k.released[j],
                 keep_released_between_bytes=rel_k.released_between[j],
