@@ -1113,8 +1113,9 @@ AUTO_SAVE_SETS = 4
 TIME_RESOLUTION = 0.02
 """The share of the measured step time under which two plans' costs are a tie for the solver
 (``Profile.time_resolution_ms``): repeated profiles of the same step differ by more."""
-"""How many solver-chosen save sets ``selective:auto`` measures (at a fifth, two fifths... of
-the bytes that can be freed): each is one more tracked step and one more step per timed round."""
+"""How many solver-chosen save sets ``selective:auto`` measures at most (every set the walk passes
+through, or those at a fifth, two fifths... of the bytes that can be freed): each is one more
+tracked step."""
 _DEFAULT_OPTIONS = ("selective:save_matmuls", "selective:megatron", "selective:auto")
 
 
