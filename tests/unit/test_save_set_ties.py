@@ -59,3 +59,24 @@ def test_dear_ops_that_differ_by_more_than_the_tolerance_stay_apart() -> None:
     ]
     # 0.03 apart, 5% of the dearest's (under TIE_TOLERANCE, 8%): dropped together
     assert candidates({**cheap, "softmax": 0.57, "addmm": 0.6}) == ["ops.addmm.softmax"]
+
+
+def test_a_tie_spans_at_most_tie_span_of_its_cheapest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Beside one dear op every other op is within TIE_TOLERANCE of the dearest's price of the
+    next; the span cap still leaves a set for the dearer of the cheap ones (an attention block's
+    softmax beside conv blocks)."""
+    names = ("a", "b", "c", "d", "conv")
+    keys = {name: (name, 0) for name in names}
+    graph = ReplayGraph(
+        deps={},
+        always=frozenset(),
+        forced=frozenset(),
+        kept_bytes={key: 1000 for key in keys.values()},
+        covers={key: (key,) for key in keys.values()},
+    )
+    ms = {"a": 1.0, "b": 1.6, "c": 2.5, "d": 3.0, "conv": 17.0}
+    times = [{keys[name]: (ms[name], 0) for name in names}]
+    # steps of 0.6, 0.9 and 0.5 are all under 8% of 17: one tie without the cap
+    assert save_set_candidates(times, [graph], count=4) == ["ops.conv.d", "ops.conv"]
+    monkeypatch.setattr(options, "TIE_SPAN", 100.0)
+    assert save_set_candidates(times, [graph], count=4) == ["ops.conv"]

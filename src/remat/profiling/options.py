@@ -56,6 +56,11 @@ residual add, a GELU, a layer norm, about a millisecond a block) differ by 10-50
 profiles on a shared machine, and a save set that followed their order would change the plan.
 Relative to the dearest, not to each other: two cheap ops half as dear as each other differ by
 noise, two dear ones by a real difference."""
+TIE_SPAN = 2.5
+"""A tie never spans more than this factor from its cheapest name's price: beside one dear op (a
+convolution) every other op is cheap by :data:`TIE_TOLERANCE`, and without a cap they would all go
+in one step, leaving no save set for the units that run them (an attention block beside conv
+blocks)."""
 
 
 class _OpTimer(TorchDispatchMode):
@@ -202,7 +207,8 @@ def save_set_candidates(
     that of every op the replay must then run (:func:`~remat.apply.selective.replayed_by`: a
     norm's saved input may need the residual stream, and with it the attention output, run
     again). Names whose prices per byte are within :data:`TIE_TOLERANCE` of the dearest name's
-    of each other, chained from the cheapest, are a tie and are dropped together. Every set the
+    of each other, chained from the cheapest and at most :data:`TIE_SPAN` times its price, are a
+    tie and are dropped together. Every set the
     walk passes through is returned if there are at most ``count``; else the sets where the
     freed bytes first reach 1/(count+1), 2/(count+1)... of all.
 
@@ -255,12 +261,16 @@ def save_set_candidates(
             scale = TIE_TOLERANCE * max(abs(o[0]) for o in options)
         tied = {options[0][2]}
         for previous, option in itertools.pairwise(options):
-            if option[0] - previous[0] > scale:
+            if option[0] - previous[0] > scale or option[0] > TIE_SPAN * max(options[0][0], 0.0):
                 break
             tied.add(option[2])
         chosen -= tied
         replay, replay_flops, kept = evaluate(chosen)
-        logger.debug("save_set_candidates: dropped %s", sorted(tied))
+        logger.debug(
+            "save_set_candidates: dropped %s (%s)",
+            sorted(tied),
+            ", ".join(f"{o[2]} {o[0] * 1e6:.3g}" for o in options),
+        )
         if chosen and total - kept > 0:
             walk.append((total - kept, "ops." + ".".join(sorted(chosen))))
     if len(walk) <= count:
