@@ -344,6 +344,7 @@ VERSION_PATHS: tuple[VersionPath, ...] = (
     VersionPath("TorchDispatchMode", "torch.utils._python_dispatch:TorchDispatchMode", (2, 0)),
     VersionPath("tree_flatten", "torch.utils._pytree:tree_flatten", (2, 0)),
     VersionPath("tree_unflatten", "torch.utils._pytree:tree_unflatten", (2, 0)),
+    VersionPath("tree_map", "torch.utils._pytree:tree_map", (2, 0)),
     VersionPath("in_backward", "torch._C._current_graph_task_id", (2, 1)),
     VersionPath("tensor_version", "torch.Tensor._version", (1, 0)),
     VersionPath("tensor_base", "torch.Tensor._base", (1, 0)),
