@@ -16,6 +16,10 @@ from typing import Any
 
 import torch
 
+# StorageWeakRef is the weak storage reference torch's own sharing of tensors between processes
+# uses (a private module, stable since 1.x; imported by ``import torch``).
+from torch.multiprocessing.reductions import StorageWeakRef
+
 # TorchDispatchMode is public in name and documented, but lives in a private module.
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -31,6 +35,7 @@ __all__ = [
     "attention_op",
     "compile_with_activation_budget",
     "compiled_original",
+    "detached",
     "flop_formula",
     "forward_hook_count",
     "function_modes",
@@ -45,6 +50,8 @@ __all__ = [
     "op_writes_inputs",
     "op_writes_self",
     "sdpa_backend",
+    "storage_id",
+    "storage_ref",
     "tensor_base",
     "tensor_version",
     "tree_flatten",
@@ -159,6 +166,84 @@ def no_dispatch_modes() -> Any:
     from torch.utils._python_dispatch import _disable_current_modes
 
     return _disable_current_modes()
+
+
+def detached(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor.detach()`` that no ``TorchDispatchMode`` sees, for remat's own bookkeeping inside
+    a unit's forward or replay (the selective op log and replay cache would otherwise take the
+    detach for one of the unit's ops, and each round trip through a Python mode costs
+    microseconds). The private ``torch._C._DisableTorchDispatch`` guard (what
+    ``torch.utils._mode_utils.no_dispatch`` is) is used for plain tensors only: a tensor subclass
+    (a ``FakeTensor``, a ``DTensor``) dispatches through the same Python key, so it is detached
+    the ordinary way.
+
+    Example:
+        >>> x = torch.ones(2, requires_grad=True)
+        >>> y = detached(x * 2)
+        >>> y.requires_grad, y.tolist()
+        (False, [2.0, 2.0])
+    """
+    if type(tensor) is torch.Tensor or type(tensor) is torch.nn.Parameter:
+        with torch._C._DisableTorchDispatch():
+            return tensor.detach()
+    return tensor.detach()
+
+
+_PLAIN_TENSORS = frozenset(
+    {torch.Tensor, torch.nn.Parameter, getattr(torch.nn, "Buffer", torch.Tensor)}
+)
+"""Tensor types whose ``data_ptr()`` is their own memory's (no wrapper subclass)."""
+
+
+def storage_id(tensor: torch.Tensor) -> int | None:
+    """An identity of the memory ``tensor`` views, equal for every view of one storage and
+    distinct between storages alive at the same time; ``None`` for a tensor without storage
+    (sparse, nested). A freed storage's identity may be given to a later one (hold a
+    :func:`storage_ref` to tell).
+
+    For a plain tensor (a parameter or buffer too) with memory it is the address where its storage's data starts
+    (``data_ptr()`` less the view's offset): it does not touch the storage's Python object,
+    which torch creates and frees again on every ``untyped_storage()`` call once anything holds a
+    weak reference to the storage (microseconds each time). Otherwise (a tensor subclass such as
+    ``FakeTensor``, a meta tensor, an empty storage) it is the address of its ``StorageImpl``
+    (the private ``UntypedStorage._cdata``).
+
+    Example:
+        >>> x = torch.zeros(4)
+        >>> storage_id(x) == storage_id(x[1:]) != storage_id(x.clone())
+        True
+        >>> y = torch.zeros(4, device="meta")
+        >>> storage_id(y) == storage_id(y[1:]) != storage_id(torch.zeros(4, device="meta"))
+        True
+    """
+    if type(tensor) in _PLAIN_TENSORS:
+        try:
+            base = tensor.data_ptr() - tensor.storage_offset() * tensor.element_size()
+        except RuntimeError:  # sparse
+            return None
+        if base:  # a meta tensor's or an empty storage's is 0
+            return base
+    try:
+        return int(tensor.untyped_storage()._cdata)
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def storage_ref(tensor: torch.Tensor) -> Any:
+    """A weak reference to ``tensor``'s storage (torch's ``StorageWeakRef``, from the private
+    ``torch.multiprocessing.reductions``): ``expired()`` once the memory is freed, whatever views
+    of it lived on. It holds no Python weakref on the storage's Python object.
+
+    Example:
+        >>> x = torch.zeros(4)
+        >>> ref = storage_ref(x[2:])
+        >>> ref.expired()
+        False
+        >>> del x
+        >>> ref.expired()
+        True
+    """
+    return StorageWeakRef(tensor.untyped_storage())
 
 
 def function_modes() -> list[Any]:
@@ -379,6 +464,9 @@ VERSION_PATHS: tuple[VersionPath, ...] = (
         "no _schema: not an in-place op on its first argument (False)",
     ),
     VersionPath("no_dispatch_modes", "torch.utils._python_dispatch:_disable_current_modes", (2, 0)),
+    VersionPath("detached", "torch._C._DisableTorchDispatch", (2, 0)),
+    VersionPath("storage_id", "torch.UntypedStorage._cdata", (2, 0)),
+    VersionPath("storage_ref", "torch.multiprocessing.reductions:StorageWeakRef", (2, 0)),
     VersionPath("function_modes", "torch.overrides:_get_current_function_mode_stack", (2, 0)),
     VersionPath(
         "local_tensor",

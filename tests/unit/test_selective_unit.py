@@ -359,6 +359,10 @@ def test_megatron_core_forgets_dead_storages(monkeypatch: Any) -> None:
     assert _after_a_dead_core_storage() == (True, True)
 
 
+def test_megatron_with_torchs_storage_ids() -> None:
+    assert _after_a_dead_core_storage() == (True, True)
+
+
 # ------------------------------------------------------------------------------- ReplayCache
 
 

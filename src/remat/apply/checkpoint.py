@@ -25,7 +25,6 @@ While dynamo traces a unit's forward (whole-model ``torch.compile``), the wrappe
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import weakref
@@ -38,6 +37,7 @@ import torch
 from torch import nn
 
 from remat._compat import (
+    detached,
     function_modes,
     is_fake_tensor,
     tensor_version,
@@ -52,6 +52,7 @@ from remat.apply.selective import (
     ReplayCache,
     eager_policy,
     policy_for,
+    replay_graph,
 )
 
 __all__ = ["CheckpointMismatchError", "Region"]
@@ -165,7 +166,7 @@ class _Frame:
             index = len(meta) - 1
             if log is not None:
                 if log.keep(tensor):
-                    self.kept[(call, index)] = tensor.detach()
+                    self.kept[(call, index)] = detached(tensor)
                     record.kept_indices.add(index)
                 else:
                     log.note_recomputed(tensor)
@@ -298,7 +299,7 @@ class _Frame:
         saved: list[torch.Tensor] = []
 
         def pack(tensor: torch.Tensor) -> None:
-            saved.append(tensor.detach() if tensor.requires_grad else tensor)
+            saved.append(detached(tensor) if tensor.requires_grad else tensor)
 
         with ExitStack() as stack:
             for device, enabled, dtype in call.autocast:
@@ -395,13 +396,20 @@ class Region:
         """``selective``: per op key kept by the last call, the bytes of its output."""
         self.last_replayed: set[Any] = set()
         """``selective``: the op keys the last call's replay runs (views aside)."""
-        self.last_graph: Any = None
-        """``selective``: the last call's :class:`~remat.apply.selective.ReplayGraph`."""
+        self._last_graph_parts: Any = None
         self.last_offloaded_bytes = 0
         """``offload``: bytes the last call sent to host memory."""
         self._open: _Frame | None = None
         # Per unit: None until its first call, then the buffers its forward updates in place.
         self._mutating: list[list[torch.Tensor] | None] = [None] * len(self.units)
+
+    @property
+    def last_graph(self) -> Any:
+        """``selective``: the last call's :class:`~remat.apply.selective.ReplayGraph` (built when
+        asked for), or ``None`` before the first call."""
+        if self._last_graph_parts is None:
+            return None
+        return replay_graph(self._last_graph_parts, self.last_kept_bytes)
 
     def watched_buffers(self, position: int) -> list[torch.Tensor]:
         """Buffers to snapshot before the unit's forward: all of them on the first call (to learn
@@ -466,10 +474,8 @@ class Region:
                 region.last_kept_bytes = {
                     key: _output_bytes(value) for key, value in log.kept_outputs.items()
                 }
-                region.last_graph = dataclasses.replace(
-                    log.graph, kept_bytes=dict(region.last_kept_bytes)
-                )
-                region.last_replayed = set(log.needed)
+                region._last_graph_parts = log.graph_parts
+                region.last_replayed = log.needed
             changed = [(b, old) for b, version, old in before if tensor_version(b) != version]
             region.learn_buffers(position, [b for b, _ in changed])
             frame.calls[call].buffers_before = changed

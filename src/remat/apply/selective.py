@@ -49,9 +49,12 @@ import torch
 
 from remat._compat import (
     TorchDispatchMode,
+    detached,
     op_is_view,
     op_writes_inputs,
     op_writes_self,
+    storage_id,
+    storage_ref,
     tensor_base,
     tensor_version,
     tree_flatten,
@@ -76,6 +79,7 @@ __all__ = [
     "lenient_save_sets",
     "op_name",
     "policy_for",
+    "replay_graph",
     "replayed_by",
     "save_name",
 ]
@@ -255,6 +259,9 @@ class SaveRule:
         """``ops.<op>...``: the save set, by family; ``None`` for the named policies."""
         self.checked = False
         """Whether :meth:`check_ran` has checked a forward (only the first one is)."""
+        self.uses_core = label == "megatron"
+        """Whether the rule asks if an op is fed by the attention core (an op log that knows it
+        does not tracks the core's storages)."""
         if label == "save_matmuls":
             saved = MATMUL_OPS | ATTENTION_OPS
             self._rule: Callable[[str, bool], bool] = lambda name, _core: name in saved
@@ -416,7 +423,7 @@ def _restore_rng(rng: tuple[torch.Tensor | None, dict[int, torch.Tensor]]) -> No
 
 
 def _signature(tensors: list[torch.Tensor]) -> tuple[Any, ...]:
-    return tuple((tuple(t.shape), t.dtype) for t in tensors)
+    return tuple([(t.shape, t.dtype) for t in tensors])
 
 
 def _check_signature(func: Any, expected: tuple[Any, ...] | None, args: Any, kwargs: Any) -> None:
@@ -435,11 +442,7 @@ def _check_signature(func: Any, expected: tuple[Any, ...] | None, args: Any, kwa
         )
 
 
-def _storage_id(tensor: torch.Tensor) -> int | None:
-    try:
-        return id(tensor.untyped_storage())
-    except (RuntimeError, NotImplementedError):
-        return None
+_storage_id = storage_id
 
 
 @dataclass(frozen=True)
@@ -523,10 +526,10 @@ class _Leaf:
         tensor = self.ref()
         if tensor is None and self.sid == saved_sid:
             # Only a view of it is alive (a reshape of a clone): the same bytes, seen as it was.
-            tensor = saved.detach().as_strided(self.size, self.stride, self.offset)
+            tensor = detached(saved).as_strided(self.size, self.stride, self.offset)
         if tensor is None or tensor_version(tensor) != self.version:
             return None
-        return tensor.detach()
+        return detached(tensor)
 
 
 class OpLog(TorchDispatchMode):
@@ -561,12 +564,16 @@ class OpLog(TorchDispatchMode):
         ``torch.utils.checkpoint``'s selective mode does): the replay never runs them. Otherwise
         only those autograd saves are kept."""
         self.counter: dict[Any, int] = defaultdict(int)
-        self.created: dict[int, tuple[tuple[Any, int], weakref.ref[Any]]] = {}
-        """Storage id -> (key of the op that created it, weak reference to the storage)."""
+        """Per op (its :class:`_OpInfo`): how many calls the forward made so far."""
+        self._uses_core = getattr(rule, "uses_core", True)
+        """Whether the rule asks if an op is fed by the attention core (``megatron``)."""
+        self.created: dict[int, tuple[tuple[Any, int], Any]] = {}
+        """Storage id -> (key of the op that created it, weak reference to the storage:
+        :func:`~remat._compat.storage_ref`)."""
         self.saveable: dict[tuple[Any, int], tuple[Any, list[Any], Any]] = {}
         """Op key -> (output structure; its leaves, each a :class:`_Leaf` or a constant; for a
         random op, the generator states after it)."""
-        self.core: dict[int, weakref.ref[Any]] = {}
+        self.core: dict[int, Any] = {}
         """Storages created by the attention core (``megatron``)."""
         self.kept: dict[tuple[Any, int], tuple[Any, list[int], Any]] = {}
         """Op key -> (its output, detached; the versions of its tensors; generator states after
@@ -599,10 +606,13 @@ class OpLog(TorchDispatchMode):
         """After :meth:`finish`: kept op key -> every op the replay skips because of it."""
 
     def _writers_of(self, sid: int | None) -> list[tuple[Any, int]]:
+        """The ops that created and wrote the storage ``sid`` of a live tensor; ``[]`` if it was
+        made outside the log (or the storage the log saw with this identity is gone: identities
+        of freed storages are reused)."""
         if sid is None:
             return []
         known = self.created.get(sid)
-        if known is None or known[1]() is None:
+        if known is None or known[1].expired():
             return []
         return self.writers.get(sid, [])
 
@@ -614,21 +624,24 @@ class OpLog(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if self._busy:
-            return out  # our own detach / as_strided while keeping: not the unit's ops
-        key = (func, self.counter[func])
-        self.counter[func] += 1
+            return out  # our own as_strided while keeping: not one of the unit's ops
         info = _info(func)
+        index = self.counter[info]
+        self.counter[info] = index + 1
+        key = (func, index)
         name = info.name
         self.ran.add(info.save_name)
         arg_tensors = _tensors_of(args, kwargs)
         inputs = {_storage_id(t) for t in arg_tensors}
-        fed_by_core = any(
-            (ref := self.core.get(sid)) is not None and ref() is not None for sid in inputs
+        core = self.core
+        fed_by_core = self._uses_core and any(
+            (ref := core.get(sid)) is not None and not ref.expired() for sid in inputs
         )
         flat, spec = _flatten(out)
         signature = _signature(arg_tensors)
+        writers_of = self._writers_of
         if not info.shape_only:  # empty_like(x) reads x's layout, not its values
-            self.deps[key] = {w for sid in inputs for w in self._writers_of(sid)}
+            self.deps[key] = {w for sid in inputs for w in writers_of(sid)}
         written: set[int | None] = set()
         if info.writes_inputs:
             # An in-place op writes its first argument only; for other writers (out= variants)
@@ -636,32 +649,33 @@ class OpLog(TorchDispatchMode):
             targets = arg_tensors[:1] if info.writes_self else arg_tensors
             for leaf in targets:
                 sid = _storage_id(leaf)
-                writers = self._writers_of(sid)
+                writers = writers_of(sid)
                 if writers:
                     # An alias kept at this level may not share the output's version counter, so
                     # in-place writes into kept outputs are noted here.
                     self.overwritten.update(w for w in writers if w in self.kept)
                     writers.append(key)
                     written.add(sid)
-        for sid in inputs - written:
-            if sid in self.writers and self._writers_of(sid):
+        for sid in inputs - written if written else inputs:
+            if sid in self.writers and writers_of(sid):
                 # How many ops had written it when something first read it: a tensor read
                 # before its last write cannot be handed out whole, filled, in the replay.
                 self.first_read.setdefault(sid, len(self.writers[sid]))
 
         new = []
+        tensors = []
         for leaf in flat:
             if isinstance(leaf, torch.Tensor):
+                tensors.append(leaf)
                 sid = _storage_id(leaf)
                 if sid is None or sid in inputs:
                     continue  # views and in-place results share their input's storage
                 known = self.created.get(sid)
-                if known is None or known[1]() is None:  # new (ids of dead storages are reused)
-                    self.created[sid] = (key, weakref.ref(leaf.untyped_storage()))
+                if known is None or known[1].expired():  # new (a freed storage's id is reused)
+                    self.created[sid] = (key, storage_ref(leaf))
                     self.writers[sid] = [key]
-                    self.first_read.pop(sid, None)  # what a dead storage of this id saw
+                    self.first_read.pop(sid, None)  # what a freed storage of this id saw
                     new.append(sid)
-        tensors = [x for x in flat if isinstance(x, torch.Tensor)]
         if len(tensors) != len(flat) or not tensors or info.random:
             self.always.add(key)  # Python values, nothing, or random draws: the replay runs it
         elif len(new) == len(tensors) and not info.view:
@@ -669,19 +683,17 @@ class OpLog(TorchDispatchMode):
             # replay may stand in for it if nothing it must produce reads them.
             self.shapes[key] = (spec, [(x.shape, x.stride(), x.dtype, x.device) for x in tensors])
             self.signatures[key] = signature
-        if name in CORE_ATTENTION_OPS or (fed_by_core and name not in MATMUL_OPS):
+        if self._uses_core and (
+            name in CORE_ATTENTION_OPS or (fed_by_core and name not in MATMUL_OPS)
+        ):
             for sid in new:
-                self.core[sid] = self.created[sid][1]
+                core[sid] = self.created[sid][1]
         rng = None
         if info.random:
             rng = self.rng_after[key] = _rng_after(flat)
         if self.rule(name, fed_by_core):
             if self.eager:
-                self._busy = True
-                try:
-                    values = [x.detach() if isinstance(x, torch.Tensor) else x for x in flat]
-                finally:
-                    self._busy = False
+                values = [detached(x) if isinstance(x, torch.Tensor) else x for x in flat]
                 versions = [tensor_version(v) for v in values if isinstance(v, torch.Tensor)]
                 self.kept[key] = (_unflatten(values, spec), versions, rng)
                 self.signatures[key] = signature
@@ -701,7 +713,7 @@ class OpLog(TorchDispatchMode):
         ``False``: the tensor is recomputed in backward."""
         sid = _storage_id(tensor)
         found = self.created.get(sid) if sid is not None else None
-        if found is None or found[1]() is None:
+        if found is None or found[1].expired():
             return False
         key = found[0]
         writers = self.writers.get(sid, [key])
@@ -829,25 +841,44 @@ class OpLog(TorchDispatchMode):
             for writer in (*chain[1:], key):
                 replay[writer] = _Skip(self.rng_after.get(writer), self.signatures.get(writer))
         self.needed = needed
-        self.graph = ReplayGraph(
-            deps={k: frozenset(v) for k, v in self.deps.items()},
-            always=frozenset(self.always),
-            forced=frozenset(self.needed_roots - done),
-            kept_bytes={},
-            covers=dict(self.covers),
-        )
+        self.graph_parts = (self.deps, self.always, self.needed_roots - done, self.covers)
+        """What :meth:`graph` is made of (built only when asked for: the profiler does)."""
         self.kept = replay
         self.created.clear()
         self.saveable.clear()
         self.core.clear()
         self.writers.clear()
         self.signatures.clear()
-        self.deps.clear()
+        self.deps = {}
         self.shapes.clear()
         self.chains.clear()
         self.rng_after.clear()
         self.first_read.clear()
         return self.kept, skippable
+
+    def graph(self, kept_bytes: dict[Any, int] | None = None) -> ReplayGraph:
+        """After :meth:`finish`: the call's :class:`ReplayGraph`, with ``kept_bytes`` per kept op."""
+        return replay_graph(self.graph_parts, kept_bytes or {})
+
+
+def replay_graph(parts: tuple[Any, Any, Any, Any], kept_bytes: dict[Any, int]) -> ReplayGraph:
+    """The :class:`ReplayGraph` of an :class:`OpLog`'s ``graph_parts`` (kept by a region between
+    calls, so that a step builds no graph nobody reads).
+
+    Example:
+        >>> a, b = ("a", 0), ("b", 0)
+        >>> graph = replay_graph(({b: {a}}, set(), set(), {a: (a,)}), {a: 4})
+        >>> graph.deps[b], graph.kept_bytes
+        (frozenset({('a', 0)}), {('a', 0): 4})
+    """
+    deps, always, forced, covers = parts
+    return ReplayGraph(
+        deps={k: frozenset(v) for k, v in deps.items()},
+        always=frozenset(always),
+        forced=frozenset(forced),
+        kept_bytes=dict(kept_bytes),
+        covers=dict(covers),
+    )
 
 
 class ReplayCache(TorchDispatchMode):
@@ -874,9 +905,11 @@ class ReplayCache(TorchDispatchMode):
         self.skipped = 0
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        key = (func, self.counter[func])
-        self.counter[func] += 1
-        entry = self.kept.pop(key, None)
+        info = _info(func)  # counted per op as OpLog counts
+        index = self.counter[info]
+        self.counter[info] = index + 1
+        key = (func, index)
+        entry = self.kept.pop(key, None) if self.kept else None
         if isinstance(entry, _Skip):
             # An in-place writer of a kept tensor: what it wrote is in the tensor already.
             _check_signature(func, entry.signature, args, kwargs)
@@ -902,7 +935,7 @@ class ReplayCache(TorchDispatchMode):
             if rng is not None:
                 _restore_rng(rng)
             return output
-        stand_in = self.skippable.pop(key, None)
+        stand_in = self.skippable.pop(key, None) if self.skippable else None
         if stand_in is not None:
             # Nothing the replay must produce reads this op's outputs (only kept ops and ops as
             # idle as this one do): stand in with uninitialised tensors of the same layout.
