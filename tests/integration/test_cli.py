@@ -230,3 +230,42 @@ def test_plan_lines_show_what_each_block_holds_and_costs(
     kept = [held for action, held in rows.values() if action == "keep"]
     recomputed = [held for action, held in rows.values() if action == "recompute"]
     assert max(recomputed) * 4 < min(kept), out
+
+
+def test_plan_compile_prices_the_compiled_path(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import remat
+    import remat.profiling.compiled as compiled
+    from remat.models import build_builtin
+
+    backends: list[str] = []
+    original = compiled.compiled_profile
+
+    def recording(step, prof, **kwargs):  # type: ignore[no-untyped-def]
+        backends.append(kwargs["backend"])
+        return original(step, prof, **{**kwargs, "repeats": 1})
+
+    monkeypatch.setattr(compiled, "compiled_profile", recording)
+    out = tmp_path / "plan.json"
+    payload = run_json(
+        capsys,
+        *("plan", "gpt", *TINY_GPT, "--budget", "50%", "--compile", "aot_eager"),
+        *("--no-measure", "--out", str(out)),
+    )
+    assert backends == ["aot_eager"]  # the solver priced the compiled path's times
+    assert payload["compile"] == "aot_eager"
+    actions = set(payload["plan"]["actions"].values())
+    assert all(a == "keep" or a == "recompute" or a.startswith("selective:") for a in actions)
+    plan = remat.Plan.load(out)
+    assert plan.metadata == {"compile": "aot_eager"}
+    # What the note says to do runs: apply the plan, compile its units, train a step.
+    built = build_builtin("gpt", n_layer=2, d_model=64, n_head=4, vocab=128, seq=32, batch=2)
+    with remat.apply_(built.model, plan):
+        remat.compile_units_(built.model, plan.units, backend="aot_eager")
+        loss = built.loss_fn(built.model(*built.example_inputs))
+        loss.backward()
+    for wrong in (["--strategy", "full"], ["--budget", "50%", "--world-size", "2"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["plan", "gpt", *TINY_GPT, *wrong, "--compile"])
+        assert exit_info.value.code == 2

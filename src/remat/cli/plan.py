@@ -96,6 +96,19 @@ def register(subparsers: Any) -> None:
         " last one, its forward and backward with the gradients alive (default: 1, none)",
     )
     parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        default=None,
+        metavar="BACKEND",
+        help="price the plan on the compiled path: each unit torch.compile'd with BACKEND"
+        " (default inductor; aot_eager compiles in seconds) after the plan is applied, as"
+        " remat.compile_units_ does, so the compiler applies recompute and selective save sets"
+        " when it traces (no op log per op). The solver then uses keep, recompute and selective"
+        " only; bytes stay the eager step's. Apply the plan, then call"
+        " remat.compile_units_(model, plan.units, backend=BACKEND). Only with --strategy auto",
+    )
+    parser.add_argument(
         "--timeline",
         metavar="PATH",
         help="also write the plan's memory timeline here (HTML, as remat timeline draws it)",
@@ -162,6 +175,14 @@ def _run(args: argparse.Namespace, capacity: int | None) -> int:
             " earlier units have sharded parameters then); use auto, full or every_n:K"
         )
     distributed = args.world_size > 1 or args.fsdp
+    if args.compile is not None and (args.strategy != "auto" or distributed or args.timeline):
+        raise UsageError(
+            f"--compile: got it with --strategy {args.strategy}"
+            f"{', --world-size/--fsdp' if distributed else ''}"
+            f"{', --timeline' if args.timeline else ''}; expected --strategy auto on one"
+            " process (the compiled path prices keep, recompute and selective plans of this"
+            " process; baselines, ranks and timelines are the eager engine's)"
+        )
     actions = None
     if args.actions is not None:
         actions = [a.strip() for a in args.actions.split(",") if a.strip()]
@@ -181,6 +202,7 @@ def _run(args: argparse.Namespace, capacity: int | None) -> int:
             world_size=args.world_size,
             fsdp=args.fsdp,
             capacity_bytes=capacity,
+            compile=args.compile,
             units=remat.apply.units.find_units_with_inputs(
                 built.model, args.units, built.example_inputs
             ),
@@ -193,6 +215,8 @@ def _run(args: argparse.Namespace, capacity: int | None) -> int:
     if args.strategy == "auto":
         planned = plan_step(step, budget, actions=actions, measure=measure, progress=progress)
         prof, plan, figures = planned.profile, planned.result.plan, _solved(planned.result)
+        if args.compile is not None:
+            plan.metadata["compile"] = args.compile  # priced for remat.compile_units_
     else:
         prof, plan, figures = _baseline(args, step, budget, actions, measure, progress)
     if args.out:
@@ -205,6 +229,7 @@ def _run(args: argparse.Namespace, capacity: int | None) -> int:
         "device": args.device,
         "strategy": args.strategy,
         "precision": args.precision,
+        "compile": args.compile,
         "status": figures["status"],
         "budget": args.budget,
         "budget_bytes": figures["budget_bytes"],
@@ -325,6 +350,12 @@ def _print_human(payload: dict[str, Any], prof: Any, plan: Any) -> None:
         print(
             f"budget {payload['budget']} -> {payload['budget_bytes']:,} bytes"
             f" ({format_bytes(payload['budget_bytes'])})"
+        )
+    if payload["compile"] is not None:
+        print(
+            f"priced on the compiled path (each unit torch.compile'd, backend"
+            f" {payload['compile']}): apply the plan, then"
+            f" remat.compile_units_(model, plan.units, backend={payload['compile']!r})"
         )
     print()
     for line in plan_lines(prof, plan):
