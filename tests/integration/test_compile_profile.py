@@ -43,6 +43,7 @@ def test_compiled_times_are_shared_by_eager_costs(monkeypatch: pytest.MonkeyPatc
         return {"none": 6.0, "recompute": 10.0, "selective:ops.mm": 5.0}
 
     monkeypatch.setattr(compiled, "time_compiled", fake_times)
+    monkeypatch.setattr(compiled, "time_compiled_units", lambda *_a, **_k: None)  # not alone
     step = Step(nn.Linear(2, 2), (torch.ones(1, 2),))
     out = compiled.compiled_profile(step, prof, backend="aot_eager")
     assert sorted(asked) == ["none", "recompute", "selective:ops.mm"]
@@ -59,6 +60,62 @@ def test_compiled_times_are_shared_by_eager_costs(monkeypatch: pytest.MonkeyPatc
     assert out.peak_bytes == prof.peak_bytes and out.units[0].keep_bytes == prof.units[0].keep_bytes
     assert prof.units[0].recompute_ms == 1.0 and prof.units[0].options[0].cost_ms == 3.0
     assert "compiled path" in out.notes[-1]
+
+
+def test_compiled_times_of_units_alone_price_each_unit(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Where every unit runs alone, each is priced by its own compiled times (fake here: unit i
+    # recomputed costs i ms, its option 10 + i), and whole steps are timed only unplanned.
+    prof = example_profile(3)
+    option = OptionProfile(action="selective:ops.mm", retain_bytes=50, cost_ms=9.0)
+    units = [dataclasses.replace(u, recompute_ms=5.0, options=[option]) for u in prof.units]
+    prof = dataclasses.replace(prof, units=units, step_ms=12.0)
+    asked: dict = {}
+
+    def fake_alone(step: Step, fqns: list, actions: list, **_kwargs: object) -> list:
+        asked["actions"] = actions
+        return [
+            {"recompute": float(i), "selective:ops.mm": 10.0 + i, "compiled_over_eager": -2.0}
+            for i in range(len(fqns))
+        ]
+
+    def no_steps(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("whole steps are not timed where every unit ran alone")
+
+    monkeypatch.setattr(compiled, "time_compiled_units", fake_alone)
+    monkeypatch.setattr(compiled, "time_compiled", no_steps)
+    out = compiled.compiled_profile(Step(nn.Linear(2, 2), (torch.ones(1, 2),)), prof)
+    assert asked == {"actions": [["recompute", "selective:ops.mm"]] * 3}
+    assert [u.recompute_ms for u in out.units] == [0.0, 1.0, 2.0]
+    assert [u.options[0].cost_ms for u in out.units] == [10.0, 11.0, 12.0]
+    # The eager step, each of the three units 2 ms faster compiled.
+    assert out.step_ms == 12.0 - 3 * 2.0 and "each unit timed alone" in out.notes[-1]
+    assert prof.units[1].options[0].cost_ms == 9.0  # the eager profile untouched
+
+
+def test_time_compiled_units_times_each_distinct_unit_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    blocks = [nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3)]
+    model = nn.Sequential(*blocks, nn.Linear(8, 4))
+    step = Step(model, (torch.randn(4, 8),), optimizer="sgd", units=["0", "1", "2"])
+    timed: list[nn.Module] = []
+    original = compiled._time_variants
+
+    def counting(unit: nn.Module, *args: object) -> dict[str, float]:
+        timed.append(unit)
+        return original(unit, *args)
+
+    monkeypatch.setattr(compiled, "_time_variants", counting)
+    before = [p.detach().clone() for p in model.parameters()]
+    actions = [["recompute", "selective:ops.addmm"]] * 3
+    found = compiled.time_compiled_units(step, ["0", "1", "2"], actions, backend="aot_eager")
+    assert timed == [blocks[0]]  # the three blocks are one unit's structure
+    assert found is not None and found[0] is found[2]
+    assert sorted(found[0]) == ["compiled_over_eager", "recompute", "selective:ops.addmm"]
+    assert found[0]["recompute"] >= 0 and found[0]["selective:ops.addmm"] >= 0
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    # A unit none of whose outputs needs a gradient cannot be timed alone: None (whole steps).
+    frozen = nn.Embedding(10, 8).requires_grad_(False)  # integer input, frozen weights
+    step = Step(nn.Sequential(frozen, nn.Linear(8, 4)), (torch.arange(4),), units=["0"])
+    assert compiled.time_compiled_units(step, ["0"], [["recompute"]], backend="eager") is None
 
 
 @pytest.fixture(scope="module")

@@ -721,12 +721,20 @@ def _compiled_plans(
     out: list[tuple[StrategyResult, nn.Module | None]] = []
     for budget in budgets:
         result = solve(cprof, budget, actions=compiled_actions(None))
+        # Over the eager unplanned step, as the measured overhead is over eager `none`: the
+        # solver's own overhead is over the compiled unplanned step.
+        eager_ms = prof.step_ms
+        predicted = (
+            result.predicted_step_ms / eager_ms
+            if result.predicted_step_ms is not None and eager_ms
+            else result.predicted_overhead
+        )
         row = StrategyResult(
             strategy=f"remat:{budget.text}{COMPILED_SUFFIX}",
             kind="remat",
             budget=f"{budget.text}{COMPILED_SUFFIX}",
             predicted_peak_bytes=result.predicted_peak_bytes,
-            predicted_overhead=result.predicted_overhead,
+            predicted_overhead=predicted,
             solve_status=result.status,
             min_peak_bytes=result.min_peak_bytes,
             notes=[*result.notes, f"budget {result.budget_bytes:,} bytes; {cprof.notes[-1]}"],
