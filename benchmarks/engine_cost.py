@@ -10,8 +10,11 @@ op of every unit timed (``time_unit_ops``). It splits the planned step's extra t
   work any engine running the same plan does;
 - ``remat_python_ms``: time spent in remat's own Python (functions under ``src/remat``: the op
   log's ``__torch_dispatch__``, saved-tensor hooks, replay bookkeeping), from ``cProfile`` of one
-  planned step, scaled to the step's unprofiled time (an upper bound: cProfile slows Python more
-  than it slows kernels);
+  planned step, scaled to the step's unprofiled time (an upper bound, and a loose one: cProfile
+  slows Python more than it slows kernels, and its total misses the kernel time of ops called
+  through ``OpOverload.__call__``, 0.13 s of profile for ten GPT block forwards that took 0.7 s on
+  2026-12-08, so the scale factor inflates the Python; ``engine_overhead.py`` measures the engines
+  directly, on a tiny block);
 - ``dispatch_python_ms``: torch's Python around a dispatch mode (``torch/_ops.py``,
   ``torch/utils/_python_dispatch.py``), counted the same way: what the op log costs beyond remat;
 - ``rest_ms``: what is left (allocation, cache effects, timing noise).
