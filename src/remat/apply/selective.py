@@ -842,7 +842,8 @@ class OpLog(TorchDispatchMode):
                 replay[writer] = _Skip(self.rng_after.get(writer), self.signatures.get(writer))
         self.needed = needed
         self.graph_parts = (self.deps, self.always, self.needed_roots - done, self.covers)
-        """What :meth:`graph` is made of (built only when asked for: the profiler does)."""
+        """The call's :class:`ReplayGraph` in parts (:func:`replay_graph` builds it, only when the
+        profiler asks)."""
         self.kept = replay
         self.created.clear()
         self.saveable.clear()
@@ -855,10 +856,6 @@ class OpLog(TorchDispatchMode):
         self.rng_after.clear()
         self.first_read.clear()
         return self.kept, skippable
-
-    def graph(self, kept_bytes: dict[Any, int] | None = None) -> ReplayGraph:
-        """After :meth:`finish`: the call's :class:`ReplayGraph`, with ``kept_bytes`` per kept op."""
-        return replay_graph(self.graph_parts, kept_bytes or {})
 
 
 def replay_graph(parts: tuple[Any, Any, Any, Any], kept_bytes: dict[Any, int]) -> ReplayGraph:
