@@ -229,7 +229,6 @@ def time_compiled_units(
         >>> found[0] == found[1], sorted(found[0]), found[0]["recompute"] >= 0
         (True, ['compiled_over_eager', 'recompute'], True)
     """
-    from remat.apply.apply import apply_
     from remat.profiling.options import _unit_inputs
     from remat.profiling.profiler import _structure  # what makes two units the same unit
 
@@ -241,24 +240,19 @@ def time_compiled_units(
     found: dict[Any, dict[str, float]] = {}
     with step.context(), preserved_state(step.model, step.optimizer):
         captured = _unit_inputs(step.model, step.batch, [modules[units[j]] for j in first.values()])
-        for (key, j), inputs in zip(first.items(), captured, strict=True):
-            if inputs is None:
-                return None
-            say(f"profile: compiled {units[j]} ({backend}) alone under each action")
-            try:
+        try:
+            for (key, j), inputs in zip(first.items(), captured, strict=True):
+                if inputs is None:
+                    return None
+                say(f"profile: compiled {units[j]} ({backend}) alone under each action")
                 found[key] = _time_variants(
-                    modules[units[j]],
-                    inputs,
-                    list(actions[j]),
-                    backend,
-                    rounds,
-                    apply_,
-                    step.precision,
+                    modules[units[j]], inputs, list(actions[j]), backend, rounds, step.precision
                 )
-            except Exception as error:  # a unit that does not run alone: price whole steps
-                logger.debug("time_compiled_units: %s not timed alone (%r)", units[j], error)
-                return None
-    torch.compiler.reset()
+        except Exception as error:  # a unit that does not run alone: price whole steps
+            logger.debug("time_compiled_units: not timed alone (%r)", error)
+            return None
+        finally:
+            torch.compiler.reset()  # the copies' compiled code goes with them
     return [found[_structure(modules[fqn])] for fqn in units]
 
 
@@ -268,11 +262,11 @@ def _time_variants(
     actions: list[str],
     backend: str,
     rounds: int,
-    apply_: Callable[..., Any],
     precision: str,
 ) -> dict[str, float]:
     """``time_compiled_units`` for one unit: ms over the kept unit, per action."""
     from remat._compat import tree_map
+    from remat.apply.apply import apply_
     from remat.apply.units import tensors_in
     from remat.profiling.options import _leaf
     from remat.profiling.step import step_autocast
